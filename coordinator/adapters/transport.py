@@ -1,0 +1,212 @@
+"""Message transport: Rota's queues over a dramatiq broker.
+
+One interface, dramatiq's `Broker`, two implementations: `RabbitmqBroker` for a real
+cluster and `StubBroker` for the embedded one. Every message travels as a dramatiq
+`Message` whose single argument is a `protocol`-encoded payload; dramatiq's envelope is
+encoded with msgpack (`MsgpackEncoder`).
+
+Queues:
+- `rota.node.<node-id>`: run orders and daemon controls for one worker node (durable);
+- `rota.results`: run events from workers to the leader;
+- `rota.requests`: operator requests (manual runs, service edits) to the leader;
+- `rota.deadletter`: refused input, each with the reason it was refused.
+Dramatiq declares a `.XQ` dead-letter queue beside each; envelopes it cannot decode go there.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dramatiq
+import msgpack
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.encoder import Encoder
+from dramatiq.errors import DecodeError
+
+from protocol import DeadLetter, ProtocolError, encode
+
+log = logging.getLogger("rota.transport")
+
+RESULTS = "rota.results"
+REQUESTS = "rota.requests"
+DEAD = "rota.deadletter"
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def node_queue(node_id: str) -> str:
+    return "rota.node." + _SAFE.sub("_", node_id)
+
+
+def actor_name_for(queue: str) -> str:
+    return "rota_" + queue.replace(".", "_").replace("-", "_")
+
+
+class MsgpackEncoder(Encoder):
+    """dramatiq envelope encoder: msgpack, so payload bytes travel as they are."""
+
+    def encode(self, data):  # type: ignore[no-untyped-def]
+        return msgpack.packb(data, use_bin_type=True)
+
+    def decode(self, data):  # type: ignore[no-untyped-def]
+        try:
+            out = msgpack.unpackb(data, raw=False)
+        except Exception as exc:
+            raise DecodeError(f"not a msgpack envelope: {exc}", data, exc) from None
+        if not isinstance(out, dict):
+            raise DecodeError("envelope is not a map", data, None)
+        return out
+
+
+def install_encoder() -> None:
+    dramatiq.set_encoder(MsgpackEncoder())
+
+
+def make_broker(amqp_url: str | None) -> dramatiq.Broker:
+    """A RabbitMQ broker with publisher confirms, or an in-memory one when no URL is given."""
+    install_encoder()
+    if amqp_url:
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        broker: dramatiq.Broker = RabbitmqBroker(
+            url=amqp_url, confirm_delivery=True, middleware=[]
+        )
+    else:
+        broker = StubBroker(middleware=[])
+    for q in (RESULTS, REQUESTS, DEAD):
+        broker.declare_queue(q)
+    return broker
+
+
+def send(broker: dramatiq.Broker, queue: str, payload: bytes) -> None:
+    """Publish one protocol payload to a queue (confirmed by RabbitMQ before returning)."""
+    broker.declare_queue(queue)
+    broker.enqueue(
+        dramatiq.Message(
+            queue_name=queue,
+            actor_name=actor_name_for(queue),
+            args=(payload,),
+            kwargs={},
+            options={},
+        )
+    )
+
+
+def payload_of(message: dramatiq.Message) -> bytes:
+    """The protocol payload inside a dramatiq envelope; ProtocolError if there is none."""
+    args = message.args
+    if len(args) != 1 or not isinstance(args[0], bytes | bytearray) or message.kwargs:
+        raise ProtocolError("garbage", "envelope must carry exactly one bytes argument")
+    return bytes(args[0])
+
+
+def dead_letter(
+    broker: dramatiq.Broker, source: str, original: bytes, error: ProtocolError | str, at: float
+) -> None:
+    """Record refused input on `rota.deadletter` with its reason."""
+    reason = error.reason if isinstance(error, ProtocolError) else "refused"
+    detail = str(error)
+    log.warning("refused message on %s: %s", source, detail)
+    try:
+        send(
+            broker,
+            DEAD,
+            encode(
+                DeadLetter(
+                    original=original[: 64 * 1024], reason=reason, detail=detail,
+                    source=source, at=at,
+                )
+            ),
+        )
+    except Exception:  # the dead-letter queue itself is unavailable: the log line stays
+        log.exception("could not dead-letter a message from %s", source)
+
+
+@dataclass
+class Delivery:
+    """One message taken from a queue, to be acknowledged once it is safely handled."""
+
+    payload: bytes | None
+    error: ProtocolError | None
+    _ack: Callable[[], None]
+
+    def ack(self) -> None:
+        self._ack()
+
+
+class QueueReader:
+    """Reads a queue on its own thread and hands each delivery to `handler`.
+
+    Deliveries are acknowledged by whoever handles them (the leader acks run events only
+    after writing them to its ledger). Closing the reader returns unacknowledged messages
+    to RabbitMQ.
+    """
+
+    def __init__(
+        self,
+        broker: dramatiq.Broker,
+        queue: str,
+        handler: Callable[[Delivery], None],
+        *,
+        prefetch: int = 500,
+    ) -> None:
+        self.broker = broker
+        self.queue = queue
+        self.handler = handler
+        self.prefetch = prefetch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"reader:{queue}", daemon=True)
+
+    def start(self) -> QueueReader:
+        self.broker.declare_queue(self.queue)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                consumer = self.broker.consume(self.queue, prefetch=self.prefetch, timeout=100)
+            except Exception as exc:
+                log.warning("cannot consume %s (%s); retrying in %.1fs", self.queue, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.2
+            try:
+                for proxy in consumer:
+                    if self._stop.is_set():
+                        break
+                    if proxy is None:
+                        continue
+                    self.handler(self._delivery(consumer, proxy))
+            except Exception as exc:
+                if not self._stop.is_set():
+                    log.warning("lost %s (%s); reconnecting", self.queue, exc)
+                    self._stop.wait(backoff)
+            finally:
+                try:
+                    consumer.close()
+                except Exception:
+                    pass
+
+    @staticmethod
+    def _delivery(consumer, proxy) -> Delivery:  # type: ignore[no-untyped-def]
+        def ack() -> None:
+            try:
+                consumer.ack(proxy)
+            except Exception:  # the channel is gone: RabbitMQ redelivers it
+                log.debug("ack failed; the message will be redelivered")
+
+        try:
+            return Delivery(payload_of(proxy), None, ack)
+        except ProtocolError as exc:
+            return Delivery(None, exc, ack)

@@ -1,0 +1,355 @@
+"""The `rota` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+DEFAULT_CATALOGUE = Path(__file__).parent / "catalogues" / "system-services.toml"
+EPILOG = """\
+examples:
+  rota up                                   all-in-one cluster, in memory, real time
+  rota up --speed 60 --for 120 --history runs.jsonl
+                                            two simulated hours in two minutes
+  rota coordinator --zk 127.0.0.1:2181 --amqp amqp://guest:guest@127.0.0.1:5672/
+  rota worker --node calc-1 --roles Processing,Calculation --zk ... --amqp ...
+  rota run "Cache Manager" --amqp ...       run a service now
+  rota check my-catalogue.toml              validate a catalogue file
+"""
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def _add_servers(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--zk", default=_env("ROTA_ZK"), required=required and not _env("ROTA_ZK"),
+                   metavar="HOSTS", help="ZooKeeper hosts, host:port[,host:port][/chroot] "
+                   "(env ROTA_ZK)")
+    p.add_argument("--amqp", default=_env("ROTA_AMQP_URL"),
+                   required=required and not _env("ROTA_AMQP_URL"), metavar="URL",
+                   help="RabbitMQ URL, amqp://user:pass@host:port/vhost (env ROTA_AMQP_URL)")
+
+
+def _add_catalogue(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--catalogue", default=str(DEFAULT_CATALOGUE), metavar="FILE",
+                   help="service catalogue (TOML); default: the shipped System Services")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rota",
+        description="Rota schedules the system services of a multi-node platform: daemons, "
+        "periodic, fixed-time and cron utilities, on nodes with allowed roles, honouring "
+        "run-group locks.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start a whole cluster in this process",
+                        description="Start a coordinator and worker nodes in one process. "
+                        "Without --zk/--amqp everything runs in memory.")
+    _add_catalogue(up)
+    up.add_argument("--nodes", default=None, metavar="SPEC",
+                    help="worker nodes as id=Role,Role;id=Role (default: master-1=Master;"
+                    "redundancy-1=Redundancy,Reporting;processing-1=Processing,Calculation)")
+    up.add_argument("--speed", type=float, default=1.0, metavar="N",
+                    help="run the simulated clock N times faster than real time")
+    up.add_argument("--for", dest="duration", type=float, default=None, metavar="SECONDS",
+                    help="stop by itself after this many real seconds")
+    up.add_argument("--start", default=None, metavar="ISO-TIME",
+                    help="simulated start instant, e.g. 2026-03-08T01:00:00-05:00 "
+                    "(default: now)")
+    up.add_argument("--history", default=None, metavar="FILE",
+                    help="append every finished run to FILE as a JSON line")
+    up.add_argument("--http-host", default="127.0.0.1", metavar="ADDR",
+                    help="address for --http-port (default 127.0.0.1)")
+    up.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                    help="serve the service page and /metrics on 127.0.0.1:PORT")
+    _add_servers(up, required=False)
+
+    co = sub.add_parser("coordinator", help="run a coordinator (contends for leadership)")
+    _add_catalogue(co)
+    co.add_argument("--id", default=None, help="identifier (default: hostname-pid)")
+    co.add_argument("--http-host", default="127.0.0.1", metavar="ADDR",
+                    help="address for --http-port (default 127.0.0.1)")
+    co.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                    help="serve /metrics and the service page on this port")
+    co.add_argument("--session-timeout", type=float, default=2.0, metavar="SECONDS",
+                    help="ZooKeeper session timeout: how fast a dead leader is replaced")
+    _add_servers(co, required=True)
+
+    wo = sub.add_parser("worker", help="run a worker node")
+    wo.add_argument("--node", required=True, help="node id, unique in the cluster")
+    wo.add_argument("--roles", required=True, help="comma-separated roles, e.g. Master,Processing")
+    wo.add_argument("--capacity", type=int, default=64, help="runs at once (default 64)")
+    wo.add_argument("--http-host", default="127.0.0.1", metavar="ADDR",
+                    help="address for --http-port (default 127.0.0.1)")
+    wo.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                    help="serve /metrics on this port")
+    wo.add_argument("--session-timeout", type=float, default=2.0, metavar="SECONDS",
+                    help="ZooKeeper session timeout")
+    _add_servers(wo, required=True)
+
+    run = sub.add_parser("run", help="ask the leader to run a service now")
+    run.add_argument("service", help="service name, as in the catalogue")
+    run.add_argument("--by", default=os.environ.get("USER", "operator"), help="who asks")
+    run.add_argument("--amqp", default=_env("ROTA_AMQP_URL"), required=not _env("ROTA_AMQP_URL"),
+                     metavar="URL", help="RabbitMQ URL (env ROTA_AMQP_URL)")
+
+    st = sub.add_parser("set", help="edit a service's status or schedule")
+    st.add_argument("service")
+    g = st.add_mutually_exclusive_group()
+    g.add_argument("--enable", dest="enabled", action="store_true", default=None)
+    g.add_argument("--disable", dest="enabled", action="store_false")
+    st.add_argument("--period", type=int, help="minutes, 1..60")
+    st.add_argument("--align", type=int, help="minutes, 0..period-1")
+    st.add_argument("--run-at", help="comma-separated HH:MM times")
+    st.add_argument("--cron", help="croniter expression")
+    st.add_argument("--by", default=os.environ.get("USER", "operator"))
+    st.add_argument("--amqp", default=_env("ROTA_AMQP_URL"), required=not _env("ROTA_AMQP_URL"),
+                    metavar="URL")
+
+    ck = sub.add_parser("check", help="validate a catalogue file and list its services")
+    ck.add_argument("file")
+    return parser
+
+
+def _logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("kazoo").setLevel(logging.WARNING)
+    if verbose < 2:
+        logging.getLogger("dramatiq").setLevel(logging.ERROR)
+
+
+def _load(path: str):  # type: ignore[no-untyped-def]
+    from coordinator.core.catalogue import CatalogueError, load_catalogue
+
+    try:
+        return load_catalogue(path)
+    except (CatalogueError, OSError) as exc:
+        sys.exit(f"rota: cannot load catalogue: {exc}")
+
+
+def _wait_for_signal(stop: threading.Event, duration: float | None) -> None:
+    def handler(signum, frame):  # type: ignore[no-untyped-def]
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    stop.wait(duration)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from coordinator.core.clock import SimClock, SystemClock
+    from coordinator.embedded import DEFAULT_NODES, Cluster, parse_nodes
+    from coordinator.table import Display
+
+    catalogue = _load(args.catalogue)
+    try:
+        nodes = parse_nodes(args.nodes or DEFAULT_NODES)
+    except ValueError as exc:
+        sys.exit(f"rota up: --nodes: {exc}")
+    if args.speed <= 0:
+        sys.exit("rota up: --speed must be positive")
+    start = time.time()
+    if args.start:
+        try:
+            dt = datetime.fromisoformat(args.start)
+        except ValueError:
+            sys.exit(f"rota up: --start: {args.start!r} is not an ISO 8601 time")
+        if dt.tzinfo is None:
+            from coordinator.core.schedule import zone
+
+            dt = dt.replace(tzinfo=zone(catalogue.timezone))
+        start = dt.timestamp()
+    clock = SimClock(start, args.speed) if (args.speed != 1 or args.start) else SystemClock()
+    if (args.zk is None) != (args.amqp is None):
+        sys.exit("rota up: give both --zk and --amqp, or neither (in-memory cluster)")
+    roles = set(catalogue.roles)
+    for spec in nodes:
+        unknown = set(spec.roles) - roles
+        if unknown:
+            sys.exit(f"rota up: node {spec.id}: unknown role(s) {', '.join(sorted(unknown))}; "
+                     f"the catalogue defines {', '.join(catalogue.roles)}")
+    cluster = Cluster(catalogue, clock, nodes, amqp_url=args.amqp, zk_hosts=args.zk,
+                      history=args.history)
+    print(f"rota: {len(catalogue.services)} services on {len(nodes)} nodes "
+          f"({'RabbitMQ + ZooKeeper' if args.amqp else 'in memory'}), speed x{args.speed:g}"
+          + (f", for {args.duration:g}s" if args.duration else "; Ctrl-C stops"), flush=True)
+    cluster.start()
+    http = None
+    if args.http_port:
+        from coordinator.http import serve
+
+        http = serve(cluster.coordinator, args.http_port, args.http_host)
+        print(f"rota: service page on http://127.0.0.1:{args.http_port}/", flush=True)
+    display = Display(cluster.coordinator, cluster.finished)
+    shown = threading.Thread(target=display.run, name="display", daemon=True)
+    shown.start()
+    stop = threading.Event()
+    try:
+        _wait_for_signal(stop, args.duration)
+    finally:
+        display.stop()
+        shown.join(5)
+        print("rota: stopping daemons and runs…", flush=True)
+        cluster.stop()
+        if http is not None:
+            http.shutdown()
+        print(f"rota: stopped; {len(cluster.finished)} runs finished"
+              + (f", history in {args.history}" if args.history else ""), flush=True)
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.adapters import transport
+    from coordinator.adapters.events import RabbitEventBus
+    from coordinator.adapters.zk import ZkCoordination
+    from coordinator.core.clock import SystemClock
+    from coordinator.leader import Coordinator
+
+    catalogue = _load(args.catalogue)
+    ident = args.id or f"{os.uname().nodename}-{os.getpid()}"
+    coordination = ZkCoordination(args.zk, session_timeout=args.session_timeout,
+                                  identifier=ident)
+    broker = transport.make_broker(args.amqp)
+    events = RabbitEventBus(args.amqp)
+    coord = Coordinator(ident, catalogue, coordination, broker, events, SystemClock())
+    http = None
+    if args.http_port:
+        from coordinator.http import serve
+
+        http = serve(coord, args.http_port, args.http_host)
+    runner = threading.Thread(target=coord.run, name="coordinator", daemon=True)
+    runner.start()
+    print(f"rota coordinator {ident}: contending for leadership", flush=True)
+    stop = threading.Event()
+    _wait_for_signal(stop, None)
+    coord.stop()
+    runner.join(10)
+    coordination.close()
+    events.close()
+    if http is not None:
+        http.shutdown()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from coordinator.adapters import transport
+    from coordinator.adapters.zk import ZkCoordination
+    from coordinator.core.clock import SystemClock
+    from workers.node import WorkerNode
+
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    if not roles:
+        sys.exit("rota worker: --roles needs at least one role")
+    coordination = ZkCoordination(args.zk, session_timeout=args.session_timeout,
+                                  identifier=args.node)
+    broker = transport.make_broker(args.amqp)
+    metrics_url = None
+    http = None
+    if args.http_port:
+        from prometheus_client import start_http_server
+
+        http = start_http_server(args.http_port, addr=args.http_host)
+        metrics_url = f"http://{args.http_host}:{args.http_port}/metrics"
+    node = WorkerNode(args.node, roles, broker, coordination, SystemClock(),
+                      capacity=args.capacity, metrics_url=metrics_url)
+    if hasattr(coordination, "on_session_trouble"):
+        coordination.on_session_trouble(
+            lambda: node.stop_lock_holders("ZooKeeper session in danger"), lambda: None
+        )
+    node.start()
+    print(f"rota worker {args.node} ({', '.join(roles)}): consuming "
+          f"{transport.node_queue(args.node)}", flush=True)
+    stop = threading.Event()
+    _wait_for_signal(stop, None)
+    node.stop()
+    coordination.close()
+    return 0
+
+
+def _publish_request(amqp: str, msg) -> None:  # type: ignore[no-untyped-def]
+    from coordinator.adapters import transport
+    from protocol import encode
+
+    broker = transport.make_broker(amqp)
+    try:
+        transport.send(broker, transport.REQUESTS, encode(msg))
+    finally:
+        broker.close()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import uuid
+
+    from protocol import ManualRunRequest
+
+    msg = ManualRunRequest(request_id=uuid.uuid4().hex[:16], service=args.service,
+                           requested_by=args.by, requested_at=time.time())
+    _publish_request(args.amqp, msg)
+    print(f"requested a manual run of {args.service!r} (request {msg.request_id}); "
+          f"watch rota.events for run id manual-{msg.request_id}")
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    import uuid
+
+    from protocol import ProtocolError, ServiceUpdate
+
+    run_at = [t.strip() for t in args.run_at.split(",")] if args.run_at else None
+    try:
+        msg = ServiceUpdate(request_id=uuid.uuid4().hex[:16], service=args.service,
+                            requested_by=args.by, enabled=args.enabled, period=args.period,
+                            align=args.align, run_at=run_at, cron=args.cron)
+    except ProtocolError as exc:
+        sys.exit(f"rota set: {exc}")
+    _publish_request(args.amqp, msg)
+    print(f"sent the edit of {args.service!r} (request {msg.request_id})")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cat = _load(args.file)
+    print(f"{args.file}: {len(cat.services)} services, time zone {cat.timezone}, "
+          f"roles {', '.join(cat.roles)}")
+    for svc in cat.services.values():
+        sched = svc.schedule.describe() if svc.schedule else "daemon"
+        print(f"  {svc.kind.value:8} {svc.name:32} {sched:16} "
+              f"{','.join(sorted(svc.allowed_roles))}  groups: "
+              f"{','.join(sorted(svc.run_groups)) or '-'}")
+    return 0
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "coordinator": cmd_coordinator,
+    "worker": cmd_worker,
+    "run": cmd_run,
+    "set": cmd_set,
+    "check": cmd_check,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _logging(args.verbose)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Worker nodes as the coordinator sees them: id, roles, capacity, liveness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    id: str
+    roles: frozenset[str]
+    capacity: int = 64
+    version: str = ""
+
+    def allows(self, allowed_roles: frozenset[str]) -> bool:
+        """True when this node holds at least one of the service's allowed roles."""
+        return not self.roles.isdisjoint(allowed_roles)

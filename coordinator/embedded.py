@@ -1,0 +1,172 @@
+"""The all-in-one cluster: a coordinator and worker nodes in one process.
+
+With no server addresses it runs on the in-memory adapters (dramatiq's StubBroker, in-memory
+coordination and events), so a newcomer sees Rota work with nothing installed. Given
+`--zk` and `--amqp` it runs the very same parts on real ZooKeeper and RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from dramatiq.brokers.stub import StubBroker
+
+from coordinator.adapters import transport
+from coordinator.adapters.coordination import MemoryCoordination
+from coordinator.adapters.events import EventBus, MemoryEventBus, RabbitEventBus
+from coordinator.core.catalogue import Catalogue
+from coordinator.core.clock import Clock
+from coordinator.core.schedule import zone
+from coordinator.leader import Coordinator, LeaderOptions
+from protocol import RunRecord
+from workers.node import WorkerNode
+
+log = logging.getLogger("rota.embedded")
+
+DEFAULT_NODES = "master-1=Master;redundancy-1=Redundancy,Reporting;processing-1=Processing,Calculation"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    id: str
+    roles: tuple[str, ...]
+
+
+def parse_nodes(text: str) -> list[NodeSpec]:
+    """`id=Role,Role;id=Role` → node specs. Raises ValueError naming the bad part."""
+    specs: list[NodeSpec] = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        node_id, sep, roles = part.partition("=")
+        role_list = tuple(r.strip() for r in roles.split(",") if r.strip())
+        if not sep or not node_id.strip() or not role_list:
+            raise ValueError(f"bad node spec {part!r}: expected id=Role[,Role…]")
+        specs.append(NodeSpec(node_id.strip(), role_list))
+    if not specs:
+        raise ValueError("no nodes given")
+    ids = [s.id for s in specs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate node id in {text!r}")
+    return specs
+
+
+class HistoryFile:
+    """Appends every finished run to a JSON-lines file, times in ISO 8601 with offset."""
+
+    def __init__(self, path: str | Path, tz_name: str) -> None:
+        self.tz = zone(tz_name)
+        self._fh: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self._lock = threading.Lock()
+
+    def __call__(self, rec: RunRecord) -> None:
+        line = json.dumps(rec.to_json_dict(self.tz), sort_keys=True)
+        with self._lock:
+            self._fh.write(line + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()
+
+
+class Cluster:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        clock: Clock,
+        nodes: list[NodeSpec],
+        *,
+        amqp_url: str | None = None,
+        zk_hosts: str | None = None,
+        history: str | Path | None = None,
+        options: LeaderOptions | None = None,
+    ) -> None:
+        self.catalogue = catalogue
+        self.clock = clock
+        self.specs = nodes
+        self.amqp_url = amqp_url
+        self.zk_hosts = zk_hosts
+        self.broker = transport.make_broker(amqp_url)
+        self.events: EventBus = RabbitEventBus(amqp_url) if amqp_url else MemoryEventBus()
+        self.history = HistoryFile(history, catalogue.timezone) if history else None
+        self.finished: list[RunRecord] = []
+        self._finished_lock = threading.Lock()
+        sinks: list[Callable[[RunRecord], None]] = [self._keep]
+        if self.history:
+            sinks.append(self.history)
+        self._coord_root = self._coordination("coordinator")
+        self.coordinator = Coordinator(
+            "embedded", catalogue, self._coord_root, self.broker, self.events, clock,
+            options=options, history_sinks=sinks,
+        )
+        self.workers = [
+            WorkerNode(s.id, list(s.roles), self.broker, self._coordination(s.id), clock)
+            for s in nodes
+        ]
+        self._thread = threading.Thread(target=self.coordinator.run, name="coordinator",
+                                        daemon=True)
+
+    def _coordination(self, identifier: str):  # type: ignore[no-untyped-def]
+        if self.zk_hosts:
+            from coordinator.adapters.zk import ZkCoordination
+
+            return ZkCoordination(self.zk_hosts, identifier=identifier)
+        if not hasattr(self, "_memory"):
+            self._memory = MemoryCoordination()
+            return self._memory
+        return self._memory.handle()
+
+    def _keep(self, rec: RunRecord) -> None:
+        with self._finished_lock:
+            self.finished.append(rec)
+
+    def start(self, wait: float = 10.0) -> Cluster:
+        for w in self.workers:
+            w.start()
+        self._thread.start()
+        if not self.coordinator.leading.wait(wait):
+            raise RuntimeError("the coordinator did not become leader in time")
+        return self
+
+    def stop(self) -> None:
+        """Stop daemons and runs, let the leader record what they report, then stop it."""
+        for w in self.workers:
+            w.stop_lock_holders("cluster stopping")
+            for run_id in list(w._running):
+                w.executor.cancel(run_id, "cluster stopping")
+        for w in self.workers:
+            w.stop()
+        self._drain_results()
+        self.coordinator.stop()
+        self._thread.join(10)
+        for w in self.workers:
+            w.coordination.close()
+        self._coord_root.close()
+        self.events.close()
+        self.broker.close()
+        if self.history:
+            self.history.close()
+
+    def _drain_results(self, timeout: float = 5.0) -> None:
+        """Wait until the leader has taken every run event reported so far."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pending = 0
+            try:
+                if isinstance(self.broker, StubBroker):
+                    q = self.broker.queues.get(transport.RESULTS)
+                    pending = q.qsize() if q is not None else 0
+                else:
+                    pending = self.broker.get_queue_message_counts(transport.RESULTS)[0]
+            except Exception:
+                pending = 0
+            if pending == 0 and self.coordinator._inbox.empty():
+                time.sleep(0.3)
+                return
+            time.sleep(0.05)

@@ -1,0 +1,447 @@
+"""A coordinator process: contends for leadership, and while it leads, drives the engine.
+
+The leader loop is single-threaded. Each turn it takes everything waiting in its inbox
+(run events, operator requests, node changes), fires due slots, writes the resulting ledger
+changes in one fenced batch, and only then publishes orders and lifecycle events and
+acknowledges the messages it consumed. A leader killed at any point therefore leaves a
+ledger from which the next one resumes: orders recorded but not published are re-sent
+(workers ignore a run id they have seen), messages not acknowledged are redelivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import dramatiq
+
+from coordinator.adapters import transport
+from coordinator.adapters.coordination import Coordination, Fenced, Term
+from coordinator.adapters.events import EventBus
+from coordinator.core.catalogue import Catalogue
+from coordinator.core.clock import Clock
+from coordinator.core.engine import Action, Control, Dispatch, Engine, Record, RefusedError
+from coordinator.core.node import Node
+from coordinator.core.run import Run, RunState, Trigger
+from coordinator.core.schedule import Cron, FixedTimes, Periodic, Schedule, ScheduleError
+from coordinator.ledger import Ledger
+from coordinator import metrics
+from protocol import (
+    DaemonControl,
+    ManualRunRequest,
+    NodeAnnouncement,
+    ProtocolError,
+    RunEvent,
+    RunOrder,
+    RunRecord,
+    ServiceUpdate,
+    decode,
+    decode_as,
+    encode,
+)
+
+log = logging.getLogger("rota.leader")
+
+FaultHook = Callable[[str], None]
+
+
+@dataclass
+class LeaderOptions:
+    order_ttl: float = 60.0  # seconds (clock time) an order may wait before a worker refuses it
+    max_batch: int = 5000  # inbox items handled per turn
+    idle_wait: float = 0.5  # real seconds between turns when nothing is due
+    fault: FaultHook | None = None  # test-only fault points; None in production
+
+
+@dataclass
+class _DaemonSpan:
+    run_id: str
+    started_at: float
+    seq: int = 0
+
+
+@dataclass
+class _Turn:
+    actions: list[Action] = field(default_factory=list)
+    acks: list[transport.Delivery] = field(default_factory=list)
+    extra_records: list[RunRecord] = field(default_factory=list)
+
+
+def record_of(run: Run) -> RunRecord:
+    return RunRecord(
+        run_id=run.run_id,
+        service=run.service,
+        node=run.node,
+        trigger=run.trigger.value,
+        slot=run.slot,
+        queued_at=run.queued_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        state=run.state.value,
+        outcome=run.outcome,
+        run_groups=sorted(run.run_groups),
+        epoch=run.epoch,
+        error=run.error,
+        output_tail=run.output_tail,
+        reason=run.reason,
+        attempt=run.attempt,
+    )
+
+
+class Coordinator:
+    """One coordinator. `run()` blocks: it contends, leads when elected, and contends again."""
+
+    def __init__(
+        self,
+        identifier: str,
+        catalogue: Catalogue,
+        coordination: Coordination,
+        broker: dramatiq.Broker,
+        events: EventBus,
+        clock: Clock,
+        *,
+        options: LeaderOptions | None = None,
+        history_sinks: list[Callable[[RunRecord], None]] | None = None,
+    ) -> None:
+        self.identifier = identifier
+        self.catalogue = catalogue
+        self.coordination = coordination
+        self.broker = broker
+        self.events = events
+        self.clock = clock
+        self.options = options or LeaderOptions()
+        self.history_sinks = list(history_sinks or [])
+        self.lock = threading.RLock()  # guards `engine` for readers (table, web page)
+        self.engine: Engine | None = None
+        self.ledger = Ledger()
+        self.leading = threading.Event()
+        self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._stopping = threading.Event()
+        self._nodes: dict[str, Node] = {}
+        self._daemon_spans: dict[str, _DaemonSpan] = {}
+        self._daemon_seq: dict[str, int] = {}
+        self.first_dispatch_at: float | None = None  # real time of this term's first order
+
+    # -- process lifecycle -------------------------------------------------------------
+    def run(self) -> None:
+        self.coordination.watch_nodes(lambda nodes: self._inbox.put(("nodes", nodes)))
+        self.coordination.contend(self.identifier, self._lead)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._inbox.put(("wake", None))
+        self.coordination.stop()
+
+    # -- operator API (in-process callers; remote ones publish to rota.requests) --------
+    def request_manual_run(self, service: str, requested_by: str = "operator") -> str:
+        request_id = uuid.uuid4().hex[:16]
+        msg = ManualRunRequest(
+            request_id=request_id, service=service, requested_by=requested_by,
+            requested_at=self.clock.now(),
+        )
+        transport.send(self.broker, transport.REQUESTS, encode(msg))
+        return request_id
+
+    # -- leading ----------------------------------------------------------------------
+    def _lead(self, term: Term) -> None:
+        if self._stopping.is_set():
+            return
+        log.info("%s leads with epoch %d", self.identifier, term.epoch)
+        metrics.LEADER.set(1)
+        metrics.EPOCH.set(term.epoch)
+        self.ledger = Ledger()
+        state = self.ledger.restore(term.load())
+        engine = Engine(
+            self.catalogue.services.values(),
+            self.catalogue.timezone,
+            order_ttl=self.options.order_ttl,
+        )
+        now = self.clock.now()
+        readers: list[transport.QueueReader] = []
+        try:
+            with self.lock:
+                self.engine = engine
+                for node in self._nodes.values():
+                    engine.node_up(node, now)
+                turn = _Turn()
+                turn.actions += engine.start(now, state, term.epoch)
+                turn.actions += engine.redispatch()
+                turn.actions += engine.restart_daemons()
+            self.first_dispatch_at = None
+            self._finish_turn(term, engine, turn)
+            self.leading.set()
+            readers = [
+                transport.QueueReader(
+                    self.broker, transport.RESULTS, lambda d: self._inbox.put(("result", d))
+                ).start(),
+                transport.QueueReader(
+                    self.broker, transport.REQUESTS, lambda d: self._inbox.put(("request", d))
+                ).start(),
+            ]
+            self._loop(term, engine)
+        except Fenced as exc:
+            log.warning("%s was deposed: %s", self.identifier, exc)
+        finally:
+            self.leading.clear()
+            metrics.LEADER.set(0)
+            for r in readers:
+                r.stop()
+            with self.lock:
+                self.engine = None
+            # Deliveries still in the inbox were never acknowledged: RabbitMQ redelivers them.
+            self._drain_inbox_nodes()
+
+    def _drain_inbox_nodes(self) -> None:
+        kept: list[tuple[str, object]] = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "nodes":
+                kept.append(item)
+        for item in kept:
+            self._apply_nodes(item[1])  # type: ignore[arg-type]
+
+    def _loop(self, term: Term, engine: Engine) -> None:
+        opts = self.options
+        while not self._stopping.is_set() and not term.lost():
+            nxt = engine.next_wakeup()
+            wait = opts.idle_wait
+            if nxt is not None:
+                wait = min(wait, max(0.0, self.clock.to_real(nxt - self.clock.now())))
+            items: list[tuple[str, object]] = []
+            try:
+                items.append(self._inbox.get(timeout=wait))
+                while len(items) < opts.max_batch:
+                    items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            turn = _Turn()
+            with self.lock:
+                now = self.clock.now()
+                for kind, item in items:
+                    self._handle(engine, kind, item, now, turn)
+                turn.actions += engine.tick(self.clock.now())
+            self._finish_turn(term, engine, turn)
+
+    def _finish_turn(self, term: Term, engine: Engine, turn: _Turn) -> None:
+        fault = self.options.fault
+        with self.lock:
+            changes = engine.drain_changes()
+        if changes or changes.finished:
+            writes = self.ledger.writes(changes)
+            if writes:
+                term.commit(writes)  # raises Fenced when deposed: nothing below happens
+        if fault:
+            fault("after-ledger")
+        now = self.clock.now()
+        for action in turn.actions:
+            if isinstance(action, Dispatch):
+                self._send_order(action, term.epoch, now)
+        if fault:
+            fault("after-publish")
+        for action in turn.actions:
+            if isinstance(action, Control):
+                self._send_control(action, term.epoch, now)
+            elif isinstance(action, Record):
+                self._publish(record_of(action.run))
+        for rec in turn.extra_records:
+            self._publish(rec)
+        for d in turn.acks:
+            d.ack()
+
+    # -- inputs -------------------------------------------------------------------------
+    def _handle(self, engine: Engine, kind: str, item: object, now: float, turn: _Turn) -> None:
+        if kind == "nodes":
+            turn.actions += self._apply_nodes(item, engine, now)  # type: ignore[arg-type]
+            return
+        if kind not in ("result", "request"):
+            return
+        delivery: transport.Delivery = item  # type: ignore[assignment]
+        turn.acks.append(delivery)
+        source = transport.RESULTS if kind == "result" else transport.REQUESTS
+        if delivery.error is not None or delivery.payload is None:
+            transport.dead_letter(self.broker, source, b"", delivery.error or "empty", now)
+            metrics.DEAD_LETTERS.labels(source, getattr(delivery.error, "reason", "garbage")).inc()
+            return
+        try:
+            msg = decode(delivery.payload)
+            if kind == "result":
+                if not isinstance(msg, RunEvent):
+                    raise ProtocolError("unknown_type", f"{source} takes RunEvent, got {type(msg).__name__}")
+                turn.actions += self._on_event(engine, msg, now, turn)
+            else:
+                turn.actions += self._on_request(engine, msg, now, turn)
+        except ProtocolError as exc:
+            transport.dead_letter(self.broker, source, delivery.payload, exc, now)
+            metrics.DEAD_LETTERS.labels(source, exc.reason).inc()
+
+    def _apply_nodes(
+        self, raw: dict[str, bytes], engine: Engine | None = None, now: float | None = None
+    ) -> list[Action]:
+        fresh: dict[str, Node] = {}
+        for node_id, data in raw.items():
+            try:
+                ann = decode_as(data, NodeAnnouncement)
+            except ProtocolError as exc:
+                log.warning("ignoring node %s: %s", node_id, exc)
+                continue
+            fresh[node_id] = Node(node_id, frozenset(ann.roles), ann.capacity, ann.version)
+        actions: list[Action] = []
+        if engine is not None and now is not None:
+            for node_id in set(self._nodes) - set(fresh):
+                log.info("node %s is gone; its runs are lost", node_id)
+                actions += engine.node_down(node_id, now)
+                for key in [k for k in self._daemon_spans if k.endswith("@" + node_id)]:
+                    actions += []
+                    self._daemon_spans.pop(key, None)
+            for node_id, node in fresh.items():
+                if self._nodes.get(node_id) != node:
+                    actions += engine.node_up(node, now)
+        self._nodes = fresh
+        metrics.NODES.set(len(fresh))
+        return actions
+
+    def _on_event(self, engine: Engine, ev: RunEvent, now: float, turn: _Turn) -> list[Action]:
+        if ev.run_id.startswith("daemon:"):
+            self._daemon_record(ev, turn)
+            return engine.daemon_event(ev.service, ev.node, ev.state, now)
+        if ev.state == "started":
+            return engine.run_started(ev.run_id, ev.node, ev.at, now)
+        if ev.state in ("succeeded", "failed", "timed_out", "rejected"):
+            if ev.started_at is not None and ev.state != "rejected":
+                run = engine.runs.get(ev.run_id)
+                if run is not None and run.slot is not None:
+                    metrics.LATENESS.observe(max(0.0, ev.started_at - run.slot))
+            metrics.RUNS.labels(ev.service, ev.state).inc()
+            return engine.run_finished(
+                ev.run_id, ev.node, ev.state, now,
+                started_at=ev.started_at, finished_at=ev.finished_at, error=ev.error,
+                output_tail=ev.output_tail, reason=ev.reason, metrics=ev.metrics,
+            )
+        return []
+
+    def _daemon_record(self, ev: RunEvent, turn: _Turn) -> None:
+        key = f"daemon:{ev.service}@{ev.node}"
+        svc = self.catalogue.services.get(ev.service)
+        groups = sorted(svc.run_groups) if svc else []
+        if ev.state in ("started", "resumed"):
+            if key in self._daemon_spans:
+                return
+            seq = self._daemon_seq.get(key, 0) + 1
+            self._daemon_seq[key] = seq
+            span = _DaemonSpan(f"{key}#{seq}", ev.at, seq)
+            self._daemon_spans[key] = span
+            turn.extra_records.append(
+                RunRecord(
+                    run_id=span.run_id, service=ev.service, node=ev.node, trigger="daemon",
+                    slot=None, queued_at=ev.at, started_at=ev.at, finished_at=None,
+                    state="running", outcome=None, run_groups=groups, epoch=ev.epoch,
+                    error=None, output_tail="", reason=ev.state, attempt=1,
+                )
+            )
+        elif ev.state in ("paused", "stopped", "exited"):
+            span = self._daemon_spans.pop(key, None)
+            if span is None:
+                return
+            state = "failed" if ev.state == "exited" else "succeeded"
+            turn.extra_records.append(
+                RunRecord(
+                    run_id=span.run_id, service=ev.service, node=ev.node, trigger="daemon",
+                    slot=None, queued_at=span.started_at, started_at=span.started_at,
+                    finished_at=ev.at, state=state, outcome=state, run_groups=groups,
+                    epoch=ev.epoch, error=ev.error, output_tail=ev.output_tail,
+                    reason=ev.state, attempt=1,
+                )
+            )
+
+    def _on_request(self, engine: Engine, msg: object, now: float, turn: _Turn) -> list[Action]:
+        if isinstance(msg, ManualRunRequest):
+            try:
+                return engine.manual_run(msg.service, now, msg.request_id)
+            except RefusedError as exc:
+                turn.extra_records.append(self._refusal(msg.request_id, msg.service, str(exc), now))
+                return []
+        if isinstance(msg, ServiceUpdate):
+            try:
+                schedule = schedule_of_update(msg)
+                return engine.update_service(
+                    msg.service, now, enabled=msg.enabled, schedule=schedule
+                )
+            except (RefusedError, ScheduleError) as exc:
+                turn.extra_records.append(self._refusal(msg.request_id, msg.service, str(exc), now))
+                return []
+        raise ProtocolError("unknown_type", f"{transport.REQUESTS} takes ManualRunRequest or "
+                            f"ServiceUpdate, got {type(msg).__name__}")
+
+    def _refusal(self, request_id: str, service: str, reason: str, now: float) -> RunRecord:
+        log.warning("refused request %s for %r: %s", request_id, service, reason)
+        return RunRecord(
+            run_id=f"manual-{request_id}", service=service, node=None, trigger="manual",
+            slot=None, queued_at=now, started_at=None, finished_at=now, state="rejected",
+            outcome="rejected", run_groups=[], epoch=self.engine.epoch if self.engine else 0,
+            error=None, output_tail="", reason=reason, attempt=1,
+        )
+
+    # -- outputs ------------------------------------------------------------------------
+    def _send_order(self, d: Dispatch, epoch: int, now: float) -> None:
+        run, svc = d.run, d.service
+        assert run.node is not None and run.deadline is not None
+        order = RunOrder(
+            run_id=run.run_id, service=svc.name, node=run.node, trigger=run.trigger.value,
+            slot=run.slot, attempt=run.attempt, epoch=epoch, issued_at=now,
+            deadline=run.deadline, timeout=svc.timeout, callable=svc.utility.callable,
+            command=list(svc.utility.command) if svc.utility.command else None,
+            run_groups=sorted(svc.run_groups), params=self.catalogue.params.get(svc.name, {}),
+        )
+        transport.send(self.broker, transport.node_queue(run.node), encode(order))
+        metrics.DISPATCHED.inc()
+        if self.first_dispatch_at is None:
+            self.first_dispatch_at = time.time()
+
+    def _send_control(self, c: Control, epoch: int, now: float) -> None:
+        svc = c.service
+        msg = DaemonControl(
+            control_id=uuid.uuid4().hex[:16], service=svc.name, node=c.node, action=c.action,
+            epoch=epoch, issued_at=now, callable=svc.utility.callable,
+            command=list(svc.utility.command) if svc.utility.command else None,
+            run_groups=sorted(svc.run_groups), params=self.catalogue.params.get(svc.name, {}),
+        )
+        transport.send(self.broker, transport.node_queue(c.node), encode(msg))
+
+    def _publish(self, rec: RunRecord) -> None:
+        self.events.publish(rec.routing_key, encode(rec))
+        if rec.state in _FINAL or (rec.trigger == "daemon" and rec.finished_at is not None):
+            for sink in self.history_sinks:
+                try:
+                    sink(rec)
+                except Exception:
+                    log.exception("history sink failed")
+
+
+_FINAL = {s.value for s in RunState if s.terminal}
+
+
+def schedule_of_update(msg: ServiceUpdate) -> Schedule | None:
+    """The new schedule an edit asks for, validated; None when the edit leaves it alone."""
+    given = [x for x in (msg.period, msg.run_at, msg.cron) if x is not None]
+    if not given:
+        if msg.align is not None:
+            raise ScheduleError("align needs a period")
+        return None
+    if len(given) > 1:
+        raise ScheduleError("give one of period, run_at or cron")
+    if msg.period is not None:
+        return Periodic(msg.period, msg.align or 0)
+    if msg.run_at is not None:
+        return FixedTimes.parse(msg.run_at)
+    return Cron(str(msg.cron))
+
+
+__all__ = ["Coordinator", "LeaderOptions", "record_of", "schedule_of_update", "Trigger"]

@@ -1,0 +1,125 @@
+"""The run ledger: what a leader persists so that the next one resumes exactly.
+
+Keys in the fenced key/value store of the coordination adapter:
+- `run/<run id>`: an active run (queued, dispatched or running), a `protocol.LedgerRun`;
+- `cursor/<service>`: the last slot of the service that was handled (ran, skipped, missed);
+- `override/<service>`: operator edits (status, schedule), msgpack map;
+- `lastrun/<service>`: when its last run was initiated;
+- `history/<service>`: its most recent finished runs, newest last.
+Service names are percent-encoded in keys.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from urllib.parse import quote, unquote
+
+import msgpack
+
+from coordinator.core.engine import Changes, State
+from coordinator.core.run import Run, RunState, Trigger
+from protocol import LedgerRun, decode_as, encode
+
+HISTORY_PER_SERVICE = 20
+
+
+def _k(prefix: str, name: str) -> str:
+    return f"{prefix}/{quote(name, safe='')}"
+
+
+def run_to_message(run: Run) -> LedgerRun:
+    return LedgerRun(
+        run_id=run.run_id,
+        service=run.service,
+        node=run.node,
+        target=run.target,
+        trigger=run.trigger.value,
+        slot=run.slot,
+        queued_at=run.queued_at,
+        dispatched_at=run.dispatched_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        deadline=run.deadline,
+        state=run.state.value,
+        run_groups=sorted(run.run_groups),
+        epoch=run.epoch,
+        attempt=run.attempt,
+        error=run.error,
+        output_tail=run.output_tail,
+        reason=run.reason,
+        metrics=dict(run.metrics),
+    )
+
+
+def run_from_message(m: LedgerRun) -> Run:
+    return Run(
+        run_id=m.run_id,
+        service=m.service,
+        trigger=Trigger(m.trigger),
+        slot=m.slot,
+        queued_at=m.queued_at,
+        run_groups=frozenset(m.run_groups),
+        node=m.node,
+        target=m.target,
+        attempt=m.attempt,
+        state=RunState(m.state),
+        dispatched_at=m.dispatched_at,
+        started_at=m.started_at,
+        finished_at=m.finished_at,
+        deadline=m.deadline,
+        epoch=m.epoch,
+        error=m.error,
+        output_tail=m.output_tail,
+        reason=m.reason,
+        metrics=dict(m.metrics),
+    )
+
+
+class Ledger:
+    """Turns engine changes into store writes, and a store snapshot back into engine state."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, deque[bytes]] = defaultdict(
+            lambda: deque(maxlen=HISTORY_PER_SERVICE)
+        )
+
+    def writes(self, changes: Changes) -> dict[str, bytes | None]:
+        out: dict[str, bytes | None] = {}
+        for run_id, run in changes.runs.items():
+            key = "run/" + quote(run_id, safe="")
+            out[key] = None if run is None else encode(run_to_message(run))
+        for name, slot in changes.cursors.items():
+            out[_k("cursor", name)] = msgpack.packb(slot)
+        for name, ov in changes.overrides.items():
+            out[_k("override", name)] = msgpack.packb(ov)
+        for name, at in changes.last_runs.items():
+            out[_k("lastrun", name)] = msgpack.packb(at)
+        touched: set[str] = set()
+        for run in changes.finished:
+            self.history[run.service].append(encode(run_to_message(run)))
+            touched.add(run.service)
+        for name in touched:
+            out[_k("history", name)] = msgpack.packb(list(self.history[name]))
+        return out
+
+    def restore(self, snapshot: dict[str, bytes]) -> State:
+        state = State()
+        for key, value in snapshot.items():
+            prefix, _, raw = key.partition("/")
+            name = unquote(raw)
+            if prefix == "run":
+                state.runs.append(run_from_message(decode_as(value, LedgerRun)))
+            elif prefix == "cursor":
+                state.cursors[name] = float(msgpack.unpackb(value))
+            elif prefix == "override":
+                state.overrides[name] = dict(msgpack.unpackb(value))
+            elif prefix == "lastrun":
+                state.last_runs[name] = float(msgpack.unpackb(value))
+            elif prefix == "history":
+                self.history[name] = deque(
+                    msgpack.unpackb(value), maxlen=HISTORY_PER_SERVICE
+                )
+        return state
+
+    def recent(self, service: str) -> list[Run]:
+        return [run_from_message(decode_as(b, LedgerRun)) for b in self.history.get(service, ())]

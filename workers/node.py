@@ -1,0 +1,271 @@
+"""A worker node: announces itself, takes orders from its queue, runs utilities, reports.
+
+Orders arrive on `rota.node.<id>` through a dramatiq Worker. The actor only checks and
+hands the order to the node's run pool, so the message is acknowledged at once: a run can
+last hours without tripping RabbitMQ's consumer timeout. A node that dies mid-run is seen
+by the leader through its vanished session, and the run is marked lost.
+
+An order is refused (a `rejected` event with the reason) when it is addressed to another
+node, carries an epoch older than the newest this node has seen (a deposed leader), is past
+its deadline, or names a service none of this node's roles may run. A run id seen before is
+ignored: a new leader re-sends orders it cannot prove were delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import dramatiq
+
+from coordinator.adapters import transport
+from coordinator.adapters.coordination import Coordination
+from coordinator.core.clock import Clock
+from coordinator.core.service import Utility
+from protocol import (
+    DaemonControl,
+    NodeAnnouncement,
+    ProtocolError,
+    RunEvent,
+    RunOrder,
+    decode,
+    encode,
+)
+from workers import metrics
+from workers.daemon import DaemonEvent, DaemonSupervisor
+from workers.executor import Executor
+
+log = logging.getLogger("rota.worker")
+
+VERSION = "0.1.0"
+SEEN_LIMIT = 100_000
+
+
+class WorkerNode:
+    def __init__(
+        self,
+        node_id: str,
+        roles: list[str],
+        broker: dramatiq.Broker,
+        coordination: Coordination,
+        clock: Clock,
+        *,
+        capacity: int = 64,
+        consumer_threads: int = 4,
+        metrics_url: str | None = None,
+    ) -> None:
+        if not roles:
+            raise ValueError("a worker node needs at least one role")
+        self.node_id = node_id
+        self.roles = frozenset(roles)
+        self.broker = broker
+        self.coordination = coordination
+        self.clock = clock
+        self.capacity = capacity
+        self.metrics_url = metrics_url
+        self.queue = transport.node_queue(node_id)
+        self.executor = Executor(clock)
+        self.daemons = DaemonSupervisor(clock, self._daemon_report)
+        self._pool = ThreadPoolExecutor(capacity, thread_name_prefix=f"run:{node_id}")
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen_lock = threading.Lock()
+        self._running: dict[str, frozenset[str]] = {}  # run id -> run groups
+        self._epoch = 0
+        self._daemon_epoch = 0
+        self._consumer_threads = consumer_threads
+        self._worker: dramatiq.Worker | None = None
+        self.records: list[tuple[str, str, float]] = []  # (run id, "start"/"end", time)
+        self.keep_records = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> WorkerNode:
+        self.coordination.watch_epoch(self._see_epoch)
+        self.broker.declare_queue(self.queue)
+        name = transport.actor_name_for(self.queue)
+        if name not in self.broker.actors:
+            dramatiq.Actor(
+                self._on_message, broker=self.broker, actor_name=name,
+                queue_name=self.queue, priority=0, options={"max_retries": 0},
+            )
+        self._worker = dramatiq.Worker(
+            self.broker, queues={self.queue}, worker_threads=self._consumer_threads,
+            worker_timeout=100,
+        )
+        self._worker.start()
+        self.announce()
+        log.info("node %s up with roles %s", self.node_id, ", ".join(sorted(self.roles)))
+        return self
+
+    def announce(self) -> None:
+        ann = NodeAnnouncement(
+            node=self.node_id, roles=sorted(self.roles), capacity=self.capacity,
+            version=VERSION, started_at=self.clock.now(), metrics_url=self.metrics_url,
+        )
+        self.coordination.announce(self.node_id, encode(ann))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking orders, stop daemons (reported as stopped), finish what runs."""
+        if self._worker is not None:
+            self._worker.stop(timeout=int(timeout * 1000))
+            self._worker = None
+        self.daemons.stop_all()
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def kill_session(self) -> None:
+        """Leave the cluster as a dead node would (tests and the embedded cluster)."""
+        self.coordination.withdraw(self.node_id)
+
+    def stop_lock_holders(self, reason: str) -> None:
+        """Before this node's session can expire: stop every run that holds run groups."""
+        for run_id, groups in list(self._running.items()):
+            if groups:
+                self.executor.cancel(run_id, reason)
+        self.daemons.stop_all()
+
+    def _see_epoch(self, epoch: int) -> None:
+        if epoch > self._epoch:
+            self._epoch = epoch
+
+    # -- messages -----------------------------------------------------------------------
+    def _on_message(self, payload: object) -> None:
+        now = self.clock.now()
+        if not isinstance(payload, bytes | bytearray):
+            transport.dead_letter(
+                self.broker, self.queue, b"",
+                ProtocolError("garbage", "envelope must carry exactly one bytes argument"), now,
+            )
+            metrics.DEAD_LETTERS.labels("garbage").inc()
+            return
+        try:
+            msg = decode(bytes(payload))
+        except ProtocolError as exc:
+            transport.dead_letter(self.broker, self.queue, bytes(payload), exc, now)
+            metrics.DEAD_LETTERS.labels(exc.reason).inc()
+            return
+        if isinstance(msg, RunOrder):
+            self._on_order(msg, now)
+        elif isinstance(msg, DaemonControl):
+            self._on_control(msg)
+        else:
+            exc = ProtocolError(
+                "unknown_type", f"{self.queue} takes RunOrder or DaemonControl, "
+                f"got {type(msg).__name__}",
+            )
+            transport.dead_letter(self.broker, self.queue, bytes(payload), exc, now)
+            metrics.DEAD_LETTERS.labels(exc.reason).inc()
+
+    def _refusal(self, order: RunOrder, now: float) -> str | None:
+        if order.node != self.node_id:
+            return f"order for node {order.node!r} arrived at {self.node_id!r}"
+        if order.epoch < self._epoch:
+            return f"stale epoch {order.epoch} < {self._epoch}"
+        if now > order.deadline:
+            return f"past its deadline by {now - order.deadline:.3f}s"
+        allowed = getattr(order, "allowed_roles", None)
+        if allowed and self.roles.isdisjoint(allowed):
+            return (f"node roles {', '.join(sorted(self.roles))} are not among the allowed "
+                    f"roles {', '.join(sorted(allowed))}")
+        return None
+
+    def _on_order(self, order: RunOrder, now: float) -> None:
+        with self._seen_lock:
+            if order.run_id in self._seen:
+                metrics.DUPLICATES.inc()
+                return
+            self._seen[order.run_id] = None
+            if len(self._seen) > SEEN_LIMIT:
+                self._seen.popitem(last=False)
+        if order.epoch > self._epoch:
+            self._epoch = order.epoch
+        reason = self._refusal(order, now)
+        if reason is not None:
+            log.warning("refused %s (%s): %s", order.run_id, order.service, reason)
+            metrics.REJECTED.labels(reason.split()[0]).inc()
+            self._report(RunEvent(
+                run_id=order.run_id, service=order.service, node=self.node_id,
+                state="rejected", at=now, epoch=order.epoch, reason=reason,
+            ))
+            return
+        self._running[order.run_id] = frozenset(order.run_groups)
+        self._pool.submit(self._execute, order)
+
+    def _execute(self, order: RunOrder) -> None:
+        utility = Utility(
+            callable=order.callable,
+            command=tuple(order.command) if order.command else None,
+        )
+
+        def started(at: float) -> None:
+            if self.keep_records:
+                self.records.append((order.run_id, "start", time.time()))
+            self._report(RunEvent(
+                run_id=order.run_id, service=order.service, node=self.node_id,
+                state="started", at=at, epoch=order.epoch, started_at=at,
+            ))
+
+        try:
+            out = self.executor.run(
+                utility, run_id=order.run_id, service=order.service, node=self.node_id,
+                timeout=order.timeout, params=dict(order.params), on_start=started,
+            )
+            if self.keep_records:
+                self.records.append((order.run_id, "end", time.time()))
+            metrics.RUNS.labels(out.outcome).inc()
+            self._report(RunEvent(
+                run_id=order.run_id, service=order.service, node=self.node_id,
+                state=out.outcome, at=out.finished_at, epoch=order.epoch,
+                started_at=out.started_at, finished_at=out.finished_at,
+                exit_status=out.exit_status, error=out.error, output_tail=out.output_tail,
+                metrics=out.metrics,
+            ))
+        except Exception:
+            log.exception("run %s of %s crashed the executor", order.run_id, order.service)
+        finally:
+            self._running.pop(order.run_id, None)
+
+    def _on_control(self, c: DaemonControl) -> None:
+        if c.node != self.node_id or c.epoch < self._epoch:
+            log.warning("refused daemon control %s %s: epoch %d < %d or wrong node",
+                        c.action, c.service, c.epoch, self._epoch)
+            return
+        self._epoch = max(self._epoch, c.epoch)
+        self._daemon_epoch = c.epoch
+        utility = Utility(callable=c.callable, command=tuple(c.command) if c.command else None)
+        if c.action == "start":
+            if self.daemons.status().get(c.service) in ("running", "backoff"):
+                self._report(RunEvent(
+                    run_id=f"daemon:{c.service}@{self.node_id}", service=c.service,
+                    node=self.node_id, state="started", at=self.clock.now(), epoch=c.epoch,
+                ))
+            elif self.daemons.status().get(c.service) == "paused":
+                self.daemons.resume(c.service)
+            else:
+                self.daemons.start(c.service, utility, dict(c.params))
+        elif c.action == "stop":
+            self.daemons.stop(c.service)
+        elif c.action == "pause":
+            self.daemons.pause(c.service)
+        elif c.action == "resume":
+            self.daemons.resume(c.service)
+
+    def _daemon_report(self, ev: DaemonEvent) -> None:
+        self._report(RunEvent(
+            run_id=f"daemon:{ev.service}@{self.node_id}", service=ev.service, node=self.node_id,
+            state=ev.state, at=ev.at, epoch=self._daemon_epoch, error=ev.error,
+            output_tail=ev.output_tail or "",
+        ))
+
+    def _report(self, ev: RunEvent) -> None:
+        payload = encode(ev)
+        delay = 0.1
+        while True:
+            try:
+                transport.send(self.broker, transport.RESULTS, payload)
+                return
+            except Exception as exc:  # broker down: keep the event, retry with backoff
+                log.warning("cannot report %s %s (%s); retrying", ev.run_id, ev.state, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
