@@ -399,6 +399,7 @@ class Coordinator:
             deadline=run.deadline, timeout=svc.timeout, callable=svc.utility.callable,
             command=list(svc.utility.command) if svc.utility.command else None,
             run_groups=sorted(svc.run_groups), params=self.catalogue.params.get(svc.name, {}),
+            allowed_roles=sorted(svc.allowed_roles),
         )
         transport.send(self.broker, transport.node_queue(run.node), encode(order))
         metrics.DISPATCHED.inc()
@@ -412,6 +413,7 @@ class Coordinator:
             epoch=epoch, issued_at=now, callable=svc.utility.callable,
             command=list(svc.utility.command) if svc.utility.command else None,
             run_groups=sorted(svc.run_groups), params=self.catalogue.params.get(svc.name, {}),
+            allowed_roles=sorted(svc.allowed_roles),
         )
         transport.send(self.broker, transport.node_queue(c.node), encode(msg))
 

@@ -164,7 +164,7 @@ class WorkerNode:
             return f"stale epoch {order.epoch} < {self._epoch}"
         if now > order.deadline:
             return f"past its deadline by {now - order.deadline:.3f}s"
-        allowed = getattr(order, "allowed_roles", None)
+        allowed = order.allowed_roles
         if allowed and self.roles.isdisjoint(allowed):
             return (f"node roles {', '.join(sorted(self.roles))} are not among the allowed "
                     f"roles {', '.join(sorted(allowed))}")
@@ -227,9 +227,13 @@ class WorkerNode:
             self._running.pop(order.run_id, None)
 
     def _on_control(self, c: DaemonControl) -> None:
-        if c.node != self.node_id or c.epoch < self._epoch:
-            log.warning("refused daemon control %s %s: epoch %d < %d or wrong node",
-                        c.action, c.service, c.epoch, self._epoch)
+        if (
+            c.node != self.node_id
+            or c.epoch < self._epoch
+            or (c.allowed_roles and self.roles.isdisjoint(c.allowed_roles))
+        ):
+            log.warning("refused daemon control %s %s: epoch %d (newest %d), node %s, roles %s",
+                        c.action, c.service, c.epoch, self._epoch, c.node, c.allowed_roles)
             return
         self._epoch = max(self._epoch, c.epoch)
         self._daemon_epoch = c.epoch
