@@ -10,7 +10,7 @@ import gc
 import random
 import time
 import tracemalloc
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from coordinator.core.engine import Dispatch, Engine
 from coordinator.core.node import Node
@@ -19,7 +19,7 @@ from coordinator.core.schedule import Cron, FixedTimes, Periodic, zone
 from coordinator.core.service import Kind, Service, Utility
 from coordinator.core.slot import Timeline
 
-T0 = datetime(2026, 11, 22, tzinfo=timezone.utc).timestamp()
+T0 = datetime(2026, 11, 22, tzinfo=UTC).timestamp()
 ROLES = ("Master", "Redundancy", "Reporting", "Processing", "Calculation")
 
 

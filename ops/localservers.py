@@ -1,0 +1,978 @@
+"""Private RabbitMQ and ZooKeeper servers on loopback for development, tests and benchmarks.
+
+Both servers run as the current user from Debian's packages, listen on 127.0.0.1 only and
+keep all their state (configuration, data, logs, pid files, Erlang cookie) in one directory.
+
+    python -m ops.localservers start          # idempotent; reuses servers already up
+    python -m ops.localservers status
+    set -a; eval "$(python -m ops.localservers env)"; set +a
+    python -m ops.localservers stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+DEFAULT_DIR = Path(".rota-servers")
+DEFAULT_AMQP_PORT = 35672
+DEFAULT_ZK_PORT = 32181
+NODE_NAME = "rota-test@localhost"
+HOST = "127.0.0.1"
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+RABBITMQ_SERVER = RABBITMQ_BIN / "rabbitmq-server"
+RABBITMQCTL = RABBITMQ_BIN / "rabbitmqctl"
+ZK_MAIN = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
+
+START_TIMEOUT = 120.0
+STOP_TIMEOUT = 30.0
+
+_SAFE_VHOST = re.compile(r"^[A-Za-z0-9_.\-]+$")
+# Popen handles of processes started by this interpreter, so they can be reaped after a stop.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class ServerError(RuntimeError):
+    """A local server could not be installed, started, stopped or managed."""
+
+
+@dataclass
+class Servers:
+    """A running pair of local servers and how to reach them."""
+
+    state_dir: Path
+    amqp_port: int = DEFAULT_AMQP_PORT
+    zk_port: int = DEFAULT_ZK_PORT
+    epmd_port: int = DEFAULT_AMQP_PORT + 1
+    node: str = NODE_NAME
+    pids: dict[str, int] = field(default_factory=dict)
+    started: bool = False
+    """True when the call that returned this object launched at least one process."""
+
+    @property
+    def amqp_url(self) -> str:
+        return f"amqp://guest:guest@{HOST}:{self.amqp_port}/"
+
+    @property
+    def zk_hosts(self) -> str:
+        return f"{HOST}:{self.zk_port}"
+
+    def vhost_url(self, vhost: str) -> str:
+        """AMQP URL of ``vhost`` on this broker."""
+        return self.amqp_url + quote(vhost, safe="")
+
+    @property
+    def dist_port(self) -> int:
+        """Erlang distribution port of the broker (RabbitMQ's default: AMQP port + 20000)."""
+        return self.amqp_port + 20000
+
+    @property
+    def cli_dist_ports(self) -> tuple[int, int]:
+        """Distribution port range for rabbitmqctl, kept clear of the AMQP port."""
+        return self.amqp_port + 10000, self.amqp_port + 10010
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- installation
+
+
+def _zk_classpath(conf_dir: Path) -> str:
+    """Classpath for the ZooKeeper server, led by our own log4j configuration directory."""
+    java = Path("/usr/share/java")
+    parts = [str(conf_dir)]
+    if (java / "zookeeper.jar").exists():
+        # Debian's jar names its dependencies in its manifest; add a logging backend.
+        parts.append(str(java / "zookeeper.jar"))
+        logging_jars = ("slf4j-log4j12.jar", "log4j-1.2.jar")
+        parts += [str(java / jar) for jar in logging_jars if (java / jar).exists()]
+    elif (lib := Path("/usr/share/zookeeper/lib")).is_dir():
+        parts += [str(Path("/usr/share/zookeeper") / "*"), str(lib / "*")]
+    else:
+        parts.append(str(java / "*"))
+    return ":".join(parts)
+
+
+def _zk_installed() -> bool:
+    candidates = [Path("/usr/share/java/zookeeper.jar")]
+    candidates += Path("/usr/share/zookeeper").glob("*.jar")
+    candidates += Path("/usr/share/zookeeper/lib").glob("zookeeper-*.jar")
+    return any(p.exists() for p in candidates) and _java() is not None
+
+
+def _java() -> str | None:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").exists():
+        return str(Path(java_home) / "bin" / "java")
+    return shutil.which("java")
+
+
+def ensure_installed() -> None:
+    """Install Debian's rabbitmq-server and zookeeper packages when they are missing."""
+    missing = []
+    if not (RABBITMQ_SERVER.exists() and RABBITMQCTL.exists() and shutil.which("epmd")):
+        missing.append("rabbitmq-server")
+    if not _zk_installed():
+        missing.append("zookeeper")
+    if not missing:
+        return
+    commands = [["apt-get", "update"], ["apt-get", "install", "-y", *missing]]
+    if shutil.which("apt-get") is None:
+        raise ServerError(f"missing packages {', '.join(missing)} and apt-get is not available")
+    if os.geteuid() != 0:
+        hint = " && ".join("sudo " + " ".join(c) for c in commands)
+        raise ServerError(f"missing packages {', '.join(missing)}; install them with:\n  {hint}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in commands:
+        _say("$ " + " ".join(command))
+        if subprocess.run(command, env=env).returncode != 0:
+            raise ServerError(f"{' '.join(command)} failed")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether ``pid`` is a running (not zombie) process."""
+    if not pid or pid <= 0:
+        return False
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return raw.replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _terminate(pids: Sequence[int], timeout: float) -> None:
+    """Send TERM to ``pids``, wait up to ``timeout`` seconds, then KILL whatever is left."""
+    pids = [p for p in pids if _alive(p)]
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            _say(f"process {pid} ignored SIGTERM for {timeout:.0f} s; sending SIGKILL")
+            _signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        child = _children.pop(pid, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=1)
+
+
+def _launch(command: Sequence[str], env: dict[str, str], log: Path, cwd: Path) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            list(command),
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    _children[proc.pid] = proc
+    return proc.pid
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _require_free(ports: dict[str, int]) -> None:
+    busy = [f"{name} port {port}" for name, port in ports.items() if not _port_free(port)]
+    if busy:
+        raise ServerError(
+            f"{', '.join(busy)} already in use by another process; stop it or pick other ports"
+        )
+
+
+def find_free_ports(
+    amqp_port: int = DEFAULT_AMQP_PORT, zk_port: int = DEFAULT_ZK_PORT, attempts: int = 100
+) -> tuple[int, int]:
+    """The first AMQP and ZooKeeper ports at or above the given ones that new servers can use.
+
+    For the AMQP port this includes the ports derived from it (epmd, Erlang distribution and
+    the rabbitmqctl range), so several pairs of servers can run side by side.
+    """
+    for amqp in range(amqp_port, amqp_port + 2 * attempts, 2):
+        probe = Servers(Path(), amqp, epmd_port=amqp + 1)
+        low, high = probe.cli_dist_ports
+        needed = [amqp, probe.epmd_port, probe.dist_port, *range(low, high + 1)]
+        if max(needed) <= 65535 and all(_port_free(port) for port in needed):
+            break
+    else:
+        raise ServerError(f"no free AMQP port pattern found from {amqp_port}")
+    for zk in range(zk_port, zk_port + attempts):
+        if zk not in needed and _port_free(zk):
+            return amqp, zk
+    raise ServerError(f"no free ZooKeeper port found from {zk_port}")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def amqp_answers(port: int, timeout: float = 1.0) -> bool:
+    """Whether something accepts connections on the AMQP ``port``.
+
+    RabbitMQ opens its listener only once it has booted. A bare connect, unlike a protocol
+    header, closes without a warning in the broker's log.
+    """
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def zk_answers(port: int, timeout: float = 1.0) -> bool:
+    """Whether a ZooKeeper server on ``port`` answers ``ruok`` with ``imok``."""
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as sock:
+            sock.sendall(b"ruok")
+            reply = b""
+            while chunk := sock.recv(16):
+                reply += chunk
+            return reply == b"imok"
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- state directory
+
+
+class _Paths:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config = root / "servers.json"
+        self.lock = root / ".lock"
+        self.cookie = root / ".erlang.cookie"
+        self.epmd_pid = root / "epmd.pid"
+        self.epmd_log = root / "epmd.log"
+        self.rabbit = root / "rabbitmq"
+        self.rabbit_conf = self.rabbit / "rabbitmq.conf"
+        self.rabbit_env_conf = self.rabbit / "rabbitmq-env.conf"
+        self.rabbit_plugins = self.rabbit / "enabled_plugins"
+        self.rabbit_advanced = self.rabbit / "advanced.config"
+        self.rabbit_mnesia = self.rabbit / "mnesia"
+        self.rabbit_logs = self.rabbit / "log"
+        self.rabbit_stdout = self.rabbit_logs / "stdout.log"
+        self.rabbit_pid = root / "rabbitmq.pid"
+        self.rabbit_wrapper_pid = root / "rabbitmq-server.pid"
+        self.zk = root / "zookeeper"
+        self.zk_cfg = self.zk / "zoo.cfg"
+        self.zk_conf = self.zk / "conf"
+        self.zk_data = self.zk / "data"
+        self.zk_log = self.zk / "zookeeper.log"
+        self.zk_pid = root / "zookeeper.pid"
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _live(path: Path, marker: str) -> int | None:
+    """The pid recorded in ``path`` if that process is alive and still ours."""
+    pid = _read_pid(path)
+    if pid is None:
+        return None
+    if _alive(pid) and marker in _cmdline(pid):
+        return pid
+    return None
+
+
+def _refresh_pids(servers: Servers) -> None:
+    paths = _Paths(servers.state_dir)
+    root = str(servers.state_dir)
+    found = {
+        "epmd": _live(paths.epmd_pid, "epmd"),
+        "rabbitmq-server": _live(paths.rabbit_wrapper_pid, "rabbitmq-server"),
+        "rabbitmq": _live(paths.rabbit_pid, root),
+        "zookeeper": _live(paths.zk_pid, root),
+    }
+    servers.pids = {name: pid for name, pid in found.items() if pid is not None}
+
+
+def load(state_dir: str | os.PathLike[str] = DEFAULT_DIR) -> Servers | None:
+    """Servers recorded in ``state_dir`` (running or not), or None if it holds no servers."""
+    root = Path(state_dir).resolve()
+    try:
+        config = json.loads(_Paths(root).config.read_text())
+    except (OSError, ValueError):
+        return None
+    servers = Servers(
+        state_dir=root,
+        amqp_port=int(config["amqp_port"]),
+        zk_port=int(config["zk_port"]),
+        epmd_port=int(config["epmd_port"]),
+        node=str(config["node"]),
+    )
+    _refresh_pids(servers)
+    return servers
+
+
+def _save(servers: Servers) -> None:
+    config = {
+        "amqp_port": servers.amqp_port,
+        "zk_port": servers.zk_port,
+        "epmd_port": servers.epmd_port,
+        "node": servers.node,
+    }
+    _Paths(servers.state_dir).config.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def rabbitmq_up(servers: Servers) -> bool:
+    return "rabbitmq" in servers.pids and amqp_answers(servers.amqp_port)
+
+
+def zookeeper_up(servers: Servers) -> bool:
+    return "zookeeper" in servers.pids and zk_answers(servers.zk_port)
+
+
+def is_up(servers: Servers | str | os.PathLike[str]) -> bool:
+    """Whether both servers are running and answering on their ports."""
+    if not isinstance(servers, Servers):
+        loaded = load(servers)
+        if loaded is None:
+            return False
+        servers = loaded
+    else:
+        _refresh_pids(servers)
+    return rabbitmq_up(servers) and zookeeper_up(servers)
+
+
+# --------------------------------------------------------------------------- epmd
+
+
+def _ensure_epmd(servers: Servers) -> None:
+    """Run a private Erlang port mapper on loopback so nodes elsewhere cannot clash."""
+    paths = _Paths(servers.state_dir)
+    if _live(paths.epmd_pid, "epmd"):
+        return
+    _require_free({"epmd": servers.epmd_port})
+    epmd = shutil.which("epmd") or "epmd"
+    command = [epmd, "-port", str(servers.epmd_port), "-address", HOST]
+    pid = _launch(command, dict(os.environ), paths.epmd_log, servers.state_dir)
+    paths.epmd_pid.write_text(f"{pid}\n")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            raise ServerError(f"epmd exited during startup:\n{_tail(paths.epmd_log)}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, servers.epmd_port), 1):
+            servers.pids["epmd"] = pid
+            servers.started = True
+            return
+        time.sleep(0.05)
+    raise ServerError(f"epmd did not listen on port {servers.epmd_port}")
+
+
+# --------------------------------------------------------------------------- RabbitMQ
+
+
+def _erlang_env(servers: Servers) -> dict[str, str]:
+    paths = _Paths(servers.state_dir)
+    env = dict(os.environ)
+    for name in ("NOTIFY_SOCKET", "RABBITMQ_ALLOW_INPUT", "RABBITMQ_DIST_PORT", "ERL_EPMD_ADDRESS"):
+        env.pop(name, None)
+    low, high = servers.cli_dist_ports
+    loopback_dist = "-kernel inet_dist_use_interface {127,0,0,1}"
+    env.update(
+        HOME=str(servers.state_dir),
+        ERL_EPMD_PORT=str(servers.epmd_port),
+        RABBITMQ_CONF_ENV_FILE=str(paths.rabbit_env_conf),
+        RABBITMQ_CTL_DIST_PORT_MIN=str(low),
+        RABBITMQ_CTL_DIST_PORT_MAX=str(high),
+        RABBITMQ_CTL_ERL_ARGS=loopback_dist,
+    )
+    return env
+
+
+def _server_env(servers: Servers) -> dict[str, str]:
+    paths = _Paths(servers.state_dir)
+    env = _erlang_env(servers)
+    env.update(
+        RABBITMQ_NODENAME=servers.node,
+        RABBITMQ_NODE_PORT=str(servers.amqp_port),
+        RABBITMQ_NODE_IP_ADDRESS=HOST,
+        RABBITMQ_MNESIA_BASE=str(paths.rabbit_mnesia),
+        RABBITMQ_LOG_BASE=str(paths.rabbit_logs),
+        RABBITMQ_CONFIG_FILE=str(paths.rabbit_conf),
+        RABBITMQ_ADVANCED_CONFIG_FILE=str(paths.rabbit_advanced),
+        RABBITMQ_ENABLED_PLUGINS_FILE=str(paths.rabbit_plugins),
+        RABBITMQ_PID_FILE=str(paths.rabbit_pid),
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+    )
+    return env
+
+
+def _write_rabbitmq_files(servers: Servers) -> None:
+    paths = _Paths(servers.state_dir)
+    for directory in (paths.rabbit, paths.rabbit_mnesia, paths.rabbit_logs):
+        directory.mkdir(parents=True, exist_ok=True)
+    paths.rabbit_conf.write_text(
+        "# Written by ops.localservers on every start.\n"
+        f"listeners.tcp.default = {HOST}:{servers.amqp_port}\n"
+        "consumer_timeout = 86400000\n"
+        "log.console = false\n"
+        "log.file.level = info\n"
+    )
+    paths.rabbit_plugins.write_text("[].\n")
+    paths.rabbit_env_conf.write_text("# Intentionally empty: settings come from the environment.\n")
+    if not paths.cookie.exists():
+        # Written before the first start so the server and rabbitmqctl never race to create it.
+        cookie = "".join(secrets.choice(string.ascii_uppercase) for _ in range(20))
+        paths.cookie.write_text(cookie)
+        paths.cookie.chmod(0o400)
+
+
+def rabbitmqctl(
+    servers: Servers, *args: str, timeout: float = 60.0, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``rabbitmqctl -n NODE ARGS...`` against the local broker."""
+    command = [str(RABBITMQCTL), "-n", servers.node, *args]
+    result = subprocess.run(
+        command,
+        env=_erlang_env(servers),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and result.returncode != 0:
+        output = (result.stdout + result.stderr).strip()
+        raise ServerError(f"{' '.join(command)} failed ({result.returncode}):\n{output}")
+    return result
+
+
+def _wait_rabbitmq(servers: Servers, wrapper: int, timeout: float) -> None:
+    paths = _Paths(servers.state_dir)
+    command = [
+        str(RABBITMQCTL), "-n", servers.node, "wait", str(paths.rabbit_pid),
+        "--timeout", str(int(timeout)),
+    ]  # fmt: skip
+    started = time.monotonic()
+    waiter = subprocess.Popen(
+        command,
+        env=_erlang_env(servers),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    next_report = 2.0
+    try:
+        while waiter.poll() is None:
+            elapsed = time.monotonic() - started
+            if not _alive(wrapper) and not _live(paths.rabbit_pid, str(servers.state_dir)):
+                raise ServerError(
+                    f"RabbitMQ exited during startup; see {paths.rabbit_logs}\n"
+                    f"{_tail(paths.rabbit_stdout)}"
+                )
+            if elapsed > timeout + 5:
+                raise ServerError(f"RabbitMQ did not start within {timeout:.0f} s")
+            if elapsed >= next_report:
+                _say(f"waiting for RabbitMQ… {elapsed:.0f} s")
+                next_report += 2.0
+            time.sleep(0.2)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+        output = waiter.communicate()[0].decode(errors="replace").strip()
+    if waiter.returncode != 0:
+        raise ServerError(f"rabbitmqctl wait failed:\n{output}\n{_tail(paths.rabbit_stdout)}")
+    while not amqp_answers(servers.amqp_port):
+        if time.monotonic() - started > timeout:
+            raise ServerError(f"RabbitMQ is running but port {servers.amqp_port} does not answer")
+        time.sleep(0.2)
+    _say(f"RabbitMQ up on {HOST}:{servers.amqp_port} after {time.monotonic() - started:.1f} s")
+
+
+def _start_rabbitmq(servers: Servers, timeout: float) -> None:
+    paths = _Paths(servers.state_dir)
+    _refresh_pids(servers)
+    if "rabbitmq" in servers.pids:
+        if amqp_answers(servers.amqp_port):
+            return
+        _say(f"RabbitMQ (pid {servers.pids['rabbitmq']}) is running but not answering; waiting")
+        wrapper = servers.pids.get("rabbitmq-server", servers.pids["rabbitmq"])
+        with contextlib.suppress(ServerError):
+            _wait_rabbitmq(servers, wrapper, timeout)
+            return
+        _say("RabbitMQ did not come up; restarting it")
+        _stop_rabbitmq(servers)
+    for stale in (paths.rabbit_pid, paths.rabbit_wrapper_pid):
+        if stale.exists():
+            _say(f"removing stale pid file {stale}")
+            stale.unlink()
+    _require_free({"AMQP": servers.amqp_port, "Erlang distribution": servers.dist_port})
+    _write_rabbitmq_files(servers)
+    _say(f"starting RabbitMQ node {servers.node} on {HOST}:{servers.amqp_port}")
+    wrapper = _launch(
+        [str(RABBITMQ_SERVER)], _server_env(servers), paths.rabbit_stdout, servers.state_dir
+    )
+    paths.rabbit_wrapper_pid.write_text(f"{wrapper}\n")
+    servers.started = True
+    try:
+        _wait_rabbitmq(servers, wrapper, timeout)
+    except BaseException:
+        _terminate([wrapper, *filter(None, [_read_pid(paths.rabbit_pid)])], STOP_TIMEOUT)
+        raise
+    _refresh_pids(servers)
+
+
+def _stop_rabbitmq(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
+    paths = _Paths(servers.state_dir)
+    _refresh_pids(servers)
+    pids = [servers.pids[k] for k in ("rabbitmq-server", "rabbitmq") if k in servers.pids]
+    if pids:
+        _say(f"stopping RabbitMQ (pids {', '.join(map(str, pids))})")
+        _terminate(pids, timeout)
+    for path in (paths.rabbit_pid, paths.rabbit_wrapper_pid):
+        path.unlink(missing_ok=True)
+    servers.pids.pop("rabbitmq", None)
+    servers.pids.pop("rabbitmq-server", None)
+
+
+# --------------------------------------------------------------------------- ZooKeeper
+
+
+def _write_zookeeper_files(servers: Servers) -> None:
+    paths = _Paths(servers.state_dir)
+    for directory in (paths.zk, paths.zk_conf, paths.zk_data):
+        directory.mkdir(parents=True, exist_ok=True)
+    paths.zk_cfg.write_text(
+        "# Written by ops.localservers on every start.\n"
+        "tickTime=500\n"
+        "minSessionTimeout=1000\n"
+        "maxSessionTimeout=60000\n"
+        f"dataDir={paths.zk_data}\n"
+        f"clientPort={servers.zk_port}\n"
+        f"clientPortAddress={HOST}\n"
+        "maxClientCnxns=0\n"
+        "admin.enableServer=false\n"
+        "4lw.commands.whitelist=ruok,stat,srvr\n"
+        "autopurge.snapRetainCount=3\n"
+        "autopurge.purgeInterval=1\n"
+    )
+    (paths.zk_conf / "log4j.properties").write_text(
+        "log4j.rootLogger=INFO, CONSOLE\n"
+        "log4j.appender.CONSOLE=org.apache.log4j.ConsoleAppender\n"
+        "log4j.appender.CONSOLE.layout=org.apache.log4j.PatternLayout\n"
+        "log4j.appender.CONSOLE.layout.ConversionPattern=%d{ISO8601} %-5p [%t:%C{1}@%L] %m%n\n"
+    )
+
+
+def _zookeeper_command(servers: Servers) -> list[str]:
+    paths = _Paths(servers.state_dir)
+    java = _java()
+    if java is None:
+        raise ServerError("java not found; install a JRE (Debian: default-jre-headless)")
+    return [
+        java,
+        "-Xms64m",
+        "-Xmx512m",
+        f"-Dzookeeper.log.dir={paths.zk}",
+        "-Dzookeeper.root.logger=INFO,CONSOLE",
+        "-cp",
+        _zk_classpath(paths.zk_conf),
+        ZK_MAIN,
+        str(paths.zk_cfg),
+    ]
+
+
+def _start_zookeeper(servers: Servers, timeout: float) -> None:
+    paths = _Paths(servers.state_dir)
+    _refresh_pids(servers)
+    if "zookeeper" in servers.pids:
+        pid = servers.pids["zookeeper"]
+    else:
+        if paths.zk_pid.exists():
+            _say(f"removing stale pid file {paths.zk_pid}")
+            paths.zk_pid.unlink()
+        _require_free({"ZooKeeper": servers.zk_port})
+        _write_zookeeper_files(servers)
+        _say(f"starting ZooKeeper on {HOST}:{servers.zk_port}")
+        command = _zookeeper_command(servers)
+        pid = _launch(command, dict(os.environ), paths.zk_log, servers.state_dir)
+        paths.zk_pid.write_text(f"{pid}\n")
+        servers.pids["zookeeper"] = pid
+        servers.started = True
+    started = time.monotonic()
+    next_report = 2.0
+    while not zk_answers(servers.zk_port):
+        elapsed = time.monotonic() - started
+        if not _alive(pid):
+            paths.zk_pid.unlink(missing_ok=True)
+            servers.pids.pop("zookeeper", None)
+            raise ServerError(f"ZooKeeper exited during startup:\n{_tail(paths.zk_log)}")
+        if elapsed > timeout:
+            _stop_zookeeper(servers)
+            raise ServerError(f"ZooKeeper did not answer within {timeout:.0f} s")
+        if elapsed >= next_report:
+            _say(f"waiting for ZooKeeper… {elapsed:.0f} s")
+            next_report += 2.0
+        time.sleep(0.1)
+    if servers.started:
+        _say(f"ZooKeeper up on {HOST}:{servers.zk_port} after {time.monotonic() - started:.1f} s")
+
+
+def _stop_zookeeper(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
+    paths = _Paths(servers.state_dir)
+    _refresh_pids(servers)
+    if "zookeeper" in servers.pids:
+        _say(f"stopping ZooKeeper (pid {servers.pids['zookeeper']})")
+        _terminate([servers.pids["zookeeper"]], timeout)
+    paths.zk_pid.unlink(missing_ok=True)
+    servers.pids.pop("zookeeper", None)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def start(
+    state_dir: str | os.PathLike[str] = DEFAULT_DIR,
+    amqp_port: int = DEFAULT_AMQP_PORT,
+    zk_port: int = DEFAULT_ZK_PORT,
+    epmd_port: int | None = None,
+    timeout: float = START_TIMEOUT,
+) -> Servers:
+    """Start RabbitMQ and ZooKeeper with state in ``state_dir``; reuse whatever is already up.
+
+    ``epmd_port`` (the private Erlang port mapper) defaults to ``amqp_port + 1``.
+    """
+    ensure_installed()
+    root = Path(state_dir).resolve()
+    with _locked(root):
+        servers = Servers(root, amqp_port, zk_port, epmd_port or amqp_port + 1)
+        previous = load(root)
+        if previous is not None and previous.pids:
+            wanted = (servers.amqp_port, servers.zk_port, servers.epmd_port)
+            running = (previous.amqp_port, previous.zk_port, previous.epmd_port)
+            if wanted != running:
+                raise ServerError(
+                    f"servers in {root} already run on ports {running}; stop them first"
+                )
+        _save(servers)
+        _refresh_pids(servers)
+        already = set(servers.pids.values())
+        needed: dict[str, int] = {}
+        if "epmd" not in servers.pids:
+            needed["epmd"] = servers.epmd_port
+        if "rabbitmq" not in servers.pids:
+            needed["AMQP"] = servers.amqp_port
+            needed["Erlang distribution"] = servers.dist_port
+        if "zookeeper" not in servers.pids:
+            needed["ZooKeeper"] = servers.zk_port
+        _require_free(needed)
+        try:
+            _ensure_epmd(servers)
+            _start_rabbitmq(servers, timeout)
+            _start_zookeeper(servers, timeout)
+        except BaseException:
+            _refresh_pids(servers)
+            launched = [pid for pid in servers.pids.values() if pid not in already]
+            if launched:
+                _say(f"stopping what this start launched (pids {', '.join(map(str, launched))})")
+                _terminate(launched, STOP_TIMEOUT)
+            raise
+        _refresh_pids(servers)
+        if not servers.started:
+            _say(f"servers in {root} already up; reusing them")
+        return servers
+
+
+def _stop_all(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
+    paths = _Paths(servers.state_dir)
+    _refresh_pids(servers)
+    rabbit = [servers.pids[k] for k in ("rabbitmq-server", "rabbitmq") if k in servers.pids]
+    zk = [servers.pids["zookeeper"]] if "zookeeper" in servers.pids else []
+    if rabbit:
+        _say(f"stopping RabbitMQ (pids {', '.join(map(str, rabbit))})")
+    if zk:
+        _say(f"stopping ZooKeeper (pid {zk[0]})")
+    _terminate(rabbit + zk, timeout)
+    if "epmd" in servers.pids:
+        _say(f"stopping epmd (pid {servers.pids['epmd']})")
+        _terminate([servers.pids["epmd"]], timeout)
+    for path in (paths.rabbit_pid, paths.rabbit_wrapper_pid, paths.zk_pid, paths.epmd_pid):
+        path.unlink(missing_ok=True)
+    servers.pids.clear()
+
+
+def stop(state_dir: str | os.PathLike[str] = DEFAULT_DIR, timeout: float = STOP_TIMEOUT) -> bool:
+    """Stop the servers recorded in ``state_dir``; return whether anything was running."""
+    root = Path(state_dir).resolve()
+    with _locked(root):
+        servers = load(root)
+        if servers is None:
+            return False
+        running = bool(servers.pids)
+        _stop_all(servers, timeout)
+        return running
+
+
+def stop_rabbitmq(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
+    """Stop the broker (TERM, then KILL after ``timeout``) and keep its data."""
+    with _locked(servers.state_dir):
+        _stop_rabbitmq(servers, timeout)
+
+
+def start_rabbitmq(servers: Servers, timeout: float = START_TIMEOUT) -> None:
+    """Start the broker again on the same port and data, and wait until it answers."""
+    with _locked(servers.state_dir):
+        _ensure_epmd(servers)
+        _start_rabbitmq(servers, timeout)
+
+
+def restart_rabbitmq(servers: Servers, timeout: float = START_TIMEOUT) -> Servers:
+    """Stop the broker by pid and start it again on the same port and data."""
+    with _locked(servers.state_dir):
+        _stop_rabbitmq(servers)
+        _ensure_epmd(servers)
+        _start_rabbitmq(servers, timeout)
+    return servers
+
+
+def stop_zookeeper(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
+    """Stop ZooKeeper (TERM, then KILL after ``timeout``) and keep its data."""
+    with _locked(servers.state_dir):
+        _stop_zookeeper(servers, timeout)
+
+
+def start_zookeeper(servers: Servers, timeout: float = START_TIMEOUT) -> None:
+    """Start ZooKeeper again on the same port and data, and wait until it answers."""
+    with _locked(servers.state_dir):
+        _start_zookeeper(servers, timeout)
+
+
+def restart_zookeeper(servers: Servers, timeout: float = START_TIMEOUT) -> Servers:
+    """Stop ZooKeeper by pid and start it again on the same port and data."""
+    with _locked(servers.state_dir):
+        _stop_zookeeper(servers)
+        _start_zookeeper(servers, timeout)
+    return servers
+
+
+def add_vhost(servers: Servers, name: str) -> str:
+    """Create virtual host ``name`` with full permissions for guest; return its AMQP URL."""
+    if _SAFE_VHOST.match(name):
+        # One CLI round trip instead of two; falls back to the documented commands below.
+        expr = (
+            f'rabbit_vhost:add(<<"{name}">>, <<"rota">>), '
+            "rabbit_auth_backend_internal:set_permissions("
+            f'<<"guest">>, <<"{name}">>, <<".*">>, <<".*">>, <<".*">>, <<"rota">>).'
+        )
+        result = rabbitmqctl(servers, "-q", "eval", expr, check=False)
+        if result.returncode == 0 and result.stdout.strip() == "ok":
+            return servers.vhost_url(name)
+    rabbitmqctl(servers, "-q", "add_vhost", name)
+    rabbitmqctl(servers, "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    return servers.vhost_url(name)
+
+
+def delete_vhost(servers: Servers, name: str) -> None:
+    """Delete virtual host ``name`` and everything in it; a missing vhost is not an error."""
+    result = rabbitmqctl(servers, "-q", "delete_vhost", name, check=False)
+    output = result.stdout + result.stderr
+    if result.returncode != 0 and "does not exist" not in output and "no_such_vhost" not in output:
+        raise ServerError(f"delete_vhost {name} failed ({result.returncode}):\n{output.strip()}")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _env_lines(servers: Servers) -> list[str]:
+    return [
+        f"ROTA_AMQP_URL={servers.amqp_url}",
+        f"ROTA_ZK={servers.zk_hosts}",
+        f"ROTA_SERVERS_DIR={servers.state_dir}",
+    ]
+
+
+def _status_lines(servers: Servers) -> list[str]:
+    pids = servers.pids
+    rabbit = "up" if rabbitmq_up(servers) else ("starting" if "rabbitmq" in pids else "down")
+    zk = "up" if zookeeper_up(servers) else ("starting" if "zookeeper" in pids else "down")
+    epmd = "up" if "epmd" in pids else "down"
+    return [
+        f"rabbitmq   {rabbit:<8} pid {pids.get('rabbitmq', '-')!s:<8} "
+        f"{servers.amqp_url}  node {servers.node}",
+        f"zookeeper  {zk:<8} pid {pids.get('zookeeper', '-')!s:<8} {servers.zk_hosts}",
+        f"epmd       {epmd:<8} pid {pids.get('epmd', '-')!s:<8} {HOST}:{servers.epmd_port}",
+    ]
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help=f"state directory for config, data, logs and pid files (default: {DEFAULT_DIR}/)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.localservers",
+        description=(
+            "Run private RabbitMQ and ZooKeeper servers on 127.0.0.1 for Rota's integration\n"
+            "tests and benchmarks. Everything they write stays in the state directory."
+        ),
+        epilog=(
+            "export the connection settings into a shell with:\n"
+            '  set -a; eval "$(python -m ops.localservers env)"; set +a'
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    start_cmd = commands.add_parser(
+        "start",
+        parents=[common],
+        help="start both servers (installs the Debian packages if missing); no-op if already up",
+        description="Start RabbitMQ and ZooKeeper, or reuse them if they are already up.",
+    )
+    start_cmd.add_argument(
+        "--amqp-port",
+        type=int,
+        default=DEFAULT_AMQP_PORT,
+        metavar="PORT",
+        help="AMQP port (default: %(default)s)",
+    )
+    start_cmd.add_argument(
+        "--zk-port",
+        type=int,
+        default=DEFAULT_ZK_PORT,
+        metavar="PORT",
+        help="ZooKeeper port (default: %(default)s)",
+    )
+    start_cmd.add_argument(
+        "--timeout",
+        type=float,
+        default=START_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds to wait for each server (default: %(default)s)",
+    )
+    commands.add_parser(
+        "stop", parents=[common], help="stop both servers by pid (SIGTERM, then SIGKILL)"
+    )
+    commands.add_parser("status", parents=[common], help="show which servers are up")
+    commands.add_parser(
+        "env", parents=[common], help="print ROTA_AMQP_URL, ROTA_ZK and ROTA_SERVERS_DIR lines"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    state_dir: Path = getattr(args, "dir", DEFAULT_DIR)
+    try:
+        if args.command == "start":
+            began = time.monotonic()
+            servers = start(state_dir, args.amqp_port, args.zk_port, timeout=args.timeout)
+            if servers.started:
+                _say(f"started in {time.monotonic() - began:.1f} s")
+            print("\n".join(_status_lines(servers)))
+            return 0
+        if args.command == "stop":
+            if not stop(state_dir):
+                _say(f"nothing running in {Path(state_dir).resolve()}")
+            return 0
+        servers = load(state_dir)
+        if args.command == "status":
+            if servers is None:
+                print(f"no servers in {Path(state_dir).resolve()}")
+                return 3
+            print("\n".join(_status_lines(servers)))
+            return 0 if rabbitmq_up(servers) and zookeeper_up(servers) else 3
+        if args.command == "env":
+            if servers is None:
+                servers = Servers(Path(state_dir).resolve())
+            if not (rabbitmq_up(servers) and zookeeper_up(servers)):
+                _say("warning: servers are not up; run `python -m ops.localservers start`")
+            print("\n".join(_env_lines(servers)))
+            return 0
+    except ServerError as error:
+        _say(f"error: {error}")
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
