@@ -48,9 +48,15 @@ class Control:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A run changed state: publish it, and keep it in history when it is terminal."""
+    """A run changed state: publish it, and keep it in history when it is terminal.
+
+    Holds a copy of the run as it was when recorded: the run itself moves on.
+    """
 
     run: Run
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run", replace(self.run))
 
 
 Action = Dispatch | Control | Record

@@ -1,0 +1,154 @@
+"""Audit a run history against the contract: the checks behind the guarantees.
+
+Given finished run records (from `--history`, `rota.events` or a soak run), the catalogue,
+the nodes' roles and the observed window, `audit` lists every violation of:
+- exactly one record per due slot per placement target (a run, or a slot recorded skipped,
+  missed, lost or expired with a reason);
+- no overlap in wall-clock time of runs whose services' run groups intersect;
+- runs only on nodes holding an allowed role;
+- every daemon started on each live node its placement allows.
+Pure: it reads records, it touches nothing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from coordinator.core.catalogue import Catalogue
+from coordinator.core.schedule import zone
+from coordinator.core.service import Placement
+from protocol import RunRecord
+
+RAN = {"succeeded", "failed", "timed_out"}
+NOT_RUN = {"skipped", "missed", "lost", "expired", "rejected"}
+
+
+@dataclass
+class Report:
+    violations: list[str] = field(default_factory=list)
+    slots_due: int = 0
+    runs: int = 0
+    duplicates: int = 0
+    silent_misses: int = 0
+    overlaps: int = 0
+    wrong_role: int = 0
+    stale_epoch: int = 0
+
+    def __bool__(self) -> bool:
+        return not self.violations
+
+    def line(self) -> str:
+        return (f"slots due {self.slots_due}, runs {self.runs}, duplicates {self.duplicates}, "
+                f"silent misses {self.silent_misses}, overlaps {self.overlaps}, "
+                f"wrong role {self.wrong_role}, stale orders executed {self.stale_epoch}")
+
+
+def expected_slots(catalogue: Catalogue, start: float, end: float) -> dict[str, list[float]]:
+    """Every slot of every scheduled, enabled service with start < slot <= end."""
+    tz = zone(catalogue.timezone)
+    out: dict[str, list[float]] = {}
+    for svc in catalogue.services.values():
+        if svc.schedule is None or not svc.enabled:
+            continue
+        slots = []
+        t = svc.schedule.next_after(start, tz)
+        while t <= end:
+            slots.append(t)
+            t = svc.schedule.next_after(t, tz)
+        out[svc.name] = slots
+    return out
+
+
+def audit(
+    records: Iterable[RunRecord],
+    catalogue: Catalogue,
+    node_roles: Mapping[str, Iterable[str]],
+    *,
+    start: float,
+    settled: float,
+    epochs: Mapping[str, int] | None = None,
+) -> Report:
+    """Check `records` for slots in (start, settled]; later slots may still be in flight."""
+    rep = Report()
+    roles = {n: frozenset(r) for n, r in node_roles.items()}
+    recs = list(records)
+    by_slot: dict[tuple[str, float], list[RunRecord]] = defaultdict(list)
+    for r in recs:
+        if r.trigger in ("scheduled", "retry") and r.slot is not None and r.attempt == 1:
+            by_slot[(r.service, round(r.slot, 3))].append(r)
+    for name, slots in expected_slots(catalogue, start, settled).items():
+        svc = catalogue.services[name]
+        eligible = sorted(n for n, rs in roles.items() if not rs.isdisjoint(svc.allowed_roles))
+        for slot in slots:
+            got = by_slot.get((name, round(slot, 3)), [])
+            targets = eligible if svc.placement is Placement.ALL else [None]
+            rep.slots_due += len(targets)
+            for target in targets:
+                mine = [g for g in got if target is None or g.node == target]
+                if svc.placement is Placement.ALL and not mine:
+                    # A slot with no eligible node at all is one record without a node.
+                    mine = [g for g in got if g.node is None and g.state in NOT_RUN]
+                if not mine:
+                    rep.silent_misses += 1
+                    rep.violations.append(f"{name} slot {_iso(slot)} on {target or 'any node'}: "
+                                          "no record (silently dropped)")
+                elif len(mine) > 1:
+                    rep.duplicates += len(mine) - 1
+                    rep.violations.append(
+                        f"{name} slot {_iso(slot)} on {target or 'any node'}: {len(mine)} records "
+                        f"({', '.join(f'{m.state}@{m.node}' for m in mine)})")
+                elif mine[0].state in NOT_RUN and not mine[0].reason:
+                    rep.violations.append(f"{name} slot {_iso(slot)}: {mine[0].state} "
+                                          "without a reason")
+    intervals = []
+    for r in recs:
+        if r.state in RAN or (r.trigger == "daemon" and r.started_at is not None):
+            rep.runs += r.trigger != "daemon"
+            if r.node is not None and r.node in roles:
+                svc = catalogue.services.get(r.service)
+                if svc is not None and roles[r.node].isdisjoint(svc.allowed_roles):
+                    rep.wrong_role += 1
+                    rep.violations.append(f"{r.service} ran on {r.node} "
+                                          f"(roles {sorted(roles[r.node])}), not an allowed role")
+            if epochs is not None and r.run_id in epochs and epochs[r.run_id] < r.epoch:
+                rep.stale_epoch += 1
+            if r.started_at is not None and r.finished_at is not None and r.run_groups:
+                intervals.append(r)
+    rep.overlaps = _overlaps(intervals, rep.violations)
+    for svc in catalogue.services.values():
+        if not svc.is_daemon or not svc.enabled:
+            continue
+        eligible = {n for n, rs in roles.items() if not rs.isdisjoint(svc.allowed_roles)}
+        started = {r.node for r in recs if r.service == svc.name and r.trigger == "daemon"}
+        if svc.placement is Placement.ALL and not eligible <= started:
+            rep.violations.append(f"daemon {svc.name} never started on "
+                                  f"{', '.join(sorted(eligible - started))}")
+        elif svc.placement is Placement.ONE and eligible and not started:
+            rep.violations.append(f"daemon {svc.name} never started")
+    return rep
+
+
+def _overlaps(runs: list[RunRecord], out: list[str]) -> int:
+    """Pairs of runs of different services with intersecting groups that overlap in time."""
+    count = 0
+    runs = sorted(runs, key=lambda r: r.started_at or 0.0)
+    active: list[RunRecord] = []
+    for r in runs:
+        assert r.started_at is not None
+        active = [a for a in active if (a.finished_at or 0.0) > r.started_at]
+        for a in active:
+            if a.service != r.service and set(a.run_groups) & set(r.run_groups):
+                count += 1
+                out.append(f"overlap: {a.service} [{_iso(a.started_at)}–{_iso(a.finished_at)}] "
+                           f"and {r.service} [{_iso(r.started_at)}–{_iso(r.finished_at)}] "
+                           f"share {sorted(set(a.run_groups) & set(r.run_groups))}")
+        active.append(r)
+    return count
+
+
+def _iso(t: float | None) -> str:
+    from datetime import UTC, datetime
+
+    return "?" if t is None else datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S.%f")[:-3]
