@@ -260,11 +260,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
                                   identifier=args.node)
     broker = transport.make_broker(args.amqp)
     metrics_url = None
-    http = None
     if args.http_port:
         from prometheus_client import start_http_server
 
-        http = start_http_server(args.http_port, addr=args.http_host)
+        start_http_server(args.http_port, addr=args.http_host)
         metrics_url = f"http://{args.http_host}:{args.http_port}/metrics"
     node = WorkerNode(args.node, roles, broker, coordination, SystemClock(),
                       capacity=args.capacity, metrics_url=metrics_url)

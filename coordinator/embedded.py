@@ -30,7 +30,9 @@ from workers.node import WorkerNode
 
 log = logging.getLogger("rota.embedded")
 
-DEFAULT_NODES = "master-1=Master;redundancy-1=Redundancy,Reporting;processing-1=Processing,Calculation"
+DEFAULT_NODES = (
+    "master-1=Master;redundancy-1=Redundancy,Reporting;processing-1=Processing,Calculation"
+)
 
 
 @dataclass(frozen=True)

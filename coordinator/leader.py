@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import dramatiq
 
+from coordinator import metrics
 from coordinator.adapters import transport
 from coordinator.adapters.coordination import Coordination, Fenced, Term
 from coordinator.adapters.events import EventBus
@@ -30,7 +31,6 @@ from coordinator.core.node import Node
 from coordinator.core.run import Run, RunState, Trigger
 from coordinator.core.schedule import Cron, FixedTimes, Periodic, Schedule, ScheduleError
 from coordinator.ledger import Ledger
-from coordinator import metrics
 from protocol import (
     DaemonControl,
     ManualRunRequest,
@@ -274,7 +274,9 @@ class Coordinator:
             msg = decode(delivery.payload)
             if kind == "result":
                 if not isinstance(msg, RunEvent):
-                    raise ProtocolError("unknown_type", f"{source} takes RunEvent, got {type(msg).__name__}")
+                    raise ProtocolError(
+                        "unknown_type", f"{source} takes RunEvent, got {type(msg).__name__}"
+                    )
                 turn.actions += self._on_event(engine, msg, now, turn)
             else:
                 turn.actions += self._on_request(engine, msg, now, turn)

@@ -1,0 +1,200 @@
+"""A real cluster of processes for integration, fault and soak runs.
+
+Starts `rota coordinator` and `rota worker` processes against a RabbitMQ vhost and a
+ZooKeeper chroot, records every event published on `rota.events`, and kills, stops or
+restarts processes by pid. Used by tests/integration and by `ops/soak`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pika
+
+from protocol import ProtocolError, RunRecord, decode_as
+
+
+class EventRecorder:
+    """Consumes `rota.events` (all routing keys) into memory from its own thread."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self.amqp_url = amqp_url
+        self.records: list[RunRecord] = []
+        self.bad: list[bytes] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="event-recorder", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> EventRecorder:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("event recorder could not bind to rota.events")
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+                ch = conn.channel()
+                ch.exchange_declare("rota.events", exchange_type="topic", durable=True)
+                q = ch.queue_declare("", exclusive=True).method.queue
+                ch.queue_bind(q, "rota.events", routing_key="#")
+                self._ready.set()
+                for method, _props, body in ch.consume(q, auto_ack=True, inactivity_timeout=0.2):
+                    if self._stop.is_set():
+                        break
+                    if method is None:
+                        continue
+                    try:
+                        rec = decode_as(body, RunRecord)
+                    except ProtocolError:
+                        with self._lock:
+                            self.bad.append(body)
+                        continue
+                    with self._lock:
+                        self.records.append(rec)
+                conn.close()
+            except Exception:
+                # The broker restarted: bind again (events published meanwhile are gone
+                # from this recorder, which is why audits also read the ledger's view).
+                self._stop.wait(0.5)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def snapshot(self) -> list[RunRecord]:
+        with self._lock:
+            return list(self.records)
+
+    def finals(self, end: float | None = None) -> list[RunRecord]:
+        """The last record of every run; open daemon intervals closed at `end`."""
+        last: dict[str, RunRecord] = {}
+        for r in self.snapshot():
+            prev = last.get(r.run_id)
+            if prev is None or _rank(r) >= _rank(prev):
+                last[r.run_id] = r
+        out = []
+        for r in last.values():
+            if r.trigger == "daemon" and r.finished_at is None and end is not None:
+                r = RunRecord.from_dict({**r.to_dict(), "finished_at": end})
+            out.append(r)
+        return out
+
+    def wait_for(self, pred: Callable[[RunRecord], bool], timeout: float) -> RunRecord | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for r in self.snapshot():
+                if pred(r):
+                    return r
+            time.sleep(0.05)
+        return None
+
+
+_ORDER = {"queued": 0, "dispatched": 1, "running": 2}
+
+
+def _rank(r: RunRecord) -> int:
+    return _ORDER.get(r.state, 3)
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no cleanup, as a crashed machine."""
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+            self.popen.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.alive():
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Cluster:
+    """Processes of one Rota cluster; every one is stopped by pid in `close()`."""
+
+    amqp_url: str
+    zk_hosts: str
+    catalogue: Path
+    workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    def _spawn(self, name: str, args: list[str]) -> Proc:
+        log = self.workdir / f"{name}.log"
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        fh = open(log, "ab")  # noqa: SIM115 - the child owns it
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "coordinator.cli", "-v", *args],
+            stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+        )
+        fh.close()
+        proc = Proc(name, args, popen, log)
+        self.procs[name] = proc
+        return proc
+
+    def coordinator(self, name: str, session_timeout: float = 2.0) -> Proc:
+        return self._spawn(name, [
+            "coordinator", "--id", name, "--zk", self.zk_hosts, "--amqp", self.amqp_url,
+            "--catalogue", str(self.catalogue), "--session-timeout", str(session_timeout),
+        ])
+
+    def worker(self, node: str, roles: str, session_timeout: float = 2.0) -> Proc:
+        return self._spawn(node, [
+            "worker", "--node", node, "--roles", roles, "--zk", self.zk_hosts,
+            "--amqp", self.amqp_url, "--session-timeout", str(session_timeout),
+        ])
+
+    def restart(self, name: str) -> Proc:
+        old = self.procs[name]
+        old.stop()
+        return self._spawn(name, old.args)
+
+    def leader(self) -> str | None:
+        from coordinator.adapters.zk import ZkCoordination
+
+        zk = ZkCoordination(self.zk_hosts, identifier="observer")
+        try:
+            return zk.leader()
+        finally:
+            zk.close()
+
+    def close(self) -> None:
+        for p in list(self.procs.values()):
+            p.stop(10)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} (pid {p.pid}) ---\n{p.tail()}" for p in self.procs.values())
