@@ -316,6 +316,16 @@ class Coordinator:
             return engine.daemon_event(ev.service, ev.node, ev.state, now)
         if ev.state == "started":
             return engine.run_started(ev.run_id, ev.node, ev.at, now)
+        if ev.state == "rejected" and ev.run_id not in engine.runs:
+            # An order this leader never gave (forged, or from a deposed leader): show it.
+            log.warning("node %s refused order %s: %s", ev.node, ev.run_id, ev.reason)
+            turn.extra_records.append(RunRecord(
+                run_id=ev.run_id, service=ev.service, node=ev.node, trigger="scheduled",
+                slot=None, queued_at=ev.at, started_at=None, finished_at=ev.at,
+                state="rejected", outcome="rejected", run_groups=[], epoch=ev.epoch,
+                error=None, output_tail="", reason=ev.reason, attempt=1,
+            ))
+            return []
         if ev.state in ("succeeded", "failed", "timed_out", "rejected"):
             if ev.started_at is not None and ev.state != "rejected":
                 run = engine.runs.get(ev.run_id)

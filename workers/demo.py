@@ -112,6 +112,17 @@ def sleep(ctx: RunContext) -> None:
     _Job(ctx).wait(float(seconds) if isinstance(seconds, int | float) else 1.0)
 
 
+def ticker(ctx: RunContext) -> None:
+    """A daemon whose cycles take `params["cycle"]` clock seconds (default 0.2)."""
+    cycle = ctx.params.get("cycle", 0.2)
+    seconds = float(cycle) if isinstance(cycle, int | float) else 0.2
+    n = 0
+    while ctx.cycle():
+        ctx.clock.sleep(seconds)
+        n += 1
+        ctx.metric("cycles", n)
+
+
 def fail(ctx: RunContext) -> None:
     """Raises RuntimeError(params["message"])."""
     raise RuntimeError(str(ctx.params.get("message", "demo failure")))

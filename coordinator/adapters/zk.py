@@ -16,7 +16,8 @@ Znodes, under the chroot given in `hosts` (e.g. "zk1:2181,zk2:2181/rota-prod"):
 Commits: `term.commit(writes)` becomes one or more kazoo transactions, each at most 400 ops and
 about 700 KB (ZooKeeper refuses requests over `jute.maxbuffer`, 1 MB by default), each starting
 with `check(/rota/epoch, version=term.epoch)`. A chunk is atomic; a commit split into several
-chunks and fenced half-way has applied a prefix of its chunks (in the order of `writes`).
+chunks (sent pipelined) and fenced half-way has applied a prefix of its chunks, in the order
+of `writes`.
 Create/set/delete is chosen from the keys the term knows to exist (from `load()`); a delete of
 an absent key is dropped; if the ledger disagrees with that knowledge the keys are re-read and
 the chunk retried. A failed check, or any connection error, raises `Fenced`. One value may
@@ -93,7 +94,7 @@ def encode_name(text: str) -> str:
 
 
 def decode_name(name: str) -> str:
-    return _UNSPECIAL.get(name) or unquote(name)
+    return _UNSPECIAL[name] if name in _UNSPECIAL else unquote(name)
 
 
 def _sequence(name: str) -> str | None:
@@ -147,9 +148,8 @@ class _Stale(Exception):
 class ZkTerm:
     """One term of leadership: the epoch it won and the fenced ledger operations."""
 
-    def __init__(self, owner: ZkCoordination, epoch: int, generation: int) -> None:
+    def __init__(self, owner: ZkCoordination, epoch: int) -> None:
         self.epoch = epoch
-        self.generation = generation
         self._owner = owner
         self._client = owner.client
         self._lost = threading.Event()
@@ -254,8 +254,13 @@ class ZkTerm:
         return chunks
 
     def _write(self, pending: dict[str, bytes | None]) -> None:
-        """Commit `pending` chunk by chunk, removing each key once its chunk is applied."""
+        """Commit `pending`, removing each key once its chunk is applied.
+
+        The chunks are pipelined: ZooKeeper applies one session's requests in order, and once
+        the epoch has moved every later chunk fails its check as well.
+        """
         assert self._known is not None
+        sent = []
         for chunk in self._plan(pending):
             txn = self._client.transaction()
             txn.check(EPOCH, self.epoch)
@@ -266,26 +271,30 @@ class ZkTerm:
                     txn.set_data(op.path, op.value)
                 else:
                     txn.delete(op.path)
-            results = txn.commit()
+            sent.append((chunk, txn.commit_async()))
+        error: Exception | None = None
+        for chunk, reply in sent:
+            results = reply.get()
             self.transactions += 1
             failures = [r for r in results if isinstance(r, Exception)]
             if failures:
-                head = results[0]
-                if isinstance(head, BadVersionError | NoNodeError):
-                    raise self._fenced(f"the epoch moved past {self.epoch}")
+                if isinstance(results[0], BadVersionError | NoNodeError):
+                    error = error or self._fenced(f"the epoch moved past {self.epoch}")
+                    continue
                 culprit = next(
                     (f for f in failures if not isinstance(f, RolledBackError)), failures[0]
                 )
-                if isinstance(culprit, NodeExistsError | NoNodeError):
-                    raise _Stale(type(culprit).__name__)
-                raise culprit
+                stale = isinstance(culprit, NodeExistsError | NoNodeError)
+                error = error or (_Stale(type(culprit).__name__) if stale else culprit)
+                continue
             for op in chunk:
                 if op.kind == "delete":
                     self._known.discard(op.key)
                 else:
                     self._known.add(op.key)
-            for key in {op.key for op in chunk}:
-                pending.pop(key, None)
+                pending.pop(op.key, None)
+        if error is not None:
+            raise error
         pending.clear()  # what is left are deletes of absent keys
 
 
@@ -462,7 +471,7 @@ class ZkCoordination:
             return None
         if any(isinstance(r, Exception) for r in results):
             return None
-        term = ZkTerm(self, results[1].version, generation)
+        term = ZkTerm(self, results[1].version)
         self._term = term
         if self._stopped.is_set() or self._generation != generation or not self._connected.is_set():
             term._end("connection changed while the term began")
@@ -525,7 +534,8 @@ class ZkCoordination:
             except _CONNECTION_ERRORS as exc:
                 log.warning("announcing %s failed (%s); retrying on reconnect", node_id, exc)
 
-    def _put_announcement(self, node_id: str, data: bytes) -> None:
+    def _put_announcement(self, node_id: str, data: bytes, *, overwrite: bool = True) -> None:
+        """Create the ephemeral znode, replacing one left by an older session of this node."""
         path = self._node_path(node_id)
         for _ in range(10):
             session = self._session_id()
@@ -534,7 +544,8 @@ class ZkCoordination:
                 if stat is None:
                     self.client.create(path, data, ephemeral=True, makepath=True)
                 elif stat.ephemeralOwner == session:
-                    self.client.set_data(path, data)
+                    if overwrite:
+                        self.client.set(path, data)
                 else:  # left over from an older session of this node
                     self.client.delete(path, version=stat.version)
                     continue
@@ -562,7 +573,7 @@ class ZkCoordination:
         with self._announce_lock:
             try:
                 for node_id, data in list(self._announced.items()):
-                    self._put_announcement(node_id, data)
+                    self._put_announcement(node_id, data, overwrite=False)
                 for node_id in list(self._withdrawn):
                     try:
                         self.client.delete(self._node_path(node_id))
