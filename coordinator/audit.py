@@ -152,3 +152,38 @@ def _iso(t: float | None) -> str:
     from datetime import UTC, datetime
 
     return "?" if t is None else datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
+def audit_journal(entries: Iterable[Mapping[str, object]], report: Report | None = None) -> Report:
+    """Check the workers' own journals: no run id started twice, no stale order executed,
+    no two runs with intersecting run groups overlapping on the workers' own clocks."""
+    rep = report or Report()
+    starts: dict[str, list[Mapping[str, object]]] = defaultdict(list)
+    ends: dict[str, Mapping[str, object]] = {}
+    for e in entries:
+        if e.get("event") == "start":
+            starts[str(e["run_id"])].append(e)
+        elif e.get("event") == "end":
+            ends[str(e["run_id"])] = e
+    for run_id, ss in starts.items():
+        if len(ss) > 1:
+            rep.duplicates += len(ss) - 1
+            rep.violations.append(f"run {run_id} started {len(ss)} times on "
+                                  f"{', '.join(str(s['node']) for s in ss)}")
+        for s in ss:
+            if int(s.get("epoch", 0)) < int(s.get("seen_epoch", 0)):  # type: ignore[call-overload]
+                rep.stale_epoch += 1
+                rep.violations.append(f"run {run_id} executed from stale epoch {s['epoch']} "
+                                      f"(node had seen {s['seen_epoch']})")
+    spans = []
+    for run_id, ss in starts.items():
+        end = ends.get(run_id)
+        groups = list(ss[0].get("run_groups") or [])  # type: ignore[call-overload]
+        if end is not None and groups:
+            spans.append(RunRecord(
+                run_id=run_id, service=str(ss[0]["service"]), node=str(ss[0]["node"]),
+                trigger="scheduled", state="succeeded", epoch=0, run_groups=groups,
+                started_at=float(ss[0]["at"]), finished_at=float(end["at"]),  # type: ignore[arg-type]
+            ))
+    rep.overlaps += _overlaps(spans, rep.violations)
+    return rep

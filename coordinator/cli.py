@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     wo.add_argument("--node", required=True, help="node id, unique in the cluster")
     wo.add_argument("--roles", required=True, help="comma-separated roles, e.g. Master,Processing")
     wo.add_argument("--capacity", type=int, default=64, help="runs at once (default 64)")
+    wo.add_argument("--journal", default=None, metavar="FILE",
+                    help="append a JSON line for every run this node starts and ends")
     wo.add_argument("--http-host", default="127.0.0.1", metavar="ADDR",
                     help="address for --http-port (default 127.0.0.1)")
     wo.add_argument("--http-port", type=int, default=None, metavar="PORT",
@@ -219,7 +221,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.adapters.events import RabbitEventBus
     from coordinator.adapters.zk import ZkCoordination
     from coordinator.core.clock import SystemClock
-    from coordinator.leader import Coordinator
+    from coordinator.leader import Coordinator, LeaderOptions, fault_from_spec
 
     catalogue = _load(args.catalogue)
     ident = args.id or f"{os.uname().nodename}-{os.getpid()}"
@@ -227,7 +229,28 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                                   identifier=ident)
     broker = transport.make_broker(args.amqp)
     events = RabbitEventBus(args.amqp)
-    coord = Coordinator(ident, catalogue, coordination, broker, events, SystemClock())
+    try:
+        fault = fault_from_spec(os.environ.get("ROTA_FAULT"))
+    except ValueError as exc:
+        sys.exit(f"rota coordinator: ROTA_FAULT: {exc}")
+    coord = Coordinator(ident, catalogue, coordination, broker, events, SystemClock(),
+                        options=LeaderOptions(fault=fault))
+
+    def reload(signum, frame):  # type: ignore[no-untyped-def]
+        from coordinator.core.catalogue import CatalogueError, load_catalogue
+
+        try:
+            fresh = load_catalogue(args.catalogue)
+        except (CatalogueError, OSError) as exc:
+            logging.getLogger("rota").error(
+                "catalogue reload refused; keeping the last good one:\n%s", exc)
+            print(f"rota coordinator {ident}: catalogue reload refused: {exc}", flush=True)
+            return
+        print(f"rota coordinator {ident}: reloaded {args.catalogue} "
+              f"({len(fresh.services)} services)", flush=True)
+        coord.reload(fresh)
+
+    signal.signal(signal.SIGHUP, reload)
     http = None
     if args.http_port:
         from coordinator.http import serve
@@ -266,7 +289,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         start_http_server(args.http_port, addr=args.http_host)
         metrics_url = f"http://{args.http_host}:{args.http_port}/metrics"
     node = WorkerNode(args.node, roles, broker, coordination, SystemClock(),
-                      capacity=args.capacity, metrics_url=metrics_url)
+                      capacity=args.capacity, metrics_url=metrics_url, journal=args.journal)
     if hasattr(coordination, "on_session_trouble"):
         coordination.on_session_trouble(
             lambda: node.stop_lock_holders("ZooKeeper session in danger"), lambda: None

@@ -129,8 +129,18 @@ class Coordinator:
 
     # -- process lifecycle -------------------------------------------------------------
     def run(self) -> None:
-        self.coordination.watch_nodes(lambda nodes: self._inbox.put(("nodes", nodes)))
+        self.coordination.watch_nodes(self._nodes_changed)
         self.coordination.contend(self.identifier, self._lead)
+
+    def _nodes_changed(self, nodes: dict[str, bytes]) -> None:
+        if self.leading.is_set():
+            self._inbox.put(("nodes", nodes))
+        else:
+            with self.lock:
+                if not self.leading.is_set():
+                    self._apply_nodes(nodes)
+                    return
+            self._inbox.put(("nodes", nodes))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -148,42 +158,37 @@ class Coordinator:
         return request_id
 
     # -- leading ----------------------------------------------------------------------
+    def reload(self, catalogue: Catalogue) -> None:
+        """Use a new (already validated) catalogue: the leader rebuilds from the ledger."""
+        self._inbox.put(("reload", catalogue))
+
     def _lead(self, term: Term) -> None:
         if self._stopping.is_set():
             return
+        self._drain_inbox_nodes()  # membership seen while following
         log.info("%s leads with epoch %d", self.identifier, term.epoch)
         metrics.LEADER.set(1)
         metrics.EPOCH.set(term.epoch)
-        self.ledger = Ledger()
-        state = self.ledger.restore(term.load())
-        engine = Engine(
-            self.catalogue.services.values(),
-            self.catalogue.timezone,
-            order_ttl=self.options.order_ttl,
-        )
-        now = self.clock.now()
         readers: list[transport.QueueReader] = []
         try:
-            with self.lock:
-                self.engine = engine
-                for node in self._nodes.values():
-                    engine.node_up(node, now)
-                turn = _Turn()
-                turn.actions += engine.start(now, state, term.epoch)
-                turn.actions += engine.redispatch()
-                turn.actions += engine.restart_daemons()
-            self.first_dispatch_at = None
-            self._finish_turn(term, engine, turn)
-            self.leading.set()
-            readers = [
-                transport.QueueReader(
-                    self.broker, transport.RESULTS, lambda d: self._inbox.put(("result", d))
-                ).start(),
-                transport.QueueReader(
-                    self.broker, transport.REQUESTS, lambda d: self._inbox.put(("request", d))
-                ).start(),
-            ]
-            self._loop(term, engine)
+            while True:
+                engine = self._build(term)
+                if not readers:
+                    self.leading.set()
+                    readers = [
+                        transport.QueueReader(
+                            self.broker, transport.RESULTS,
+                            lambda d: self._inbox.put(("result", d)),
+                        ).start(),
+                        transport.QueueReader(
+                            self.broker, transport.REQUESTS,
+                            lambda d: self._inbox.put(("request", d)),
+                        ).start(),
+                    ]
+                if not self._loop(term, engine):
+                    break
+                log.info("%s rebuilds its state from the ledger with the new catalogue",
+                         self.identifier)
         except Fenced as exc:
             log.warning("%s was deposed: %s", self.identifier, exc)
         finally:
@@ -195,6 +200,27 @@ class Coordinator:
                 self.engine = None
             # Deliveries still in the inbox were never acknowledged: RabbitMQ redelivers them.
             self._drain_inbox_nodes()
+
+    def _build(self, term: Term) -> Engine:
+        """A fresh engine resumed from the ledger; its first actions are carried out."""
+        self.ledger = Ledger()
+        state = self.ledger.restore(term.load())
+        engine = Engine(
+            self.catalogue.services.values(),
+            self.catalogue.timezone,
+            order_ttl=self.options.order_ttl,
+        )
+        now = self.clock.now()
+        with self.lock:
+            self.engine = engine
+            for node in self._nodes.values():
+                engine.node_up(node, now)
+            turn = _Turn()
+            turn.actions += engine.start(now, state, term.epoch)
+            turn.actions += engine.redispatch()
+        self.first_dispatch_at = None
+        self._finish_turn(term, engine, turn)
+        return engine
 
     def _drain_inbox_nodes(self) -> None:
         kept: list[tuple[str, object]] = []
@@ -208,7 +234,8 @@ class Coordinator:
         for item in kept:
             self._apply_nodes(item[1])  # type: ignore[arg-type]
 
-    def _loop(self, term: Term, engine: Engine) -> None:
+    def _loop(self, term: Term, engine: Engine) -> bool:
+        """Lead until deposed or stopped (False), or until a new catalogue arrives (True)."""
         opts = self.options
         while not self._stopping.is_set() and not term.lost():
             nxt = engine.next_wakeup()
@@ -223,12 +250,20 @@ class Coordinator:
             except queue.Empty:
                 pass
             turn = _Turn()
+            reload: Catalogue | None = None
             with self.lock:
                 now = self.clock.now()
                 for kind, item in items:
-                    self._handle(engine, kind, item, now, turn)
+                    if kind == "reload":
+                        reload = item  # type: ignore[assignment]
+                    else:
+                        self._handle(engine, kind, item, now, turn)
                 turn.actions += engine.tick(self.clock.now())
             self._finish_turn(term, engine, turn)
+            if reload is not None:
+                self.catalogue = reload
+                return True
+        return False
 
     def _finish_turn(self, term: Term, engine: Engine, turn: _Turn) -> None:
         fault = self.options.fault
@@ -238,13 +273,13 @@ class Coordinator:
             writes = self.ledger.writes(changes)
             if writes:
                 term.commit(writes)  # raises Fenced when deposed: nothing below happens
-        if fault:
+        dispatches = [a for a in turn.actions if isinstance(a, Dispatch)]
+        if fault and dispatches:
             fault("after-ledger")
         now = self.clock.now()
-        for action in turn.actions:
-            if isinstance(action, Dispatch):
-                self._send_order(action, term.epoch, now)
-        if fault:
+        for action in dispatches:
+            self._send_order(action, term.epoch, now)
+        if fault and dispatches:
             fault("after-publish")
         for action in turn.actions:
             if isinstance(action, Control):
@@ -440,6 +475,29 @@ class Coordinator:
 
 
 _FINAL = {s.value for s in RunState if s.terminal}
+
+
+def fault_from_spec(spec: str | None) -> FaultHook | None:
+    """Test-only crash points: `after-ledger:N` or `after-publish:N` SIGKILLs this process
+    the Nth time the leader reaches that point with orders to send. Unset in production."""
+    if not spec:
+        return None
+    point, _, count = spec.partition(":")
+    if point not in ("after-ledger", "after-publish"):
+        raise ValueError(f"unknown fault point {point!r}: use after-ledger or after-publish")
+    remaining = [int(count or 1)]
+
+    def hook(where: str) -> None:
+        if where == point:
+            remaining[0] -= 1
+            if remaining[0] <= 0:
+                import os
+                import signal
+
+                log.warning("fault point %s reached: killing this process", where)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
 
 def schedule_of_update(msg: ServiceUpdate) -> Schedule | None:

@@ -7,6 +7,7 @@ restarts processes by pid. Used by tests/integration and by `ops/soak`.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -176,7 +177,27 @@ class Cluster:
         return self._spawn(node, [
             "worker", "--node", node, "--roles", roles, "--zk", self.zk_hosts,
             "--amqp", self.amqp_url, "--session-timeout", str(session_timeout),
+            "--journal", str(self.workdir / f"{node}.journal"),
         ])
+
+    def journal(self) -> list[dict[str, object]]:
+        """Every worker's own record of the runs it started and ended."""
+        out: list[dict[str, object]] = []
+        for path in sorted(self.workdir.glob("*.journal")):
+            for line in path.read_text().splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass  # a line cut short by SIGKILL
+        return out
+
+    def coordinator_with_fault(self, name: str, fault: str) -> Proc:
+        """A coordinator that SIGKILLs itself at a fault point (after-ledger:N, after-publish:N)."""
+        self.env["ROTA_FAULT"] = fault
+        try:
+            return self.coordinator(name)
+        finally:
+            self.env.pop("ROTA_FAULT", None)
 
     def restart(self, name: str) -> Proc:
         old = self.procs[name]

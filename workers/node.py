@@ -13,6 +13,7 @@ ignored: a new leader re-sends orders it cannot prove were delivered.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -56,6 +57,7 @@ class WorkerNode:
         capacity: int = 64,
         consumer_threads: int = 4,
         metrics_url: str | None = None,
+        journal: str | None = None,
     ) -> None:
         if not roles:
             raise ValueError("a worker node needs at least one role")
@@ -77,8 +79,8 @@ class WorkerNode:
         self._daemon_epoch = 0
         self._consumer_threads = consumer_threads
         self._worker: dramatiq.Worker | None = None
-        self.records: list[tuple[str, str, float]] = []  # (run id, "start"/"end", time)
-        self.keep_records = False
+        self._journal = open(journal, "a", encoding="utf-8") if journal else None  # noqa: SIM115
+        self._journal_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> WorkerNode:
@@ -113,6 +115,10 @@ class WorkerNode:
             self._worker = None
         self.daemons.stop_all()
         self._pool.shutdown(wait=True, cancel_futures=False)
+        if self._journal is not None:
+            with self._journal_lock:
+                self._journal.close()
+                self._journal = None
 
     def kill_session(self) -> None:
         """Leave the cluster as a dead node would (tests and the embedded cluster)."""
@@ -199,8 +205,7 @@ class WorkerNode:
         )
 
         def started(at: float) -> None:
-            if self.keep_records:
-                self.records.append((order.run_id, "start", time.time()))
+            self._write_journal("start", order, at)
             self._report(RunEvent(
                 run_id=order.run_id, service=order.service, node=self.node_id,
                 state="started", at=at, epoch=order.epoch, started_at=at,
@@ -211,8 +216,7 @@ class WorkerNode:
                 utility, run_id=order.run_id, service=order.service, node=self.node_id,
                 timeout=order.timeout, params=dict(order.params), on_start=started,
             )
-            if self.keep_records:
-                self.records.append((order.run_id, "end", time.time()))
+            self._write_journal("end", order, out.finished_at, out.outcome)
             metrics.RUNS.labels(out.outcome).inc()
             self._report(RunEvent(
                 run_id=order.run_id, service=order.service, node=self.node_id,
@@ -225,6 +229,22 @@ class WorkerNode:
             log.exception("run %s of %s crashed the executor", order.run_id, order.service)
         finally:
             self._running.pop(order.run_id, None)
+
+    def _write_journal(
+        self, what: str, order: RunOrder, at: float, outcome: str | None = None
+    ) -> None:
+        """One JSON line per run start and end: this node's own account of what it ran."""
+        if self._journal is None:
+            return
+        line = json.dumps({
+            "event": what, "run_id": order.run_id, "service": order.service,
+            "node": self.node_id, "slot": order.slot, "epoch": order.epoch,
+            "seen_epoch": self._epoch, "at": at, "outcome": outcome,
+            "run_groups": order.run_groups,
+        })
+        with self._journal_lock:
+            self._journal.write(line + "\n")
+            self._journal.flush()
 
     def _on_control(self, c: DaemonControl) -> None:
         if (
