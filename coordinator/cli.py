@@ -145,12 +145,16 @@ def _load(path: str):  # type: ignore[no-untyped-def]
         sys.exit(f"rota: cannot load catalogue: {exc}")
 
 
-def _wait_for_signal(stop: threading.Event, duration: float | None) -> None:
+def _install_stop(stop: threading.Event) -> None:
     def handler(signum, frame):  # type: ignore[no-untyped-def]
         stop.set()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def _wait_for_signal(stop: threading.Event, duration: float | None) -> None:
+    _install_stop(stop)
     stop.wait(duration)
 
 
@@ -260,7 +264,13 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     runner.start()
     print(f"rota coordinator {ident}: contending for leadership", flush=True)
     stop = threading.Event()
-    _wait_for_signal(stop, None)
+    _install_stop(stop)
+    while not stop.wait(1.0):
+        if not runner.is_alive():
+            print(f"rota coordinator {ident}: the leader loop stopped unexpectedly; exiting "
+                  "so that a supervisor restarts this process", file=sys.stderr, flush=True)
+            coordination.close()
+            return 1
     coord.stop()
     runner.join(10)
     coordination.close()

@@ -278,12 +278,12 @@ class Coordinator:
             fault("after-ledger")
         now = self.clock.now()
         for action in dispatches:
-            self._send_order(action, term.epoch, now)
+            self._send_order(action, term, now)
         if fault and dispatches:
             fault("after-publish")
         for action in turn.actions:
             if isinstance(action, Control):
-                self._send_control(action, term.epoch, now)
+                self._send_control(action, term, now)
             elif isinstance(action, Record):
                 self._publish(record_of(action.run))
         for rec in turn.extra_records:
@@ -437,7 +437,28 @@ class Coordinator:
         )
 
     # -- outputs ------------------------------------------------------------------------
-    def _send_order(self, d: Dispatch, epoch: int, now: float) -> None:
+    def _send(self, queue: str, payload: bytes, term: Term) -> None:
+        """Publish with confirms; while RabbitMQ is unreachable, retry with backoff.
+
+        Gives up only when leadership is lost: the order is in the ledger, and the next
+        leader re-sends it.
+        """
+        delay = 0.1
+        while True:
+            try:
+                transport.send(self.broker, queue, payload)
+                if delay > 0.1:
+                    log.warning("RabbitMQ is reachable again")
+                return
+            except Exception as exc:
+                if delay == 0.1:
+                    log.warning("cannot publish to %s (%s); retrying with backoff", queue, exc)
+                if term.wait_lost(delay) or self._stopping.is_set():
+                    raise Fenced("leadership ended while RabbitMQ was unreachable") from exc
+                delay = min(delay * 2, 2.0)
+
+    def _send_order(self, d: Dispatch, term: Term, now: float) -> None:
+        epoch = term.epoch
         run, svc = d.run, d.service
         assert run.node is not None and run.deadline is not None
         order = RunOrder(
@@ -448,12 +469,13 @@ class Coordinator:
             run_groups=sorted(svc.run_groups), params=self.catalogue.params.get(svc.name, {}),
             allowed_roles=sorted(svc.allowed_roles),
         )
-        transport.send(self.broker, transport.node_queue(run.node), encode(order))
+        self._send(transport.node_queue(run.node), encode(order), term)
         metrics.DISPATCHED.inc()
         if self.first_dispatch_at is None:
             self.first_dispatch_at = time.time()
 
-    def _send_control(self, c: Control, epoch: int, now: float) -> None:
+    def _send_control(self, c: Control, term: Term, now: float) -> None:
+        epoch = term.epoch
         svc = c.service
         msg = DaemonControl(
             control_id=uuid.uuid4().hex[:16], service=svc.name, node=c.node, action=c.action,
@@ -462,7 +484,7 @@ class Coordinator:
             run_groups=sorted(svc.run_groups), params=self.catalogue.params.get(svc.name, {}),
             allowed_roles=sorted(svc.allowed_roles),
         )
-        transport.send(self.broker, transport.node_queue(c.node), encode(msg))
+        self._send(transport.node_queue(c.node), encode(msg), term)
 
     def _publish(self, rec: RunRecord) -> None:
         self.events.publish(rec.routing_key, encode(rec))
