@@ -69,9 +69,19 @@ def audit(
     start: float,
     settled: float,
     epochs: Mapping[str, int] | None = None,
+    absent: Mapping[str, list[tuple[float, float]]] | None = None,
 ) -> Report:
-    """Check `records` for slots in (start, settled]; later slots may still be in flight."""
+    """Check `records` for slots in (start, settled]; later slots may still be in flight.
+
+    `absent` lists, per node, the windows in which it was down (killed, restarting): an
+    `all` slot in such a window owes that node no record.
+    """
     rep = Report()
+    absent = absent or {}
+
+    def away(node: str, t: float) -> bool:
+        return any(a <= t <= b for a, b in absent.get(node, ()))
+
     roles = {n: frozenset(r) for n, r in node_roles.items()}
     recs = list(records)
     by_slot: dict[tuple[str, float], list[RunRecord]] = defaultdict(list)
@@ -83,7 +93,10 @@ def audit(
         eligible = sorted(n for n, rs in roles.items() if not rs.isdisjoint(svc.allowed_roles))
         for slot in slots:
             got = by_slot.get((name, round(slot, 3)), [])
-            targets = eligible if svc.placement is Placement.ALL else [None]
+            if svc.placement is Placement.ALL:
+                targets: list[str | None] = [n for n in eligible if not away(n, slot)]
+            else:
+                targets = [None]
             rep.slots_due += len(targets)
             for target in targets:
                 mine = [g for g in got if target is None or g.node == target]
