@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from protocol import RunRecord
 from workers.node import WorkerNode
 
 log = logging.getLogger("rota.embedded")
+# Several worker nodes share one broker object in this process, by design.
+warnings.filterwarnings("ignore", message="You're adding a middleware of the same type twice")
 
 DEFAULT_NODES = (
     "master-1=Master;redundancy-1=Redundancy,Reporting;processing-1=Processing,Calculation"

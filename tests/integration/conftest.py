@@ -67,15 +67,24 @@ def servers(
     _stop_orphans(tmp_path_factory.getbasetemp().parent)
     state_dir = tmp_path_factory.mktemp("servers")
     (state_dir / _OWNER).write_text(f"{os.getpid()}\n")
-    try:
-        amqp_port, zk_port = localservers.find_free_ports()
-        started = localservers.start(state_dir, amqp_port, zk_port)
-    except localservers.ServerError as error:
-        raise pytest.UsageError(
-            f"could not start RabbitMQ and ZooKeeper: {error}\n"
-            "To reuse servers that are already running, export the output of "
-            "`python -m ops.localservers env`."
-        ) from error
+    attempt = 0
+    while True:
+        try:
+            amqp_port, zk_port = localservers.find_free_ports(
+                localservers.DEFAULT_AMQP_PORT + 20 * attempt,
+                localservers.DEFAULT_ZK_PORT + 10 * attempt,
+            )
+            started = localservers.start(state_dir, amqp_port, zk_port)
+            break
+        except localservers.ServerError as error:
+            attempt += 1
+            if attempt < 3 and "already in use" in str(error):
+                continue  # another session took the ports while ours started: move on
+            raise pytest.UsageError(
+                f"could not start RabbitMQ and ZooKeeper: {error}\n"
+                "To reuse servers that are already running, export the output of "
+                "`python -m ops.localservers env`."
+            ) from error
     try:
         yield started
     finally:
