@@ -191,6 +191,9 @@ class Coordinator:
                          self.identifier)
         except Fenced as exc:
             log.warning("%s was deposed: %s", self.identifier, exc)
+        except Exception:
+            # Whatever broke, stop leading: the ledger is intact and the next term resumes it.
+            log.exception("%s stops leading after an unexpected error", self.identifier)
         finally:
             self.leading.clear()
             metrics.LEADER.set(0)

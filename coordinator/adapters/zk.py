@@ -81,6 +81,7 @@ MAX_BYTES = 700_000  # estimated request size per transaction
 MAX_VALUE = 1_000_000  # largest single ledger value
 _OP_OVERHEAD = 64  # per-op bytes besides path and data (header, version, ACL)
 _LOAD_WINDOW = 2_000  # gets in flight while loading the ledger
+FAILED_LEAD_PAUSE = 1.0  # seconds before contending again after `lead` raised
 
 # SessionExpiredError covers ConnectionClosedError (the client was stopped).
 _CONNECTION_ERRORS = (ConnectionLoss, SessionExpiredError, OperationTimeoutError)
@@ -150,7 +151,6 @@ class ZkTerm:
 
     def __init__(self, owner: ZkCoordination, epoch: int) -> None:
         self.epoch = epoch
-        self._owner = owner
         self._client = owner.client
         self._lost = threading.Event()
         self._known: set[str] | None = None  # ledger keys that exist
@@ -168,11 +168,9 @@ class ZkTerm:
             log.info("term %d ends: %s", self.epoch, reason)
             self._lost.set()
 
-    def _fenced(self, reason: str, cause: BaseException | None = None) -> Fenced:
+    def _fenced(self, reason: str) -> Fenced:
         self._end(reason)
-        exc = Fenced(f"epoch {self.epoch}: {reason}")
-        exc.__cause__ = cause
-        return exc
+        return Fenced(f"epoch {self.epoch}: {reason}")
 
     # -- reads --------------------------------------------------------------------------
     def load(self) -> dict[str, bytes]:
@@ -190,7 +188,7 @@ class ZkTerm:
                         continue
                     out[decode_name(name)] = data or b""
         except _CONNECTION_ERRORS as exc:
-            raise self._fenced("connection lost while loading the ledger", exc) from exc
+            raise self._fenced("connection lost while loading the ledger") from exc
         with self._commit_lock:
             self._known = set(out)
         return out
@@ -229,7 +227,7 @@ class ZkTerm:
                         log.warning("ledger keys changed under term %d: %s", self.epoch, stale)
                         self._refresh(pending)
             except _CONNECTION_ERRORS as exc:
-                raise self._fenced("connection lost during a commit", exc) from exc
+                raise self._fenced("connection lost during a commit") from exc
             raise self._fenced("ledger keys keep changing under this leader")
 
     def _plan(self, writes: Mapping[str, bytes | None]) -> list[list[_Op]]:
@@ -392,6 +390,9 @@ class ZkCoordination:
 
     # -- election -----------------------------------------------------------------------
     def contend(self, identifier: str, lead: Callable[[Term], None]) -> None:
+        """Lead whenever elected, until `stop()`. A `lead` that raises ends its term; the
+        error is logged and, after a pause that lets another contender take over, this one
+        contends again."""
         ident = identifier or self.identifier
         self._idle.clear()
         try:
@@ -401,19 +402,24 @@ class ZkCoordination:
                     return
                 path, session = won
                 term = None
+                failed = False
                 try:
                     term = self._begin_term(path, ident)
                     if term is not None and not self._stopped.is_set():
                         log.info("%s leads with epoch %d", ident, term.epoch)
-                        try:
-                            lead(term)
-                        except Fenced as exc:
-                            log.warning("%s was deposed: %s", ident, exc)
+                        lead(term)
+                except Fenced as exc:
+                    log.warning("%s was deposed: %s", ident, exc)
+                except Exception:
+                    log.exception("%s: leading failed; stepping down", ident)
+                    failed = True
                 finally:
                     if term is not None:
                         term._end("leadership released")
                     self._term = None
                     self._release(path, session)
+                if failed:
+                    self._stopped.wait(FAILED_LEAD_PAUSE)
         finally:
             self._idle.set()
 

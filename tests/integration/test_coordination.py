@@ -1,0 +1,559 @@
+"""Contract tests of `Coordination`, run on the in-memory implementation and on real ZooKeeper.
+
+The zk variants use the `zk_hosts` fixture (a private chroot on the session's ZooKeeper);
+tests named `test_zk_*` exercise what only a real server has: session expiry, dropped
+connections, a SIGKILLed leader, a server restart.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.protocol.connection import _CONNECTION_DROP
+
+from coordinator.adapters.coordination import Coordination, Fenced, MemoryCoordination, Term
+from coordinator.adapters.zk import (
+    ELECTION,
+    EPOCH,
+    LEDGER,
+    MAX_BYTES,
+    MAX_OPS,
+    ZkCoordination,
+    ZkTerm,
+)
+from ops import localservers
+
+ROOT = Path(__file__).resolve().parents[2]
+WAIT = 15.0
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = WAIT, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.01)
+
+
+class Backend:
+    """Makes participants that share one coordination store, and breaks them on demand."""
+
+    def __init__(self, kind: str, hosts: str | None = None) -> None:
+        self.kind = kind
+        self.hosts = hosts
+        self._memory = MemoryCoordination() if kind == "memory" else None
+        self.made: list[Coordination] = []
+
+    def new(self, identifier: str = "") -> Coordination:
+        if self._memory is not None:
+            coord: Coordination = self._memory.handle()
+        else:
+            assert self.hosts is not None
+            coord = ZkCoordination(self.hosts, identifier=identifier, session_timeout=2.0)
+        self.made.append(coord)
+        return coord
+
+    def bump_epoch(self) -> None:
+        """What a newer leader does: the epoch moves on behind the current term's back."""
+        if self._memory is not None:
+            with self._memory.store.lock:
+                self._memory.store.epoch += 1
+            return
+        raw_zk(self.hosts or "", lambda client: client.set(EPOCH, b"intruder"))
+
+    def close(self) -> None:
+        for coord in self.made:
+            coord.close()
+
+
+def raw_zk(hosts: str, action: Callable[[KazooClient], object]) -> None:
+    client = KazooClient(hosts=hosts, timeout=5.0)
+    client.start(timeout=15.0)
+    try:
+        action(client)
+    finally:
+        client.stop()
+        client.close()
+
+
+def expire_session(hosts: str, coord: ZkCoordination) -> None:
+    """End `coord`'s session on the server: attach a second client to it and close that."""
+    old = coord.client.client_id
+    assert old is not None
+
+    def renewed() -> bool:
+        now = coord.client.client_id
+        return now is not None and now[0] != old[0]
+
+    deadline = time.monotonic() + WAIT
+    while not renewed():
+        assert time.monotonic() < deadline, "the session did not expire"
+        thief = KazooClient(hosts=hosts, timeout=2.0)
+        thief._session_id, thief._session_passwd = old
+        try:
+            thief.start(timeout=5.0)
+            thief.stop()
+        except Exception:
+            pass
+        finally:
+            thief.close()
+        for _ in range(30):
+            if renewed():
+                return
+            time.sleep(0.1)
+
+
+class Contender:
+    """Runs `contend` on a thread; each term is handed to the test, which ends it with `done`."""
+
+    def __init__(self, coord: Coordination, name: str, max_terms: int | None = None) -> None:
+        self.coord = coord
+        self.name = name
+        self.max_terms = max_terms
+        self.terms: queue.Queue[tuple[Term, threading.Event]] = queue.Queue()
+        self.intervals: list[tuple[float, float, int, str | None]] = []
+        self.led = 0
+        self.thread = threading.Thread(target=self._run, name=f"contend-{name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.coord.contend(self.name, self._lead)
+
+    def _lead(self, term: Term) -> None:
+        start = time.monotonic()
+        seen_leader = self.coord.leader()
+        done = threading.Event()
+        self.terms.put((term, done))
+        while not done.wait(0.01) and not term.lost():
+            pass
+        self.intervals.append((start, time.monotonic(), term.epoch, seen_leader))
+        self.led += 1
+        if self.max_terms is not None and self.led >= self.max_terms:
+            self.coord.stop()
+
+    def next_term(self, timeout: float = WAIT) -> tuple[Term, threading.Event]:
+        return self.terms.get(timeout=timeout)
+
+    def stop(self) -> None:
+        self.coord.stop()
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive(), f"{self.name} did not stop contending"
+
+
+@pytest.fixture(params=["memory", "zk"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    hosts = request.getfixturevalue("zk_hosts") if request.param == "zk" else None
+    made = Backend(request.param, hosts)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+def zk(zk_hosts: str) -> Iterator[Backend]:
+    made = Backend("zk", zk_hosts)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+# -- the contract ------------------------------------------------------------------------
+def test_one_leader_at_a_time_and_epochs_increase(backend: Backend) -> None:
+    observer = backend.new("observer")
+    seen: list[int] = []
+    observer.watch_epoch(seen.append)
+    first_epoch = observer.current_epoch()
+    racers = [Contender(backend.new(n), n, max_terms=3) for n in ("a", "b")]
+    handled, deadline = 0, time.monotonic() + 60
+    while handled < 6:  # whichever leads now: hold the term briefly, then end it
+        assert time.monotonic() < deadline, "terms stopped coming"
+        for racer in racers:
+            try:
+                term, done = racer.terms.get(timeout=0.02)
+            except queue.Empty:
+                continue
+            time.sleep(0.05)
+            assert not term.lost()
+            done.set()
+            handled += 1
+    for racer in racers:
+        wait_for(lambda r=racer: r.led == 3, what=f"{racer.name} to lead three terms")
+        racer.stop()
+    terms = sorted((*iv, r.name) for r in racers for iv in r.intervals)
+    assert len(terms) == 6
+    for (_s0, end0, epoch0, _l0, _n0), (start1, _e1, epoch1, _l1, _n1) in zip(
+        terms, terms[1:], strict=False
+    ):
+        assert start1 >= end0, "two contenders led at once"
+        assert epoch1 > epoch0
+    assert terms[0][2] > first_epoch
+    assert all(leader == name for *_rest, leader, name in terms), "leader() names the holder"
+    last = terms[-1][2]
+    wait_for(lambda: seen and seen[-1] == last, what="watch_epoch to reach the last epoch")
+    assert seen == sorted(seen)
+    assert observer.current_epoch() == last
+
+
+def test_watch_epoch_follows_every_term(backend: Backend) -> None:
+    observer = backend.new("observer")
+    seen: list[int] = []
+    observer.watch_epoch(seen.append)
+    assert seen == [observer.current_epoch()]
+    racer = Contender(backend.new("solo"), "solo", max_terms=3)
+    epochs = []
+    for _ in range(3):
+        term, done = racer.next_term()
+        epochs.append(term.epoch)
+        assert racer.coord.current_epoch() == term.epoch
+        wait_for(lambda t=term: t.epoch in seen, what=f"epoch {term.epoch} to be watched")
+        done.set()
+    racer.stop()
+    assert epochs == sorted(set(epochs))
+    assert seen == sorted(seen)
+    assert set(epochs) <= set(seen)
+
+
+def test_deposed_term_is_fenced(backend: Backend) -> None:
+    racer = Contender(backend.new("a"), "a")
+    term, done = racer.next_term()
+    term.commit({"run/kept": b"1"})
+    backend.bump_epoch()
+    assert term.wait_lost(WAIT), "a newer epoch must end the term"
+    with pytest.raises(Fenced):
+        term.commit({"run/late": b"2"})
+    with pytest.raises(Fenced):  # several chunks on ZooKeeper: none of them lands
+        term.commit({f"run/late-{i}": b"x" * 1500 for i in range(1000)})
+    done.set()
+    newer, done2 = racer.next_term()
+    assert newer.epoch > term.epoch + 1  # the bump, then this term's own
+    assert newer.load() == {"run/kept": b"1"}
+    done2.set()
+    racer.stop()
+
+
+ODD_KEYS = ["run/abc", "cursor/a%2Fb", "x/../y", "history/\u00fc ber", "run/.", ".", "..",
+            "", "plain", "a/b/c/", "%", "%2E"]
+
+
+def test_ledger_round_trip_across_chunks(backend: Backend) -> None:
+    racer = Contender(backend.new("a"), "a", max_terms=2)
+    term, done = racer.next_term()
+    assert term.load() == {}
+    expected: dict[str, bytes] = {
+        f"run/{i:04d}": bytes([i % 251]) * (600 + i % 7) for i in range(1000)
+    }
+    expected.update({k: k.encode() or b"empty" for k in ODD_KEYS})
+    term.commit(expected)
+    if isinstance(term, ZkTerm):
+        assert term.transactions >= 3, "1,012 writes take at least three transactions"
+    assert term.load() == expected
+
+    changes: dict[str, bytes | None] = {}
+    for i in range(0, 1000, 3):
+        changes[f"run/{i:04d}"] = None  # 334 deletes
+    for i in range(1, 1000, 5):
+        changes[f"run/{i:04d}"] = b"updated"
+    for i in range(100):
+        changes[f"cursor/new-{i}"] = b"c"
+    changes["run/never-existed"] = None
+    changes["."] = None
+    term.commit(changes)
+    for key, value in changes.items():
+        if value is None:
+            expected.pop(key, None)
+        else:
+            expected[key] = value
+    assert term.load() == expected
+    term.commit({"run/0000": None, "run/0003": None, ".": None})  # deleted twice: no error
+    assert term.load() == expected
+    done.set()
+
+    fresh, done2 = racer.next_term()  # a new term commits before it loads
+    fresh.commit({"run/0001": b"again", "run/0002": None, "run/0003": b"back"})
+    expected.update({"run/0001": b"again", "run/0003": b"back"})
+    expected.pop("run/0002")
+    assert fresh.load() == expected
+    done2.set()
+    racer.stop()
+
+
+def test_announce_withdraw_show_in_watch_nodes(backend: Backend) -> None:
+    observer = backend.new("observer")
+    snaps: list[dict[str, bytes]] = []
+    observer.watch_nodes(snaps.append)
+    assert snaps == [{}]
+    worker = backend.new("w")
+    worker.announce("n1", b"one")
+    worker.announce("rack/2", b"two")
+    wait_for(lambda: snaps[-1] == {"n1": b"one", "rack/2": b"two"}, what="both nodes")
+    worker.announce("n1", b"one, again")
+    wait_for(lambda: snaps[-1].get("n1") == b"one, again", what="new announcement data")
+    worker.withdraw("n1")
+    wait_for(lambda: snaps[-1] == {"rack/2": b"two"}, what="n1 withdrawn")
+    worker.withdraw("n1")  # twice: no error
+    late: list[dict[str, bytes]] = []
+    observer.watch_nodes(late.append)
+    assert late == [{"rack/2": b"two"}]
+
+
+def test_ephemeral_node_vanishes_when_its_session_ends(backend: Backend) -> None:
+    observer = backend.new("observer")
+    snaps: list[dict[str, bytes]] = []
+    observer.watch_nodes(snaps.append)
+    worker = backend.new("w")
+    worker.announce("w1", b"x")
+    wait_for(lambda: "w1" in snaps[-1], what="w1 announced")
+    worker.close()
+    wait_for(lambda: "w1" not in snaps[-1], what="w1 gone with its session")
+
+
+def test_failover_time(backend: Backend, capsys: pytest.CaptureFixture[str]) -> None:
+    """The leader dies without releasing; the other contender takes over (time printed)."""
+    if backend.kind == "memory":
+        leader = Contender(backend.new("a"), "a")
+        old_epoch = leader.next_term()[0].epoch
+        follower = Contender(backend.new("b"), "b")
+        time.sleep(0.2)
+        killed = time.monotonic()
+        leader.coord.stop()  # its term ends where it stands; nothing is handed over
+    else:
+        proc, old_epoch = start_doomed_leader(backend.hosts or "")
+        follower = Contender(backend.new("b"), "b")
+        observer = backend.new("observer")
+        assert isinstance(observer, ZkCoordination)
+        wait_for(lambda: len(observer.client.get_children(ELECTION)) == 2, what="b to contend")
+        killed = time.monotonic()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(WAIT)
+    term, done = follower.next_term(timeout=WAIT)
+    took = time.monotonic() - killed
+    assert term.epoch > old_epoch
+    with capsys.disabled():
+        print(f"\n[{backend.kind}] failover: leader killed -> new leader in {took * 1000:.0f} ms")
+    done.set()
+    follower.stop()
+
+
+def start_doomed_leader(hosts: str) -> tuple[subprocess.Popen[str], int]:
+    """A leader in another process, announced as node "doomed"; returns it and its epoch."""
+    code = (
+        "import sys, time\n"
+        "from coordinator.adapters.zk import ZkCoordination\n"
+        "c = ZkCoordination(sys.argv[1], identifier='doomed')\n"
+        "c.announce('doomed', b'x')\n"
+        "def lead(term):\n"
+        "    print('LEADING', term.epoch, flush=True)\n"
+        "    time.sleep(3600)\n"
+        "c.contend('doomed', lead)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, hosts], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("LEADING"), f"the leader process said {line!r}"
+    return proc, int(line.split()[1])
+
+
+# -- only a real ZooKeeper -------------------------------------------------------------
+def test_zk_sigkilled_node_vanishes_after_session_timeout(
+    zk: Backend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    observer = zk.new("observer")
+    snaps: list[dict[str, bytes]] = []
+    observer.watch_nodes(snaps.append)
+    proc, _epoch = start_doomed_leader(zk.hosts or "")
+    wait_for(lambda: "doomed" in snaps[-1], what="the doomed node")
+    killed = time.monotonic()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(WAIT)
+    wait_for(lambda: "doomed" not in snaps[-1], what="the dead node to vanish")
+    took = time.monotonic() - killed
+    wait_for(lambda: observer.leader() is None, what="the election to empty")
+    with capsys.disabled():
+        print(f"\n[zk] SIGKILLed node vanished after {took * 1000:.0f} ms")
+    assert took < 10
+
+
+def test_zk_expired_session_fences_the_leader(zk: Backend) -> None:
+    a = zk.new("a")
+    assert isinstance(a, ZkCoordination)
+    trouble: list[str] = []
+    a.on_session_trouble(lambda: trouble.append("suspended"), lambda: trouble.append("lost"))
+    leader = Contender(a, "a")
+    term, done = leader.next_term()
+    follower = Contender(zk.new("b"), "b")
+    term.commit({"run/1": b"by a"})
+    expire_session(zk.hosts or "", a)
+    assert term.wait_lost(WAIT)
+    newer, done_b = follower.next_term()
+    assert newer.epoch > term.epoch
+    with pytest.raises(Fenced):
+        term.commit({"run/2": b"by a, deposed"})
+    assert newer.load() == {"run/1": b"by a"}
+    wait_for(lambda: "lost" in trouble, what="the session-lost callback")
+    assert trouble.index("suspended") < trouble.index("lost")
+    done.set()
+    done_b.set()
+    leader.stop()
+    follower.stop()
+
+
+def test_zk_suspended_connection_ends_the_term(zk: Backend) -> None:
+    a = zk.new("a")
+    assert isinstance(a, ZkCoordination)
+    trouble: list[str] = []
+    a.on_session_trouble(lambda: trouble.append("suspended"), lambda: trouble.append("lost"))
+    leader = Contender(a, "a")
+    term, _done = leader.next_term()
+    session = a.client.client_id
+    a.client._call(_CONNECTION_DROP, a.client.handler.async_result())
+    assert term.wait_lost(WAIT), "SUSPENDED ends the term"
+    newer, done = leader.next_term()  # re-elected once reconnected: its old znode was released
+    assert newer.epoch > term.epoch
+    assert a.client.client_id == session, "the session survived the dropped connection"
+    assert trouble == ["suspended"]
+    newer.commit({"run/x": b"1"})
+    with pytest.raises(Fenced):
+        term.commit({"run/y": b"2"})
+    done.set()
+    leader.stop()
+
+
+def test_zk_expired_session_reannounces(zk: Backend) -> None:
+    observer = zk.new("observer")
+    snaps: list[dict[str, bytes]] = []
+    observer.watch_nodes(snaps.append)
+    worker = zk.new("w")
+    assert isinstance(worker, ZkCoordination)
+    worker.announce("w1", b"x")
+    wait_for(lambda: snaps[-1] == {"w1": b"x"}, what="w1")
+    old = worker.client.client_id
+    assert old is not None
+    expire_session(zk.hosts or "", worker)
+
+    def owned_by_new_session() -> bool:
+        stat = worker.client.exists("/rota/nodes/w1")
+        cid = worker.client.client_id
+        return bool(stat and cid and stat.ephemeralOwner == cid[0] != old[0])
+
+    wait_for(owned_by_new_session, what="w1 re-announced in the new session")
+    wait_for(lambda: snaps[-1] == {"w1": b"x"}, what="the observer to see w1 again")
+
+
+def test_zk_leftover_announcement_is_replaced(zk: Backend) -> None:
+    first = zk.new("w")
+    first.announce("w1", b"old")
+    assert isinstance(first, ZkCoordination)
+    # the same node restarted while its old session still lives
+    second = zk.new("w")
+    second.announce("w1", b"new")
+    assert isinstance(second, ZkCoordination)
+    stat = second.client.exists("/rota/nodes/w1")
+    assert stat is not None and stat.ephemeralOwner == second.client.client_id[0]
+    data, _ = second.client.get("/rota/nodes/w1")
+    assert data == b"new"
+
+
+def test_zk_commit_recovers_when_keys_change_behind_its_back(zk: Backend) -> None:
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    term.commit({"run/a": b"1", "run/b": b"2"})
+    term.load()
+
+    def meddle(client: KazooClient) -> None:
+        client.create(LEDGER + "/run%2Fsurprise", b"planted")
+        client.delete(LEDGER + "/run%2Fa")
+
+    raw_zk(zk.hosts or "", meddle)
+    term.commit({"run/surprise": b"mine", "run/a": None, "run/b": b"3"})
+    assert term.load() == {"run/b": b"3", "run/surprise": b"mine"}
+    assert not term.lost()
+    done.set()
+    racer.stop()
+
+
+def test_zk_contend_survives_a_failing_lead(zk: Backend) -> None:
+    coord = zk.new("a")
+    epochs: list[int] = []
+
+    def lead(term: Term) -> None:
+        epochs.append(term.epoch)
+        if len(epochs) == 1:
+            raise RuntimeError("the broker is down")
+        coord.stop()
+
+    thread = threading.Thread(target=coord.contend, args=("a", lead), daemon=True)
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert len(epochs) == 2 and epochs[1] > epochs[0]
+
+
+def test_zk_commit_chunks_respect_op_and_byte_limits() -> None:
+    term = ZkTerm(SimpleNamespace(client=None), 1)  # type: ignore[arg-type]
+    term._known = {"run/old-0", "run/old-1"}
+    writes: dict[str, bytes | None] = {f"run/{i}": b"x" * 100 for i in range(900)}
+    writes.update({f"big/{i}": b"y" * 300_000 for i in range(5)})
+    writes.update({"run/old-0": b"z", "run/old-1": None, "run/absent": None})
+    chunks = term._plan(writes)
+    kinds = {op.key: op.kind for chunk in chunks for op in chunk}
+    assert kinds["run/0"] == "create" and kinds["run/old-0"] == "set"
+    assert kinds["run/old-1"] == "delete" and "run/absent" not in kinds
+    assert [op.key for chunk in chunks for op in chunk] == [k for k in writes if k in kinds]
+    for chunk in chunks:
+        assert len(chunk) + 1 <= MAX_OPS
+        assert sum(op.size for op in chunk) <= MAX_BYTES
+    assert len(chunks) >= 3 + 2  # 900 small writes by count, 1.5 MB of big ones by size
+
+
+def test_zk_value_too_large_is_refused(zk: Backend) -> None:
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    with pytest.raises(ValueError, match="over the"):
+        term.commit({"run/small": b"1", "run/huge": b"x" * 1_100_000})
+    assert term.load() == {}
+    assert not term.lost()
+    done.set()
+    racer.stop()
+
+
+def test_zk_survives_a_zookeeper_restart(
+    zk: Backend, servers: localservers.Servers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    observer = zk.new("observer")
+    snaps: list[dict[str, bytes]] = []
+    observer.watch_nodes(snaps.append)
+    worker = zk.new("w")
+    worker.announce("w1", b"x")
+    racer = Contender(zk.new("a"), "a")
+    term, _done = racer.next_term()
+    term.commit({"run/before": b"1"})
+    wait_for(lambda: snaps[-1] == {"w1": b"x"}, what="w1")
+    began = time.monotonic()
+    localservers.restart_zookeeper(servers)
+    assert term.wait_lost(WAIT)
+    newer, done = racer.next_term(timeout=60)
+    took = time.monotonic() - began
+    assert newer.epoch > term.epoch
+    assert newer.load() == {"run/before": b"1"}
+    newer.commit({"run/after": b"2"})
+    wait_for(lambda: snaps[-1] == {"w1": b"x"}, 30, what="w1 after the restart")
+    with capsys.disabled():
+        print(f"\n[zk] ZooKeeper restart -> leading again after {took:.1f} s")
+    done.set()
+    racer.stop()
