@@ -36,7 +36,8 @@ class Report:
     wrong_role: int = 0
     stale_epoch: int = 0
 
-    def __bool__(self) -> bool:
+    @property
+    def ok(self) -> bool:
         return not self.violations
 
     def line(self) -> str:
@@ -170,7 +171,7 @@ def _iso(t: float | None) -> str:
 def audit_journal(entries: Iterable[Mapping[str, object]], report: Report | None = None) -> Report:
     """Check the workers' own journals: no run id started twice, no stale order executed,
     no two runs with intersecting run groups overlapping on the workers' own clocks."""
-    rep = report or Report()
+    rep = report if report is not None else Report()
     starts: dict[str, list[Mapping[str, object]]] = defaultdict(list)
     ends: dict[str, Mapping[str, object]] = {}
     for e in entries:

@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(10)
         t1 = time.time()
         report = _audit(rec, cluster, t0, t1, absent)
+        print(f"soak: {len(rec.snapshot())} events recorded, {len(cluster.journal())} journal "
+              "entries", flush=True)
         print(
             f"slots due {report.slots_due}, runs {report.runs}, duplicates {report.duplicates}, "
             f"silent misses {report.silent_misses}, overlaps {report.overlaps}, "

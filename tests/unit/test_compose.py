@@ -1,0 +1,258 @@
+"""docker-compose.yml and ops/ agree with the CLI, the shipped catalogue and the metrics.
+
+No Docker engine runs here, so the compose file is checked for what it says: every Rota
+service's command parses with the real CLI parser in the compose environment, coordinators
+are redundant, workers hold every role the catalogue needs, Prometheus scrapes ports that
+are served, and alert rules use only metrics Rota defines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the compose and ops files")
+
+from coordinator.cli import DEFAULT_CATALOGUE, build_parser  # noqa: E402
+from coordinator.core.catalogue import Catalogue, load_catalogue  # noqa: E402
+from coordinator.core.service import Placement  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+PROMETHEUS = ROOT / "ops" / "prometheus.yml"
+ALERTS = ROOT / "ops" / "alerts.yml"
+METRIC_SOURCES = [ROOT / "coordinator" / "metrics.py", ROOT / "workers" / "metrics.py"]
+
+
+def _load(path: Path) -> Any:
+    with path.open(encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = _load(COMPOSE)
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def catalogue() -> Catalogue:
+    return load_catalogue(DEFAULT_CATALOGUE)
+
+
+def _rota_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The compose services that run the Rota image (their command is a `rota` subcommand)."""
+    out = {}
+    for name, svc in compose["services"].items():
+        if svc.get("image", "").startswith("rota") or "build" in svc:
+            out[name] = svc
+    return out
+
+
+def _parse(svc: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    for var in ("ROTA_ZK", "ROTA_AMQP_URL"):
+        monkeypatch.delenv(var, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    command = svc["command"]
+    assert isinstance(command, list) and all(isinstance(a, str) for a in command), command
+    try:
+        return build_parser().parse_args(command)  # defaults read the environment set above
+    except SystemExit as exc:  # argparse has printed the problem on stderr
+        pytest.fail(f"`rota {' '.join(command)}` does not parse (exit {exc.code})")
+
+
+@pytest.fixture(scope="module")
+def parsed(compose: dict[str, Any]) -> dict[str, argparse.Namespace]:
+    with pytest.MonkeyPatch.context() as mp:
+        return {name: _parse(svc, mp) for name, svc in _rota_services(compose).items()}
+
+
+def _of(parsed: dict[str, argparse.Namespace], command: str) -> dict[str, argparse.Namespace]:
+    return {name: args for name, args in parsed.items() if args.command == command}
+
+
+def _roles(args: argparse.Namespace) -> set[str]:
+    return {r.strip() for r in args.roles.split(",") if r.strip()}
+
+
+# -- the compose file and the CLI ------------------------------------------------------------
+
+
+def test_compose_runs_rota_image_with_a_parsable_command(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rota = _rota_services(compose)
+    assert len(rota) >= 4, sorted(compose["services"])
+    for name, svc in rota.items():
+        args = _parse(svc, monkeypatch)
+        assert args.command in ("coordinator", "worker"), name
+        assert args.zk and args.amqp, f"{name}: no ZooKeeper or RabbitMQ address"
+        host, port = args.zk.split("/")[0].split(",")[0].rsplit(":", 1)
+        assert host in compose["services"], f"{name}: ROTA_ZK names unknown host {host!r}"
+        amqp = re.match(r"amqps?://(?:[^@/]*@)?([^:/]+)", args.amqp)
+        assert amqp and amqp[1] in compose["services"], f"{name}: ROTA_AMQP_URL {args.amqp!r}"
+        needs = set(svc.get("depends_on") or [])
+        assert {host, amqp[1]} <= needs, f"{name} does not depend on {host} and {amqp[1]}"
+
+
+def test_dockerfile_entrypoint_is_the_cli() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r'^ENTRYPOINT \["rota"\]', text, re.M), text
+    for package in ("coordinator", "workers", "protocol"):
+        assert re.search(rf"^COPY {package}\b", text, re.M), f"Dockerfile lacks {package}/"
+
+
+def test_at_least_two_coordinators_with_distinct_ids(parsed: dict[str, argparse.Namespace]) -> None:
+    coordinators = _of(parsed, "coordinator")
+    assert len(coordinators) >= 2, sorted(parsed)
+    ids = [args.id for args in coordinators.values()]
+    assert None not in ids and len(set(ids)) == len(ids), ids
+
+
+def test_workers_have_distinct_node_ids(parsed: dict[str, argparse.Namespace]) -> None:
+    nodes = [args.node for args in _of(parsed, "worker").values()]
+    assert nodes and len(set(nodes)) == len(nodes), nodes
+
+
+def test_every_catalogue_role_is_held_by_a_worker(
+    parsed: dict[str, argparse.Namespace], catalogue: Catalogue
+) -> None:
+    held = set().union(*(_roles(a) for a in _of(parsed, "worker").values()))
+    assert held <= set(catalogue.roles), f"workers hold unknown roles {held - set(catalogue.roles)}"
+    used = set().union(*(svc.allowed_roles for svc in catalogue.services.values()))
+    assert used <= held, f"no worker holds {sorted(used - held)}"
+    for svc in catalogue.services.values():
+        assert held & svc.allowed_roles, f"{svc.name} has no worker to run on"
+
+
+def test_each_daemon_has_a_worker_for_its_roles(
+    parsed: dict[str, argparse.Namespace], catalogue: Catalogue
+) -> None:
+    workers = {a.node: _roles(a) for a in _of(parsed, "worker").values()}
+    daemons = [svc for svc in catalogue.services.values() if svc.is_daemon]
+    assert daemons
+    for svc in daemons:
+        for role in svc.allowed_roles:
+            assert any(role in roles for roles in workers.values()), \
+                f"daemon {svc.name}: no worker holds its allowed role {role}"
+        eligible = [n for n, roles in workers.items() if roles & svc.allowed_roles]
+        if svc.placement is Placement.ALL:
+            assert eligible, svc.name
+
+
+# -- Prometheus ------------------------------------------------------------------------------
+
+
+def test_prometheus_scrapes_the_ports_rota_serves(
+    compose: dict[str, Any], parsed: dict[str, argparse.Namespace]
+) -> None:
+    prom = _load(PROMETHEUS)
+    for rule_file in prom.get("rule_files", []):
+        assert (PROMETHEUS.parent / rule_file).is_file(), rule_file
+    served = {name: args.http_port for name, args in parsed.items() if args.http_port}
+    assert set(served) == set(parsed), f"not serving /metrics: {set(parsed) - set(served)}"
+    for name, args in parsed.items():
+        assert args.http_host == "0.0.0.0", f"{name}: /metrics on {args.http_host} only"
+    scraped: dict[str, str] = {}
+    for job in prom["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics", job["job_name"]
+        for static in job["static_configs"]:
+            for target in static["targets"]:
+                host, port = target.rsplit(":", 1)
+                assert host in compose["services"], f"{job['job_name']}: unknown host {host!r}"
+                assert host in served, f"{job['job_name']}: {host} serves no /metrics"
+                assert int(port) == served[host], \
+                    f"{job['job_name']}: {target}, but {host} serves on {served[host]}"
+                scraped[host] = job["job_name"]
+    assert set(scraped) == set(served), f"not scraped: {set(served) - set(scraped)}"
+    for host, job in scraped.items():
+        assert parsed[host].command in job, f"{host} ({parsed[host].command}) is in job {job}"
+
+
+# -- alert rules -----------------------------------------------------------------------------
+
+_CONSTRUCTOR = re.compile(r'\b(Counter|Gauge|Histogram|Summary)\(\s*"(rota_\w+)"')
+_SELECTOR = re.compile(r"\b(rota_\w+)(\{[^}]*\})?")
+_LABEL = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)")
+
+
+def _defined_metrics() -> dict[str, str]:
+    """Every sample name the project exposes, mapped to the metric that defines it."""
+    out: dict[str, str] = {}
+    for source in METRIC_SOURCES:
+        for kind, name in _CONSTRUCTOR.findall(source.read_text()):
+            if kind == "Counter":
+                base = name.removesuffix("_total")
+                out.update({f"{base}_total": name, f"{base}_created": name})
+            elif kind in ("Histogram", "Summary"):
+                out.update({name: name, f"{name}_count": name, f"{name}_sum": name,
+                            f"{name}_created": name})
+                if kind == "Histogram":
+                    out[f"{name}_bucket"] = name
+            else:
+                out[name] = name
+    return out
+
+
+def _labels() -> dict[str, set[str]]:
+    """Label names of every metric, read from the live metric objects."""
+    import coordinator.metrics
+    import workers.metrics
+
+    out: dict[str, set[str]] = {}
+    for module in (coordinator.metrics, workers.metrics):
+        for obj in vars(module).values():
+            name = getattr(obj, "_name", None)
+            if isinstance(name, str) and name.startswith("rota_"):
+                labels = set(getattr(obj, "_labelnames", ()))
+                full = name + "_total" if type(obj).__name__ == "Counter" else name
+                out[full] = labels
+    return out
+
+
+def test_metric_sources_define_what_the_alerts_need() -> None:
+    defined = _defined_metrics()
+    for name in ("rota_leader", "rota_runs_total", "rota_dead_letters_total",
+                 "rota_worker_dead_letters_total", "rota_nodes_live",
+                 "rota_run_lateness_seconds_bucket"):
+        assert name in defined, name
+
+
+def test_alert_rules_parse_and_use_only_defined_metrics() -> None:
+    rules = _load(ALERTS)
+    defined = _defined_metrics()
+    labels = _labels()
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert alerts
+    names = [rule["alert"] for rule in alerts]
+    assert len(set(names)) == len(names), names
+    for rule in alerts:
+        name, expr = rule["alert"], rule["expr"]
+        assert isinstance(expr, str) and expr.count("(") == expr.count(")"), name
+        assert rule.get("annotations", {}).get("summary"), f"{name}: no summary"
+        assert rule.get("labels", {}).get("severity") in ("page", "warning", "info"), name
+        used = _SELECTOR.findall(expr)
+        assert used, f"{name}: uses no Rota metric"
+        for metric, selector in used:
+            assert metric in defined, f"{name}: {metric} is not a metric Rota defines"
+            base = defined[metric]
+            family = base if base in labels else base + "_total"
+            allowed = labels.get(family, set()) | {"job", "instance"}
+            if metric.endswith("_bucket"):
+                allowed.add("le")
+            for label in _LABEL.findall(selector or ""):
+                assert label in allowed, f"{name}: {metric} has no label {label!r}"
+        for label in re.findall(r"\$labels\.(\w+)", str(rule.get("annotations"))):
+            by = re.search(r"\bby\s*\(([^)]*)\)", expr)
+            kept = {x.strip() for x in by[1].split(",")} if by else set()
+            assert label in kept or not re.search(r"\b(sum|avg|max|min|count)\b", expr), \
+                f"{name}: its annotations use $labels.{label}, which the expression drops"
