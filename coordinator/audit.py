@@ -169,6 +169,7 @@ def _iso(t: float | None) -> str:
 
 
 def audit_journal(entries: Iterable[Mapping[str, object]], report: Report | None = None) -> Report:
+    entries = list(entries)
     """Check the workers' own journals: no run id started twice, no stale order executed,
     no two runs with intersecting run groups overlapping on the workers' own clocks."""
     rep = report if report is not None else Report()
@@ -199,5 +200,42 @@ def audit_journal(entries: Iterable[Mapping[str, object]], report: Report | None
                 trigger="scheduled", state="succeeded", epoch=0, run_groups=groups,
                 started_at=float(ss[0]["at"]), finished_at=float(end["at"]),  # type: ignore[arg-type]
             ))
+    spans += _daemon_spans(entries)
     rep.overlaps += _overlaps(spans, rep.violations)
     return rep
+
+
+def _daemon_spans(entries: list[Mapping[str, object]]) -> list[RunRecord]:
+    """Daemon intervals from the journals: started/resumed until paused/stopped/exited.
+
+    A node's journal ends where the node died: an interval still open ends there too.
+    """
+    last_at: dict[str, float] = {}
+    for e in entries:
+        node = str(e.get("node"))
+        last_at[node] = max(last_at.get(node, 0.0), float(e.get("at", 0.0)))  # type: ignore[arg-type]
+    open_: dict[tuple[str, str], tuple[float, list[str]]] = {}
+    out: list[RunRecord] = []
+
+    def close(key: tuple[str, str], at: float) -> None:
+        begun, groups = open_.pop(key)
+        if groups:
+            out.append(RunRecord(
+                run_id=f"daemon:{key[0]}@{key[1]}#{len(out)}", service=key[0], node=key[1],
+                trigger="daemon", state="succeeded", epoch=0, run_groups=groups,
+                started_at=begun, finished_at=max(begun, at),
+            ))
+
+    for e in sorted((e for e in entries if str(e.get("event", "")).startswith("daemon-")),
+                    key=lambda e: float(e.get("at", 0.0))):  # type: ignore[arg-type]
+        key = (str(e["service"]), str(e["node"]))
+        state = str(e["event"])[len("daemon-"):]
+        at = float(e["at"])  # type: ignore[arg-type]
+        if state in ("started", "resumed"):
+            if key not in open_:
+                open_[key] = (at, list(e.get("run_groups") or []))  # type: ignore[call-overload]
+        elif state in ("paused", "stopped", "exited") and key in open_:
+            close(key, at)
+    for key in list(open_):
+        close(key, last_at.get(key[1], open_[key][0]))
+    return out

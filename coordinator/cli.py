@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve the service page and /metrics on 127.0.0.1:PORT")
     _add_servers(up, required=False)
 
-    co = sub.add_parser("coordinator", help="run a coordinator (contends for leadership)")
+    co = sub.add_parser("coordinator", help="run a coordinator (contends for leadership)",
+                        description="Run a coordinator. Start two or more: ZooKeeper elects one "
+                        "leader, the others stand by. SIGHUP reloads the catalogue (a bad file "
+                        "is refused and the last good one kept).")
     _add_catalogue(co)
     co.add_argument("--id", default=None, help="identifier (default: hostname-pid)")
     co.add_argument("--http-host", default="127.0.0.1", metavar="ADDR",
@@ -89,10 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ZooKeeper session timeout: how fast a dead leader is replaced")
     _add_servers(co, required=True)
 
-    wo = sub.add_parser("worker", help="run a worker node")
+    wo = sub.add_parser("worker", help="run a worker node",
+                        description="Run a worker node: it announces its roles in ZooKeeper, "
+                        "takes orders from rota.node.<id> and reports run events.")
     wo.add_argument("--node", required=True, help="node id, unique in the cluster")
     wo.add_argument("--roles", required=True, help="comma-separated roles, e.g. Master,Processing")
     wo.add_argument("--capacity", type=int, default=64, help="runs at once (default 64)")
+    wo.add_argument("--catalogue", default=str(DEFAULT_CATALOGUE), metavar="FILE",
+                    help="the cluster's catalogue: orders for services not in it, or with "
+                    "another utility, are refused (default: the shipped catalogue)")
     wo.add_argument("--journal", default=None, metavar="FILE",
                     help="append a JSON line for every run this node starts and ends")
     wo.add_argument("--http-host", default="127.0.0.1", metavar="ADDR",
@@ -103,27 +111,37 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ZooKeeper session timeout")
     _add_servers(wo, required=True)
 
-    run = sub.add_parser("run", help="ask the leader to run a service now")
+    run = sub.add_parser("run", help="ask the leader to run a service now",
+                         description="Publish a manual-run request. It shows In Queue until it "
+                         "starts; daemons and unknown services are refused with a reason on "
+                         "rota.events.")
     run.add_argument("service", help="service name, as in the catalogue")
     run.add_argument("--by", default=os.environ.get("USER", "operator"), help="who asks")
     run.add_argument("--amqp", default=_env("ROTA_AMQP_URL"), required=not _env("ROTA_AMQP_URL"),
                      metavar="URL", help="RabbitMQ URL (env ROTA_AMQP_URL)")
 
-    st = sub.add_parser("set", help="edit a service's status or schedule")
-    st.add_argument("service")
+    st = sub.add_parser("set", help="edit a service's status or schedule",
+                        description="Send an edit to the leader. It persists across restarts "
+                        "and failover and takes effect at the next slot.")
+    st.add_argument("service", help="service name, as in the catalogue")
     g = st.add_mutually_exclusive_group()
-    g.add_argument("--enable", dest="enabled", action="store_true", default=None)
-    g.add_argument("--disable", dest="enabled", action="store_false")
-    st.add_argument("--period", type=int, help="minutes, 1..60")
-    st.add_argument("--align", type=int, help="minutes, 0..period-1")
-    st.add_argument("--run-at", help="comma-separated HH:MM times")
-    st.add_argument("--cron", help="croniter expression")
-    st.add_argument("--by", default=os.environ.get("USER", "operator"))
+    g.add_argument("--enable", dest="enabled", action="store_true", default=None,
+                   help="enable the service")
+    g.add_argument("--disable", dest="enabled", action="store_false",
+                   help="disable the service (it computes no slots)")
+    st.add_argument("--period", type=int, help="periodic: minutes, 1..60")
+    st.add_argument("--align", type=int, help="periodic: minutes, 0..period-1")
+    st.add_argument("--run-at", help="fixed time: comma-separated HH:MM times")
+    st.add_argument("--cron", help="cron: a croniter expression (seconds as a sixth field)")
+    st.add_argument("--by", default=os.environ.get("USER", "operator"),
+                    help="who makes the edit (default: $USER)")
     st.add_argument("--amqp", default=_env("ROTA_AMQP_URL"), required=not _env("ROTA_AMQP_URL"),
-                    metavar="URL")
+                    metavar="URL", help="RabbitMQ URL (env ROTA_AMQP_URL)")
 
-    ck = sub.add_parser("check", help="validate a catalogue file and list its services")
-    ck.add_argument("file")
+    ck = sub.add_parser("check", help="validate a catalogue file and list its services",
+                        description="Load a catalogue as a coordinator would; list every "
+                        "error (file, service, field) or every service.")
+    ck.add_argument("file", help="the catalogue (TOML)")
     return parser
 
 
@@ -299,7 +317,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         start_http_server(args.http_port, addr=args.http_host)
         metrics_url = f"http://{args.http_host}:{args.http_port}/metrics"
     node = WorkerNode(args.node, roles, broker, coordination, SystemClock(),
-                      capacity=args.capacity, metrics_url=metrics_url, journal=args.journal)
+                      capacity=args.capacity, metrics_url=metrics_url, journal=args.journal,
+                      catalogue=_load(args.catalogue))
     if hasattr(coordination, "on_session_trouble"):
         coordination.on_session_trouble(
             lambda: node.stop_lock_holders("ZooKeeper session in danger"), lambda: None
@@ -315,14 +334,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _publish_request(amqp: str, msg) -> None:  # type: ignore[no-untyped-def]
+    from urllib.parse import urlsplit
+
     from coordinator.adapters import transport
     from protocol import encode
 
-    broker = transport.make_broker(amqp)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    where = urlsplit(amqp)
     try:
-        transport.send(broker, transport.REQUESTS, encode(msg))
-    finally:
-        broker.close()
+        broker = transport.make_broker(amqp)
+        try:
+            transport.send(broker, transport.REQUESTS, encode(msg))
+        finally:
+            broker.close()
+    except Exception as exc:
+        sys.exit(f"rota: cannot reach RabbitMQ at {where.hostname}:{where.port or 5672} "
+                 f"({type(exc).__name__}); check --amqp / ROTA_AMQP_URL and that it is running")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -350,6 +377,16 @@ def cmd_set(args: argparse.Namespace) -> int:
                             align=args.align, run_at=run_at, cron=args.cron)
     except ProtocolError as exc:
         sys.exit(f"rota set: {exc}")
+    from coordinator.core.schedule import ScheduleError
+    from coordinator.leader import schedule_of_update
+
+    try:
+        schedule_of_update(msg)
+    except ScheduleError as exc:
+        sys.exit(f"rota set: {args.service}: {exc}")
+    if msg.enabled is None and not any((msg.period, msg.run_at, msg.cron)):
+        sys.exit("rota set: nothing to change: give --enable/--disable, --period, --run-at "
+                 "or --cron")
     _publish_request(args.amqp, msg)
     print(f"sent the edit of {args.service!r} (request {msg.request_id})")
     return 0

@@ -111,7 +111,8 @@ class Cluster:
             options=options, history_sinks=sinks,
         )
         self.workers = [
-            WorkerNode(s.id, list(s.roles), self.broker, self._coordination(s.id), clock)
+            WorkerNode(s.id, list(s.roles), self.broker, self._coordination(s.id), clock,
+                       catalogue=catalogue)
             for s in nodes
         ]
         self._thread = threading.Thread(target=self.coordinator.run, name="coordinator",

@@ -14,7 +14,6 @@ import json
 import threading
 from datetime import datetime
 from typing import Any
-from urllib.parse import unquote
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
@@ -78,7 +77,9 @@ def make_app(coordinator: Coordinator):  # type: ignore[no-untyped-def]
             if method != "POST":
                 return _json(start_response, "405 Method Not Allowed",
                              {"error": "use POST to run a service"})
-            name = unquote(path[len("/api/services/"):-len("/run")])
+            # wsgiref already percent-decoded PATH_INFO, as latin-1: undo that, as UTF-8.
+            name = path[len("/api/services/"):-len("/run")].encode("latin-1").decode(
+                "utf-8", "replace")
             if name not in coordinator.catalogue.services:
                 return _json(start_response, "404 Not Found",
                              {"error": f"unknown service {name!r}"})

@@ -133,14 +133,11 @@ class Coordinator:
         self.coordination.contend(self.identifier, self._lead)
 
     def _nodes_changed(self, nodes: dict[str, bytes]) -> None:
-        if self.leading.is_set():
-            self._inbox.put(("nodes", nodes))
-        else:
-            with self.lock:
-                if not self.leading.is_set():
-                    self._apply_nodes(nodes)
-                    return
-            self._inbox.put(("nodes", nodes))
+        with self.lock:
+            if self.engine is None:  # following: remember membership for the next term
+                self._apply_nodes(nodes)
+                return
+        self._inbox.put(("nodes", nodes))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -305,7 +302,8 @@ class Coordinator:
         turn.acks.append(delivery)
         source = transport.RESULTS if kind == "result" else transport.REQUESTS
         if delivery.error is not None or delivery.payload is None:
-            transport.dead_letter(self.broker, source, b"", delivery.error or "empty", now)
+            transport.dead_letter(self.broker, source, delivery.raw, delivery.error or "empty",
+                                  now)
             metrics.DEAD_LETTERS.labels(source, getattr(delivery.error, "reason", "garbage")).inc()
             return
         try:
@@ -386,7 +384,8 @@ class Coordinator:
                 return
             seq = self._daemon_seq.get(key, 0) + 1
             self._daemon_seq[key] = seq
-            span = _DaemonSpan(f"{key}#{seq}", ev.at, seq)
+            epoch = self.engine.epoch if self.engine is not None else ev.epoch
+            span = _DaemonSpan(f"{key}#{epoch}.{seq}", ev.at, seq)
             self._daemon_spans[key] = span
             turn.extra_records.append(
                 RunRecord(

@@ -178,6 +178,7 @@ class Cluster:
             "worker", "--node", node, "--roles", roles, "--zk", self.zk_hosts,
             "--amqp", self.amqp_url, "--session-timeout", str(session_timeout),
             "--journal", str(self.workdir / f"{node}.journal"),
+            "--catalogue", str(self.catalogue),
         ])
 
     def journal(self) -> list[dict[str, object]]:

@@ -21,9 +21,11 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import dramatiq
+import msgpack
 
 from coordinator.adapters import transport
 from coordinator.adapters.coordination import Coordination
+from coordinator.core.catalogue import Catalogue
 from coordinator.core.clock import Clock
 from coordinator.core.service import Utility
 from protocol import (
@@ -58,6 +60,7 @@ class WorkerNode:
         consumer_threads: int = 4,
         metrics_url: str | None = None,
         journal: str | None = None,
+        catalogue: Catalogue | None = None,
     ) -> None:
         if not roles:
             raise ValueError("a worker node needs at least one role")
@@ -68,6 +71,7 @@ class WorkerNode:
         self.clock = clock
         self.capacity = capacity
         self.metrics_url = metrics_url
+        self.catalogue = catalogue  # when given, orders for other services are refused
         self.queue = transport.node_queue(node_id)
         self.executor = Executor(clock)
         self.daemons = DaemonSupervisor(clock, self._daemon_report)
@@ -81,6 +85,7 @@ class WorkerNode:
         self._worker: dramatiq.Worker | None = None
         self._journal = open(journal, "a", encoding="utf-8") if journal else None  # noqa: SIM115
         self._journal_lock = threading.Lock()
+        self._daemon_groups: dict[str, list[str]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> WorkerNode:
@@ -136,12 +141,15 @@ class WorkerNode:
             self._epoch = epoch
 
     # -- messages -----------------------------------------------------------------------
-    def _on_message(self, payload: object) -> None:
+    def _on_message(self, *args: object, **kwargs: object) -> None:
         now = self.clock.now()
+        payload = args[0] if len(args) == 1 and not kwargs else None
         if not isinstance(payload, bytes | bytearray):
+            original = msgpack.packb([list(args), kwargs], default=repr, use_bin_type=True)
             transport.dead_letter(
-                self.broker, self.queue, b"",
-                ProtocolError("garbage", "envelope must carry exactly one bytes argument"), now,
+                self.broker, self.queue, original,
+                ProtocolError("garbage", "envelope must carry exactly one bytes argument, got "
+                              f"{len(args)} argument(s) and {len(kwargs)} keyword(s)"), now,
             )
             metrics.DEAD_LETTERS.labels("garbage").inc()
             return
@@ -170,6 +178,16 @@ class WorkerNode:
             return f"stale epoch {order.epoch} < {self._epoch}"
         if now > order.deadline:
             return f"past its deadline by {now - order.deadline:.3f}s"
+        if self.catalogue is not None:
+            svc = self.catalogue.services.get(order.service)
+            if svc is None:
+                return f"unknown service {order.service!r}: not in this node's catalogue"
+            if (svc.utility.callable != order.callable
+                    or (svc.utility.command or None) != (tuple(order.command or ()) or None)):
+                return f"utility of {order.service!r} differs from this node's catalogue"
+            if self.roles.isdisjoint(svc.allowed_roles):
+                return (f"node roles {', '.join(sorted(self.roles))} may not run "
+                        f"{order.service!r}")
         allowed = order.allowed_roles
         if allowed and self.roles.isdisjoint(allowed):
             return (f"node roles {', '.join(sorted(self.roles))} are not among the allowed "
@@ -184,8 +202,6 @@ class WorkerNode:
             self._seen[order.run_id] = None
             if len(self._seen) > SEEN_LIMIT:
                 self._seen.popitem(last=False)
-        if order.epoch > self._epoch:
-            self._epoch = order.epoch
         reason = self._refusal(order, now)
         if reason is not None:
             log.warning("refused %s (%s): %s", order.run_id, order.service, reason)
@@ -195,6 +211,8 @@ class WorkerNode:
                 state="rejected", at=now, epoch=order.epoch, reason=reason,
             ))
             return
+        if order.epoch > self._epoch:
+            self._epoch = order.epoch
         self._running[order.run_id] = frozenset(order.run_groups)
         self._pool.submit(self._execute, order)
 
@@ -258,6 +276,7 @@ class WorkerNode:
         self._epoch = max(self._epoch, c.epoch)
         self._daemon_epoch = c.epoch
         utility = Utility(callable=c.callable, command=tuple(c.command) if c.command else None)
+        self._daemon_groups[c.service] = list(c.run_groups)
         if c.action == "start":
             if self.daemons.status().get(c.service) in ("running", "backoff"):
                 self._report(RunEvent(
@@ -276,6 +295,16 @@ class WorkerNode:
             self.daemons.resume(c.service)
 
     def _daemon_report(self, ev: DaemonEvent) -> None:
+        if self._journal is not None:
+            line = json.dumps({
+                "event": "daemon-" + ev.state, "run_id": f"daemon:{ev.service}@{self.node_id}",
+                "service": ev.service, "node": self.node_id, "at": ev.at,
+                "run_groups": self._daemon_groups.get(ev.service, []),
+            })
+            with self._journal_lock:
+                if self._journal is not None:
+                    self._journal.write(line + "\n")
+                    self._journal.flush()
         self._report(RunEvent(
             run_id=f"daemon:{ev.service}@{self.node_id}", service=ev.service, node=self.node_id,
             state=ev.state, at=ev.at, epoch=self._daemon_epoch, error=ev.error,

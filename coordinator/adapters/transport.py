@@ -78,6 +78,12 @@ def make_broker(amqp_url: str | None) -> dramatiq.Broker:
         broker = StubBroker(middleware=[])
     for q in (RESULTS, REQUESTS, DEAD):
         broker.declare_queue(q)
+    if amqp_url:
+        try:  # create them now, so that readers may attach before the first message
+            for q in (RESULTS, REQUESTS, DEAD):
+                broker.declare_queue(q, ensure=True)  # type: ignore[call-arg]
+        except Exception as exc:  # not reachable yet: declared lazily on first use
+            log.warning("RabbitMQ not reachable yet (%s); queues will be declared on use", exc)
     return broker
 
 
@@ -132,6 +138,7 @@ class Delivery:
     payload: bytes | None
     error: ProtocolError | None
     _ack: Callable[[], None]
+    raw: bytes = b""  # the whole envelope, for dead letters
 
     def ack(self) -> None:
         self._ack()
@@ -209,4 +216,8 @@ class QueueReader:
         try:
             return Delivery(payload_of(proxy), None, ack)
         except ProtocolError as exc:
-            return Delivery(None, exc, ack)
+            try:
+                raw = proxy._message.encode()
+            except Exception:
+                raw = b""
+            return Delivery(None, exc, ack, raw)

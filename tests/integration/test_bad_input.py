@@ -558,9 +558,6 @@ def _one_worker(c: Cluster, rec: EventRecorder) -> int:
     return _start(c, rec, {"w-master": "Master"})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "workers.node: dramatiq calls the actor with the envelope's args and kwargs; the "
-    "TypeError is only logged and the message is acked, so it is lost without a dead letter"))
 def test_envelope_the_worker_cannot_call_is_dead_lettered(cluster, amqp_url: str) -> None:  # type: ignore[no-untyped-def]
     c, rec = cluster
     epoch = _one_worker(c, rec)
@@ -586,9 +583,6 @@ def test_envelope_the_worker_cannot_call_is_dead_lettered(cluster, amqp_url: str
         f"{len(set_aside)} in {q}.XQ: the rest were acked and dropped\n{c.logs()}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "workers.node.WorkerNode._on_message and coordinator.leader.Coordinator._handle dead-letter "
-    "an envelope whose argument is not bytes with original=b'': the refused message is lost"))
 def test_dead_letter_keeps_a_refused_envelope(cluster, amqp_url: str) -> None:  # type: ignore[no-untyped-def]
     c, rec = cluster
     _one_worker(c, rec)
@@ -607,9 +601,6 @@ def test_dead_letter_keeps_a_refused_envelope(cluster, amqp_url: str) -> None:  
             f"(original={d.original!r})"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "workers.node.WorkerNode._refusal does not know the catalogue: an order for a service "
-    "that does not exist is run, and the leader drops the events of a run it never ordered"))
 def test_order_for_an_unknown_service_is_refused(cluster, amqp_url: str) -> None:  # type: ignore[no-untyped-def]
     c, rec = cluster
     epoch = _one_worker(c, rec)
@@ -629,9 +620,6 @@ def test_order_for_an_unknown_service_is_refused(cluster, amqp_url: str) -> None
     assert "No Such Service" in (got.reason or "")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "workers.node.WorkerNode._on_order adopts an order's epoch before deciding to refuse it: "
-    "a refused order with a high epoch makes the worker refuse every later order as stale"))
 def test_a_refused_order_leaves_the_worker_working(cluster, amqp_url: str) -> None:  # type: ignore[no-untyped-def]
     c, rec = cluster
     epoch = _start(c, rec, {"w-master": "Master", "w-proc": "Processing,Calculation"})

@@ -188,9 +188,6 @@ def test_services_are_503_while_not_leading() -> None:
         idle.broker.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "coordinator.http.make_app percent-decodes PATH_INFO a second time (wsgiref has already "
-    "decoded it, as ISO-8859-1): names with '%' or non-ASCII characters come out changed"))
 @pytest.mark.parametrize("name", ["50%25 off", "Café Reports"])
 def test_unknown_service_error_names_it_exactly(api: Api, name: str) -> None:
     reply = api.run(name)

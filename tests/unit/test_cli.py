@@ -81,9 +81,6 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
     raise AssertionError("rota has no subcommands")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "coordinator.cli.build_parser: `set` has no help for service, --enable, --disable, --by "
-    "and --amqp, `check` none for file, and only `up` has a description"))
 def test_every_argument_of_every_command_is_explained() -> None:
     missing = []
     for name, sub in _subparsers().items():
@@ -254,9 +251,6 @@ def test_set_refuses_a_malformed_time_before_sending() -> None:
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "coordinator.cli._publish_request lets dramatiq's ConnectionClosed escape as a traceback, "
-    "and cmd_set does not check the schedule (schedule_of_update) before sending it"))
 @pytest.mark.parametrize("args", [
     ["run", "Summary"],
     ["set", "Summary", "--period", "61"],
