@@ -126,6 +126,7 @@ class Coordinator:
         self._daemon_spans: dict[str, _DaemonSpan] = {}
         self._daemon_seq: dict[str, int] = {}
         self.first_dispatch_at: float | None = None  # real time of this term's first order
+        self._publisher = transport.Publisher(broker)
 
     # -- process lifecycle -------------------------------------------------------------
     def run(self) -> None:
@@ -277,14 +278,17 @@ class Coordinator:
         if fault and dispatches:
             fault("after-ledger")
         now = self.clock.now()
-        for action in dispatches:
-            self._send_order(action, term, now)
+        self._send([self._order(a, term.epoch, now) for a in dispatches], term)
+        if dispatches:
+            metrics.DISPATCHED.inc(len(dispatches))
+            if self.first_dispatch_at is None:
+                self.first_dispatch_at = time.time()
         if fault and dispatches:
             fault("after-publish")
+        self._send([self._control(a, term.epoch, now) for a in turn.actions
+                    if isinstance(a, Control)], term)
         for action in turn.actions:
-            if isinstance(action, Control):
-                self._send_control(action, term, now)
-            elif isinstance(action, Record):
+            if isinstance(action, Record):
                 self._publish(record_of(action.run))
         for rec in turn.extra_records:
             self._publish(rec)
@@ -439,28 +443,28 @@ class Coordinator:
         )
 
     # -- outputs ------------------------------------------------------------------------
-    def _send(self, queue: str, payload: bytes, term: Term) -> None:
-        """Publish with confirms; while RabbitMQ is unreachable, retry with backoff.
+    def _send(self, items: list[tuple[str, bytes]], term: Term) -> None:
+        """Publish a batch, confirmed as a whole; while RabbitMQ is unreachable, retry.
 
-        Gives up only when leadership is lost: the order is in the ledger, and the next
-        leader re-sends it.
+        Gives up only when leadership is lost: the orders are in the ledger, and the next
+        leader re-sends them.
         """
         delay = 0.1
-        while True:
+        while items:
             try:
-                transport.send(self.broker, queue, payload)
+                self._publisher.send_many(items)
                 if delay > 0.1:
                     log.warning("RabbitMQ is reachable again")
                 return
             except Exception as exc:
                 if delay == 0.1:
-                    log.warning("cannot publish to %s (%s); retrying with backoff", queue, exc)
+                    log.warning("cannot publish %d message(s) (%s); retrying with backoff",
+                                len(items), exc)
                 if term.wait_lost(delay) or self._stopping.is_set():
                     raise Fenced("leadership ended while RabbitMQ was unreachable") from exc
                 delay = min(delay * 2, 2.0)
 
-    def _send_order(self, d: Dispatch, term: Term, now: float) -> None:
-        epoch = term.epoch
+    def _order(self, d: Dispatch, epoch: int, now: float) -> tuple[str, bytes]:
         run, svc = d.run, d.service
         assert run.node is not None and run.deadline is not None
         order = RunOrder(
@@ -471,13 +475,9 @@ class Coordinator:
             run_groups=sorted(svc.run_groups), params=self.catalogue.params.get(svc.name, {}),
             allowed_roles=sorted(svc.allowed_roles),
         )
-        self._send(transport.node_queue(run.node), encode(order), term)
-        metrics.DISPATCHED.inc()
-        if self.first_dispatch_at is None:
-            self.first_dispatch_at = time.time()
+        return transport.node_queue(run.node), encode(order)
 
-    def _send_control(self, c: Control, term: Term, now: float) -> None:
-        epoch = term.epoch
+    def _control(self, c: Control, epoch: int, now: float) -> tuple[str, bytes]:
         svc = c.service
         msg = DaemonControl(
             control_id=uuid.uuid4().hex[:16], service=svc.name, node=c.node, action=c.action,
@@ -486,7 +486,7 @@ class Coordinator:
             run_groups=sorted(svc.run_groups), params=self.catalogue.params.get(svc.name, {}),
             allowed_roles=sorted(svc.allowed_roles),
         )
-        self._send(transport.node_queue(c.node), encode(msg), term)
+        return transport.node_queue(c.node), encode(msg)
 
     def _publish(self, rec: RunRecord) -> None:
         self.events.publish(rec.routing_key, encode(rec))

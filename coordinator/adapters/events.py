@@ -81,34 +81,45 @@ class RabbitEventBus:
         import pika
 
         backoff = 0.2
-        item: tuple[str, bytes] | None = None
-        while not self._stop.is_set() or not self._q.empty():
+        batch: list[tuple[str, bytes]] = []
+        closing = False
+        while True:
             try:
                 conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
                 ch = conn.channel()
-                ch.confirm_delivery()
                 ch.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
+                ch.tx_select()  # one commit per batch: every event in it is persisted, or none
+                props = pika.BasicProperties(delivery_mode=2, content_type="application/msgpack")
                 backoff = 0.2
                 while True:
-                    if item is None:
-                        item = self._q.get()
-                    if item is None:
+                    if not batch:
+                        closing = self._take(batch)
+                    for key, body in batch:
+                        if key != "__flush__":
+                            ch.basic_publish(EXCHANGE, key, body, props)
+                    ch.tx_commit()
+                    if any(key == "__flush__" for key, _ in batch):
+                        getattr(self, "_flushed", threading.Event()).set()
+                    batch = []
+                    if closing:
                         conn.close()
                         return
-                    key, body = item
-                    if key == "__flush__":
-                        getattr(self, "_flushed", threading.Event()).set()
-                    else:
-                        ch.basic_publish(
-                            EXCHANGE, key, body,
-                            pika.BasicProperties(
-                                delivery_mode=2, content_type="application/msgpack"
-                            ),
-                        )
-                    item = None
             except Exception as exc:
-                if self._stop.is_set() and item is None:
+                if closing or (self._stop.is_set() and not batch):
                     return
                 log.warning("event publisher lost RabbitMQ (%s); retrying in %.1fs", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _take(self, batch: list[tuple[str, bytes]], limit: int = 1000) -> bool:
+        """Block for one event, then take what else is waiting. True: close after this."""
+        item = self._q.get()
+        while item is not None:
+            batch.append(item)
+            if len(batch) >= limit:
+                return False
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                return False
+        return True
