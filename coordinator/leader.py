@@ -353,7 +353,7 @@ class Coordinator:
     def _on_event(self, engine: Engine, ev: RunEvent, now: float, turn: _Turn) -> list[Action]:
         if ev.run_id.startswith("daemon:"):
             self._daemon_record(ev, turn)
-            return engine.daemon_event(ev.service, ev.node, ev.state, now)
+            return engine.daemon_event(ev.service, ev.node, ev.state, now, epoch=ev.epoch)
         if ev.state == "started":
             return engine.run_started(ev.run_id, ev.node, ev.at, now)
         if ev.state == "rejected" and ev.run_id not in engine.runs:

@@ -148,16 +148,22 @@ class Engine:
         self.last_run.update({k: v for k, v in state.last_runs.items() if k in self.base})
         for run in state.runs:
             self._adopt(run, now)
+        # Daemons may still be running on their nodes: they hold their run groups before any
+        # run is granted (a conflicting run then pauses them as usual).
+        self._started = True
+        actions += self._reconcile_daemons(now)
+        # Adopted queued runs keep their place ahead of any slot recovered below.
+        actions += self._requeue_adopted(now)
         for svc in self.services.values():
             if svc.is_daemon or not svc.enabled or svc.schedule is None:
                 continue
             cursor = state.cursors.get(svc.name)
             if cursor is None:
+                # Slots are handled from now on: a successor recovers any it misses.
+                self._changes.cursors[svc.name] = now
                 self._set_next(svc, now)
             else:
                 actions += self._recover(svc, cursor, now)
-        self._started = True
-        actions += self._reconcile_daemons(now)
         return actions
 
     def _adopt(self, run: Run, now: float) -> None:
@@ -173,27 +179,35 @@ class Engine:
             self.locks.hold(Claim(run.run_id, run.service, run.run_groups, run.queued_at))
             if run.state is RunState.DISPATCHED:
                 self._timer(self._expiry_of(run), "expire", run.run_id)
-        # queued runs are re-queued in their original order by _requeue_adopted
+        # queued runs are queued again, in their original order, by _requeue_adopted
 
-    def redispatch(self) -> list[Action]:
-        """Orders for adopted runs that were recorded as dispatched but may never have left.
-
-        Workers recognise a re-sent order by its run id and ignore duplicates.
-        """
+    def _requeue_adopted(self, now: float) -> list[Action]:
+        """Queue adopted queued runs again, in their original order."""
         out: list[Action] = []
-        for run in self.runs.values():
-            if run.state is RunState.DISPATCHED and run.node:
-                out.append(Dispatch(run, self.services[run.service]))
         queued = sorted(
             (r for r in self.runs.values() if r.state is RunState.QUEUED),
             key=lambda r: (r.queued_at, r.run_id),
         )
         for run in queued:
             key = (run.service, run.target)
-            if key in self._inflight:
+            if run.attempt > 1 and run.queued_at > now:
+                self._timer(run.queued_at, "retry", run.run_id)  # still in its retry delay
+            elif key in self._inflight:
                 self._pending.setdefault(key, deque()).append(run.run_id)
             else:
-                out += self._ready(run, run.queued_at)
+                out += self._ready(run, now)
+        return out
+
+    def redispatch(self) -> list[Action]:
+        """Orders for adopted runs that were recorded as dispatched but may never have left.
+
+        Workers recognise a re-sent order by its run id and ignore duplicates. (Adopted queued
+        runs were queued again by `start`.)
+        """
+        out: list[Action] = []
+        for run in self.runs.values():
+            if run.state is RunState.DISPATCHED and run.node:
+                out.append(Dispatch(run, self.services[run.service]))
         return out
 
     # == time ===============================================================================
@@ -328,7 +342,13 @@ class Engine:
                     return self._skip(
                         svc, run.slot or now, run.target, now, "previous run still running"
                     )
-                if any(self.runs[r].trigger is Trigger.SCHEDULED for r in pending):
+                current = self.runs.get(self._inflight[key])
+                waiting = (
+                    current is not None
+                    and current.state is RunState.QUEUED
+                    and current.trigger is Trigger.SCHEDULED
+                )
+                if waiting or any(self.runs[r].trigger is Trigger.SCHEDULED for r in pending):
                     return self._skip(
                         svc, run.slot or now, run.target, now,
                         "coalesced: a run of this service is already waiting",
@@ -358,7 +378,9 @@ class Engine:
         elif run.node not in self.nodes:
             run.node = None
         if run.node is None:
-            return self._end(run, RunState.EXPIRED, now, reason="no live node holds an allowed role")
+            return self._end(
+                run, RunState.EXPIRED, now, reason="no live node holds an allowed role"
+            )
         run.move(RunState.DISPATCHED)
         run.dispatched_at = now
         run.deadline = now + self.order_ttl
@@ -377,7 +399,9 @@ class Engine:
         run = self.runs.get(run_id)
         if run is None or run.state is not RunState.DISPATCHED:
             return []
-        return self._end(run, RunState.EXPIRED, now, reason="order was not started before its deadline")
+        return self._end(
+            run, RunState.EXPIRED, now, reason="order was not started before its deadline"
+        )
 
     def _end(
         self,
@@ -430,10 +454,17 @@ class Engine:
             or run.attempt > svc.retries
         ):
             return []
+        if run.trigger is Trigger.MANUAL:
+            # Manual runs have no slot: the retry's id derives from the request's run id, so
+            # two requests (or a request and a slot) at the same instant keep distinct ids.
+            root = run.run_id.rsplit("~", 1)[0] if run.attempt > 1 else run.run_id
+            retry_id = f"{root}~{run.attempt + 1}"
+        else:
+            retry_id = run_id_for(svc.name, run.slot or run.queued_at, run.target or None,
+                                  run.attempt + 1)
         retry = replace(
             run,
-            run_id=run_id_for(svc.name, run.slot or run.queued_at, run.target or None,
-                              run.attempt + 1),
+            run_id=retry_id,
             trigger=Trigger.RETRY if run.trigger is not Trigger.MANUAL else Trigger.MANUAL,
             attempt=run.attempt + 1,
             state=RunState.QUEUED,
@@ -451,8 +482,10 @@ class Engine:
         if claim.key.startswith("daemon:"):
             inst = self.daemons.get(claim.key)
             if inst is None:
-                self.locks.release(claim.key)
-                return []
+                out: list[Action] = []
+                for granted in self.locks.release(claim.key):
+                    out += self._granted(granted, now)
+                return out
             action = "resume" if inst.state == "paused" else "start"
             inst.state = "running" if action == "resume" else "starting"
             return [Control(self.services[inst.service], inst.node, action)]
@@ -571,16 +604,27 @@ class Engine:
         ]
 
     def _pause_blocking_daemons(self, claim: Claim, now: float) -> list[Action]:
+        # A daemon still `starting` is paused once it reports started or resumed: a `paused`
+        # report that arrives before then may be an old one (sent to a previous leader), and
+        # must not be taken as the answer to this pause.
         actions: list[Action] = []
         for holder in self.locks.blockers(claim):
             inst = self.daemons.get(holder.key)
-            if inst is not None and inst.state in ("starting", "running"):
+            if inst is not None and inst.state == "running":
                 inst.state = "pausing"
                 actions.append(Control(self.services[inst.service], inst.node, "pause"))
         return actions
 
-    def daemon_event(self, service: str, node: str, state: str, now: float) -> list[Action]:
-        """A worker reports a daemon's state: started, paused, resumed, exited, stopped."""
+    def daemon_event(
+        self, service: str, node: str, state: str, now: float, *, epoch: int | None = None
+    ) -> list[Action]:
+        """A worker reports a daemon's state: started, paused, resumed, exited, stopped.
+
+        `epoch` is the one the report carries (that of the last control the node obeyed); a
+        report older than this leader's epoch answers a previous leader and is ignored.
+        """
+        if epoch is not None and epoch < self.epoch:
+            return []
         key = DaemonInstance(service, node).key
         inst = self.daemons.get(key)
         if inst is None:
@@ -661,16 +705,26 @@ class Engine:
         if schedule is not None:
             ov["schedule"] = schedule.to_dict()
         svc = self._apply(base, ov)
+        actions: list[Action] = []
+        old = self.services[service]
+        due = self.timeline.due_of(service)
+        while old.schedule is not None and due is not None and due <= now:
+            # A slot that came before the edit (not yet ticked) is handled as it was set up.
+            actions += self._fire(old, due, now)
+            due = old.schedule.next_after(due, self.tz)
         self.overrides[service] = ov
         self._changes.overrides[service] = ov
         self.services[service] = svc
         if svc.is_daemon:
             return self._reconcile_daemons(now)
         if svc.enabled and svc.schedule is not None:
+            # Slots are handled from now on under this schedule; a successor recovers from here,
+            # not from slots of the old schedule or from the time the service was disabled.
+            self._changes.cursors[service] = now
             self._set_next(svc, now)
         else:
             self.timeline.remove(service)
-        return []
+        return actions
 
     @staticmethod
     def _apply(base: Service, ov: dict[str, object]) -> Service:
@@ -690,10 +744,13 @@ class Engine:
     def in_queue_since(self, service: str) -> float | None:
         times = [
             r.queued_at for r in self.runs.values()
-            if r.service == service and r.state is RunState.QUEUED and r.trigger is not Trigger.RETRY
+            if r.service == service
+            and r.state is RunState.QUEUED
+            and r.attempt == 1  # not retries (of scheduled or manual runs) in their delay
         ]
         times += [
-            c.since for c in self.locks.waiting() if c.service == service and c.key.startswith("daemon:")
+            c.since for c in self.locks.waiting()
+            if c.service == service and c.key.startswith("daemon:")
         ]
         return min(times) if times else None
 

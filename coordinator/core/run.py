@@ -1,6 +1,6 @@
 """Runs and their state machine.
 
-    queued ──> dispatched ──> running ──> succeeded | failed | timed_out
+    queued ──> dispatched ──> running ──> succeeded | failed | timed_out | rejected
        │            │            └──────> lost (its node died)
        │            └──> rejected (worker refused: stale epoch, past deadline) | lost | expired
        └──> expired (never started before its deadline)
@@ -45,7 +45,13 @@ _ALLOWED: dict[RunState, set[RunState]] = {
         RunState.FAILED,
         RunState.TIMED_OUT,
     },
-    RunState.RUNNING: {RunState.SUCCEEDED, RunState.FAILED, RunState.TIMED_OUT, RunState.LOST},
+    RunState.RUNNING: {
+        RunState.SUCCEEDED,
+        RunState.FAILED,
+        RunState.TIMED_OUT,
+        RunState.LOST,
+        RunState.REJECTED,  # a worker refusing an order it had reported started
+    },
 }
 
 

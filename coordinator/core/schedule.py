@@ -15,6 +15,7 @@ DST rules (documented in the README):
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -128,7 +129,9 @@ class Periodic(Schedule):
         return 1, self.align
 
     def next_after(self, instant: float, tz: ZoneInfo) -> float:
-        local = _local(instant, tz)
+        # Whole seconds, rounded down: fromtimestamp rounds to microseconds, which could
+        # otherwise carry an instant just before a whole minute onto that minute.
+        local = _local(math.floor(instant), tz)
         offset = local.utcoffset()
         # Smallest whole local minute strictly after `instant`.
         base = local.replace(second=0, microsecond=0)
@@ -223,7 +226,7 @@ class Cron(Schedule):
         return len(self.expr.split()) >= 6
 
     def next_after(self, instant: float, tz: ZoneInfo) -> float:
-        local = _local(instant, tz).replace(tzinfo=None)
+        local = _local(math.floor(instant), tz).replace(tzinfo=None)
         # Wall times before `local` can only map to instants <= `instant`, so start there.
         it = croniter(self.expr, local)
         for _ in range(100000):

@@ -1,0 +1,83 @@
+"""Placement: one vs all, allowed roles only, least-loaded choice, no eligible node."""
+
+from __future__ import annotations
+
+from coordinator.core import placement
+from coordinator.core.node import Node
+from coordinator.core.schedule import Periodic
+from coordinator.core.service import Kind, Placement, Service
+
+NODES = [
+    Node("n3-proc", frozenset({"Processing"})),
+    Node("n1-master", frozenset({"Master"})),
+    Node("n2-master-calc", frozenset({"Master", "Calculation"})),
+    Node("n4-calc", frozenset({"Calculation"}), capacity=1),
+]
+
+
+def svc(*roles: str, where: Placement = Placement.ONE, rank_by: str | None = None) -> Service:
+    return Service(
+        name="S", kind=Kind.PERIODIC, schedule=Periodic(5), allowed_roles=frozenset(roles),
+        placement=where, rank_by=rank_by,
+    )
+
+
+def test_eligible_holds_an_allowed_role_sorted_by_id() -> None:
+    assert [n.id for n in placement.eligible(svc("Master"), NODES)] == [
+        "n1-master", "n2-master-calc",
+    ]
+    assert [n.id for n in placement.eligible(svc("Calculation", "Processing"), NODES)] == [
+        "n2-master-calc", "n3-proc", "n4-calc",
+    ]
+    assert placement.eligible(svc("Reporting"), NODES) == []
+
+
+def test_all_targets_every_eligible_node() -> None:
+    assert placement.targets(svc("Master", where=Placement.ALL), NODES) == [
+        "n1-master", "n2-master-calc",
+    ]
+    assert placement.targets(svc("Reporting", where=Placement.ALL), NODES) == []
+
+
+def test_one_is_chosen_at_dispatch() -> None:
+    assert placement.targets(svc("Master"), NODES) is None
+
+
+def test_one_picks_the_least_loaded_node_ties_by_id() -> None:
+    s = svc("Master", "Processing")
+    assert placement.choose_one(s, NODES, {}) == "n1-master"
+    assert placement.choose_one(s, NODES, {"n1-master": 2, "n2-master-calc": 1}) == "n3-proc"
+    assert placement.choose_one(s, NODES, {"n1-master": 1, "n3-proc": 1}) == "n2-master-calc"
+
+
+def test_one_never_picks_a_node_without_an_allowed_role() -> None:
+    s = svc("Processing")
+    assert placement.choose_one(s, NODES, {"n3-proc": 50}) == "n3-proc"
+
+
+def test_no_eligible_node() -> None:
+    assert placement.choose_one(svc("Reporting"), NODES, {}) is None
+    assert placement.choose_one(svc("Master"), [], {}) is None
+
+
+def test_a_node_at_capacity_is_not_chosen() -> None:
+    s = svc("Calculation")
+    assert placement.choose_one(s, NODES, {"n2-master-calc": 5}) == "n4-calc"
+    assert placement.choose_one(s, NODES, {"n2-master-calc": 64, "n4-calc": 1}) is None
+
+
+def test_rank_orders_candidates_best_first() -> None:
+    s = svc("Master", "Processing", rank_by="fastest")
+    seen = []
+
+    def rank(ranking_id: str) -> list[str]:
+        seen.append(ranking_id)
+        return ["n3-proc", "n9-gone", "n2-master-calc"]
+
+    assert placement.choose_one(s, NODES, {}, rank) == "n3-proc"
+    assert seen == ["fastest"]
+    # A node missing from the ranking comes after the ranked ones.
+    assert placement.choose_one(s, NODES, {"n3-proc": 64}, rank) == "n2-master-calc"
+    # Without rank_by the ranking is not consulted.
+    assert placement.choose_one(svc("Master"), NODES, {}, rank) == "n1-master"
+    assert seen == ["fastest", "fastest"]
