@@ -357,10 +357,11 @@ class Procs:
             args += ["--http-port", str(http_port)]
         return self._spawn(name, args)
 
-    def worker(self, spec: NodeSpec, capacity: int = 64) -> Proc:
+    def worker(self, spec: NodeSpec, capacity: int = 256) -> Proc:
         return self._spawn(spec.id, [
             "worker", "--node", spec.id, "--roles", ",".join(spec.roles), "--zk", self.zk_hosts,
             "--amqp", self.amqp_url, "--session-timeout", "2", "--capacity", str(capacity),
+            "--catalogue", str(self.catalogue),
         ])
 
     def close(self) -> None:
@@ -896,8 +897,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elif name == "lateness":
                     bench_lateness(ctx)
                 elif name == "burst":
-                    bench_burst(ctx, 64)
-                    bench_burst(ctx, 400)
+                    bench_burst(ctx, 256)
                 elif name == "throughput":
                     bench_throughput(ctx)
                 elif name == "cpu":

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "takes orders from rota.node.<id> and reports run events.")
     wo.add_argument("--node", required=True, help="node id, unique in the cluster")
     wo.add_argument("--roles", required=True, help="comma-separated roles, e.g. Master,Processing")
-    wo.add_argument("--capacity", type=int, default=64, help="runs at once (default 64)")
+    wo.add_argument("--capacity", type=int, default=256, help="runs at once (default 256)")
     wo.add_argument("--catalogue", default=str(DEFAULT_CATALOGUE), metavar="FILE",
                     help="the cluster's catalogue: orders for services not in it, or with "
                     "another utility, are refused (default: the shipped catalogue)")

@@ -56,7 +56,7 @@ class WorkerNode:
         coordination: Coordination,
         clock: Clock,
         *,
-        capacity: int = 64,
+        capacity: int = 256,
         consumer_threads: int = 4,
         metrics_url: str | None = None,
         journal: str | None = None,

@@ -132,6 +132,7 @@ class Engine:
         self._timers: list[tuple[float, int, str, str]] = []  # (when, seq, kind, key)
         self._seq = itertools.count()
         self._load: dict[str, int] = {}
+        self._full: deque[str] = deque()  # runs granted their groups, waiting for capacity
         self._changes = Changes()
         self._started = False
 
@@ -378,6 +379,11 @@ class Engine:
         elif run.node not in self.nodes:
             run.node = None
         if run.node is None:
+            if not run.target and placement.eligible(svc, self.nodes.values()):
+                # Every eligible node is at capacity: wait (FIFO) until one frees a slot.
+                if run.run_id not in self._full:
+                    self._full.append(run.run_id)
+                return []
             return self._end(
                 run, RunState.EXPIRED, now, reason="no live node holds an allowed role"
             )
@@ -422,6 +428,8 @@ class Engine:
             run.error = error
         if was_placed and run.node:
             self._load[run.node] = max(0, self._load.get(run.node, 0) - 1)
+        if run.run_id in self._full:
+            self._full.remove(run.run_id)
         actions = self._finish_record(run)
         self.runs.pop(run.run_id, None)
         key = (run.service, run.target)
@@ -438,6 +446,22 @@ class Engine:
             if not pending:
                 del self._pending[key]
             actions += self._ready(nxt, now)
+        if was_placed and self._full:
+            actions += self._place_waiting(now)
+        return actions
+
+    def _place_waiting(self, now: float) -> list[Action]:
+        """Dispatch runs that waited for a node with free capacity, oldest first."""
+        actions: list[Action] = []
+        for run_id in list(self._full):
+            run = self.runs.get(run_id)
+            if run is None or run.state is not RunState.QUEUED:
+                self._full.remove(run_id)
+                continue
+            self._full.remove(run_id)
+            actions += self._dispatch(run, now)
+            if run_id in self._full:
+                break  # still no room: later ones wait behind it
         return actions
 
     def _finish_record(self, run: Run) -> list[Action]:
@@ -540,7 +564,9 @@ class Engine:
     # == nodes ==============================================================================
     def node_up(self, node: Node, now: float) -> list[Action]:
         self.nodes[node.id] = node
-        return self._reconcile_daemons(now) if self._started else []
+        if not self._started:
+            return []
+        return self._reconcile_daemons(now) + (self._place_waiting(now) if self._full else [])
 
     def node_down(self, node_id: str, now: float) -> list[Action]:
         """The node is certainly fenced off (its session expired): its runs are lost."""

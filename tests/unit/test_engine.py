@@ -1136,3 +1136,28 @@ def test_node_deaths_and_failovers_keep_runs_apart_and_on_allowed_nodes(
         slots = [T0 + k * period * 60 for k in range(1, 200) if T0 + k * period * 60 <= at(2)]
         assert sorted(outcomes) == slots, name
         assert all(len(v) == 1 for v in outcomes.values()), outcomes
+
+
+def test_runs_wait_for_capacity_instead_of_expiring() -> None:
+    from coordinator.core.engine import Dispatch, Engine
+    from coordinator.core.node import Node
+    from coordinator.core.run import RunState
+    from coordinator.core.schedule import Periodic
+    from coordinator.core.service import Kind, Service
+
+    t0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+    services = [Service(f"s{i}", Kind.PERIODIC, Periodic(1, 0), frozenset({"Master"}))
+                for i in range(3)]
+    engine = Engine(services)
+    engine.node_up(Node("n1", frozenset({"Master"}), capacity=1), t0)
+    engine.start(t0)
+    first = [a for a in engine.tick(t0 + 60) if isinstance(a, Dispatch)]
+    assert len(first) == 1
+    waiting = [r for r in engine.runs.values() if r.state is RunState.QUEUED]
+    assert len(waiting) == 2 and engine.in_queue_since(waiting[0].service) == t0 + 60
+    run = first[0].run
+    engine.run_started(run.run_id, "n1", t0 + 60.1, t0 + 60.1)
+    nxt = [a for a in engine.run_finished(run.run_id, "n1", "succeeded", t0 + 61)
+           if isinstance(a, Dispatch)]
+    assert len(nxt) == 1 and nxt[0].run.node == "n1"
+    assert not [r for r in engine.history if r.state is RunState.EXPIRED]
