@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -228,7 +229,7 @@ class Cron(Schedule):
     def next_after(self, instant: float, tz: ZoneInfo) -> float:
         local = _local(math.floor(instant), tz).replace(tzinfo=None)
         # Wall times before `local` can only map to instants <= `instant`, so start there.
-        it = croniter(self.expr, local)
+        it = _iterator(self.expr, local)
         for _ in range(100000):
             naive = it.get_next(datetime)
             t = first_instant(naive, tz)
@@ -241,6 +242,24 @@ class Cron(Schedule):
 
     def to_dict(self) -> dict[str, object]:
         return {"kind": "cron", "cron": self.expr}
+
+
+_CRONS = threading.local()
+
+
+def _iterator(expr: str, start: datetime) -> croniter:
+    """A croniter for `expr` positioned at `start`; parsed once per expression and thread."""
+    cache: dict[str, croniter] | None = getattr(_CRONS, "cache", None)
+    if cache is None:
+        cache = _CRONS.cache = {}
+    it = cache.get(expr)
+    if it is None:
+        if len(cache) > 10_000:
+            cache.clear()
+        it = cache[expr] = croniter(expr, start)
+    else:
+        it.set_current(start, force=True)
+    return it
 
 
 def schedule_from_dict(data: dict[str, object]) -> Schedule | None:
