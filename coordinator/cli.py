@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     wo = sub.add_parser("worker", help="run a worker node",
                         description="Run a worker node: it announces its roles in ZooKeeper, "
-                        "takes orders from rota.node.<id> and reports run events.")
+                        "takes orders from rota.node.<id> and reports run events. SIGHUP "
+                        "reloads its catalogue.")
     wo.add_argument("--node", required=True, help="node id, unique in the cluster")
     wo.add_argument("--roles", required=True, help="comma-separated roles, e.g. Master,Processing")
     wo.add_argument("--capacity", type=int, default=256, help="runs at once (default 256)")
@@ -323,6 +324,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
         coordination.on_session_trouble(
             lambda: node.stop_lock_holders("ZooKeeper session in danger"), lambda: None
         )
+    def reload(signum, frame):  # type: ignore[no-untyped-def]
+        from coordinator.core.catalogue import CatalogueError, load_catalogue
+
+        try:
+            node.catalogue = load_catalogue(args.catalogue)
+        except (CatalogueError, OSError) as exc:
+            print(f"rota worker {args.node}: catalogue reload refused: {exc}", flush=True)
+            return
+        print(f"rota worker {args.node}: reloaded {args.catalogue}", flush=True)
+
+    signal.signal(signal.SIGHUP, reload)
     node.start()
     print(f"rota worker {args.node} ({', '.join(roles)}): consuming "
           f"{transport.node_queue(args.node)}", flush=True)
