@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -86,9 +87,14 @@ class WorkerNode:
         self._journal = open(journal, "a", encoding="utf-8") if journal else None  # noqa: SIM115
         self._journal_lock = threading.Lock()
         self._daemon_groups: dict[str, list[str]] = {}
+        self._outbox: queue.Queue[bytes | None] = queue.Queue()
+        self._reporter_thread = threading.Thread(
+            target=self._reporter, name=f"report:{node_id}", daemon=True
+        )
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> WorkerNode:
+        self._reporter_thread.start()
         self.coordination.watch_epoch(self._see_epoch)
         self.broker.declare_queue(self.queue)
         name = transport.actor_name_for(self.queue)
@@ -120,6 +126,8 @@ class WorkerNode:
             self._worker = None
         self.daemons.stop_all()
         self._pool.shutdown(wait=True, cancel_futures=False)
+        self._outbox.put(None)  # send what is queued, then stop reporting
+        self._reporter_thread.join(timeout)
         if self._journal is not None:
             with self._journal_lock:
                 self._journal.close()
@@ -312,13 +320,35 @@ class WorkerNode:
         ))
 
     def _report(self, ev: RunEvent) -> None:
-        payload = encode(ev)
-        delay = 0.1
-        while True:
-            try:
-                transport.send(self.broker, transport.RESULTS, payload)
-                return
-            except Exception as exc:  # broker down: keep the event, retry with backoff
-                log.warning("cannot report %s %s (%s); retrying", ev.run_id, ev.state, exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        """Queue a run event for the reporter thread (which keeps them in order)."""
+        self._outbox.put(encode(ev))
+
+    def _reporter(self) -> None:
+        """Sends queued run events to rota.results in confirmed batches; while RabbitMQ is
+        unreachable it keeps them and retries with backoff, so none is lost."""
+        publisher = transport.Publisher(self.broker)
+        closing = False
+        while not closing:
+            item = self._outbox.get()
+            batch: list[tuple[str, bytes]] = []
+            while True:
+                if item is None:
+                    closing = True
+                    break
+                batch.append((transport.RESULTS, item))
+                if len(batch) >= 500:
+                    break
+                try:
+                    item = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+            delay = 0.1
+            while True:
+                try:
+                    publisher.send_many(batch)
+                    break
+                except Exception as exc:  # broker down: keep the events, retry with backoff
+                    log.warning("cannot report %d event(s) (%s); retrying", len(batch), exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        publisher.close()
