@@ -59,13 +59,6 @@ class LeaderOptions:
 
 
 @dataclass
-class _DaemonSpan:
-    run_id: str
-    started_at: float
-    seq: int = 0
-
-
-@dataclass
 class _Turn:
     actions: list[Action] = field(default_factory=list)
     acks: list[transport.Delivery] = field(default_factory=list)
@@ -123,8 +116,6 @@ class Coordinator:
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._stopping = threading.Event()
         self._nodes: dict[str, Node] = {}
-        self._daemon_spans: dict[str, _DaemonSpan] = {}
-        self._daemon_seq: dict[str, int] = {}
         self.first_dispatch_at: float | None = None  # real time of this term's first order
         self._publisher = transport.Publisher(broker)
 
@@ -340,9 +331,6 @@ class Coordinator:
             for node_id in set(self._nodes) - set(fresh):
                 log.info("node %s is gone; its runs are lost", node_id)
                 actions += engine.node_down(node_id, now)
-                for key in [k for k in self._daemon_spans if k.endswith("@" + node_id)]:
-                    actions += []
-                    self._daemon_spans.pop(key, None)
             for node_id, node in fresh.items():
                 if self._nodes.get(node_id) != node:
                     actions += engine.node_up(node, now)
@@ -380,39 +368,27 @@ class Coordinator:
         return []
 
     def _daemon_record(self, ev: RunEvent, turn: _Turn) -> None:
+        """A daemon interval as a run record: from a start or resume to a pause, stop or exit.
+
+        The interval is named after the instant the worker started it, which the worker sends
+        again with the end event, so any leader can close an interval another one opened.
+        """
         key = f"daemon:{ev.service}@{ev.node}"
         svc = self.catalogue.services.get(ev.service)
         groups = sorted(svc.run_groups) if svc else []
         if ev.state in ("started", "resumed"):
-            if key in self._daemon_spans:
-                return
-            seq = self._daemon_seq.get(key, 0) + 1
-            self._daemon_seq[key] = seq
-            epoch = self.engine.epoch if self.engine is not None else ev.epoch
-            span = _DaemonSpan(f"{key}#{epoch}.{seq}", ev.at, seq)
-            self._daemon_spans[key] = span
-            turn.extra_records.append(
-                RunRecord(
-                    run_id=span.run_id, service=ev.service, node=ev.node, trigger="daemon",
-                    slot=None, queued_at=ev.at, started_at=ev.at, finished_at=None,
-                    state="running", outcome=None, run_groups=groups, epoch=ev.epoch,
-                    error=None, output_tail="", reason=ev.state, attempt=1,
-                )
-            )
-        elif ev.state in ("paused", "stopped", "exited"):
-            span = self._daemon_spans.pop(key, None)
-            if span is None:
-                return
-            state = "failed" if ev.state == "exited" else "succeeded"
-            turn.extra_records.append(
-                RunRecord(
-                    run_id=span.run_id, service=ev.service, node=ev.node, trigger="daemon",
-                    slot=None, queued_at=span.started_at, started_at=span.started_at,
-                    finished_at=ev.at, state=state, outcome=state, run_groups=groups,
-                    epoch=ev.epoch, error=ev.error, output_tail=ev.output_tail,
-                    reason=ev.state, attempt=1,
-                )
-            )
+            began, finished, state, outcome = ev.at, None, "running", None
+        elif ev.state in ("paused", "stopped", "exited") and ev.started_at is not None:
+            outcome = "failed" if ev.state == "exited" else "succeeded"
+            began, finished, state = ev.started_at, ev.at, outcome
+        else:
+            return
+        turn.extra_records.append(RunRecord(
+            run_id=f"{key}#{began:.3f}", service=ev.service, node=ev.node, trigger="daemon",
+            slot=None, queued_at=began, started_at=began, finished_at=finished, state=state,
+            outcome=outcome, run_groups=groups, epoch=ev.epoch, error=ev.error,
+            output_tail=ev.output_tail, reason=ev.state, attempt=1,
+        ))
 
     def _on_request(self, engine: Engine, msg: object, now: float, turn: _Turn) -> list[Action]:
         if isinstance(msg, ManualRunRequest):

@@ -87,6 +87,7 @@ class WorkerNode:
         self._journal = open(journal, "a", encoding="utf-8") if journal else None  # noqa: SIM115
         self._journal_lock = threading.Lock()
         self._daemon_groups: dict[str, list[str]] = {}
+        self._daemon_since: dict[str, float] = {}  # service -> start of its current interval
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         self._reporter_thread = threading.Thread(
             target=self._reporter, name=f"report:{node_id}", daemon=True
@@ -287,9 +288,11 @@ class WorkerNode:
         self._daemon_groups[c.service] = list(c.run_groups)
         if c.action == "start":
             if self.daemons.status().get(c.service) in ("running", "backoff"):
+                # Already running: tell the (new) leader since when.
                 self._report(RunEvent(
                     run_id=f"daemon:{c.service}@{self.node_id}", service=c.service,
-                    node=self.node_id, state="started", at=self.clock.now(), epoch=c.epoch,
+                    node=self.node_id, state="started",
+                    at=self._daemon_since.get(c.service, self.clock.now()), epoch=c.epoch,
                 ))
             elif self.daemons.status().get(c.service) == "paused":
                 self.daemons.resume(c.service)
@@ -303,6 +306,11 @@ class WorkerNode:
             self.daemons.resume(c.service)
 
     def _daemon_report(self, ev: DaemonEvent) -> None:
+        since: float | None = None
+        if ev.state in ("started", "resumed"):
+            self._daemon_since[ev.service] = ev.at
+        else:
+            since = self._daemon_since.pop(ev.service, None)
         if self._journal is not None:
             line = json.dumps({
                 "event": "daemon-" + ev.state, "run_id": f"daemon:{ev.service}@{self.node_id}",
@@ -316,7 +324,7 @@ class WorkerNode:
         self._report(RunEvent(
             run_id=f"daemon:{ev.service}@{self.node_id}", service=ev.service, node=self.node_id,
             state=ev.state, at=ev.at, epoch=self._daemon_epoch, error=ev.error,
-            output_tail=ev.output_tail or "",
+            output_tail=ev.output_tail or "", started_at=since,
         ))
 
     def _report(self, ev: RunEvent) -> None:
