@@ -48,6 +48,7 @@ from protocol import (
 log = logging.getLogger("rota.leader")
 
 FaultHook = Callable[[str], None]
+REPUBLISH_WINDOW = 300.0  # seconds of finished runs a new leader publishes again
 
 
 @dataclass
@@ -203,6 +204,10 @@ class Coordinator:
             order_ttl=self.options.order_ttl,
         )
         now = self.clock.now()
+        # Events are published after each ledger write, so a leader killed in between never
+        # sent some: say again what the ledger knows of the last minutes (at least once).
+        for run in [*state.runs, *self.ledger.recent_all(since=now - REPUBLISH_WINDOW)]:
+            self._publish(record_of(run), history=False)
         with self.lock:
             self.engine = engine
             for node in self._nodes.values():
@@ -464,9 +469,10 @@ class Coordinator:
         )
         return transport.node_queue(c.node), encode(msg)
 
-    def _publish(self, rec: RunRecord) -> None:
+    def _publish(self, rec: RunRecord, history: bool = True) -> None:
         self.events.publish(rec.routing_key, encode(rec))
-        if rec.state in _FINAL or (rec.trigger == "daemon" and rec.finished_at is not None):
+        final = rec.state in _FINAL or (rec.trigger == "daemon" and rec.finished_at is not None)
+        if history and final:
             for sink in self.history_sinks:
                 try:
                     sink(rec)

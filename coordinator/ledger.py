@@ -121,5 +121,12 @@ class Ledger:
                 )
         return state
 
+    def recent_all(self, since: float) -> list[Run]:
+        """Finished runs of every service kept in the ledger that finished at `since` or later."""
+        out = []
+        for name in list(self.history):
+            out += [r for r in self.recent(name) if (r.finished_at or 0.0) >= since]
+        return out
+
     def recent(self, service: str) -> list[Run]:
         return [run_from_message(decode_as(b, LedgerRun)) for b in self.history.get(service, ())]
