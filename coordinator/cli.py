@@ -214,7 +214,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"rota: {len(catalogue.services)} services on {len(nodes)} nodes "
           f"({'RabbitMQ + ZooKeeper' if args.amqp else 'in memory'}), speed x{args.speed:g}"
           + (f", for {args.duration:g}s" if args.duration else "; Ctrl-C stops"), flush=True)
-    cluster.start()
+    try:
+        cluster.start()
+    except KeyboardInterrupt:
+        print("rota: interrupted while starting; stopping", flush=True)
+        cluster.stop()
+        return 130
+    except RuntimeError as exc:
+        cluster.stop()
+        sys.exit(f"rota up: {exc}; run with -v to see why")
     http = None
     if args.http_port:
         from coordinator.http import serve

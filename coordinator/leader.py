@@ -214,7 +214,7 @@ class Coordinator:
                 engine.node_up(node, now)
             turn = _Turn()
             turn.actions += engine.start(now, state, term.epoch)
-            turn.actions += engine.redispatch()
+            turn.actions += engine.redispatch(now)
         self.first_dispatch_at = None
         self._finish_turn(term, engine, turn)
         return engine

@@ -175,6 +175,8 @@ class ZkTerm:
     # -- reads --------------------------------------------------------------------------
     def load(self) -> dict[str, bytes]:
         """The whole ledger. Reads follow this session's epoch bump, so no older state shows."""
+        if self._lost.is_set():
+            raise Fenced(f"epoch {self.epoch}: the term has ended")
         try:
             names = self._client.get_children(LEDGER)
             out: dict[str, bytes] = {}
@@ -215,6 +217,10 @@ class ZkTerm:
         if not writes:
             return
         with self._commit_lock:
+            # Once the session is suspended kazoo queues requests until the link is back: an
+            # ended term must fail at once, not hang its leader for the whole partition.
+            if self._lost.is_set():
+                raise Fenced(f"epoch {self.epoch}: the term has ended")
             try:
                 if self._known is None:
                     self._known = self._list_keys()

@@ -199,15 +199,18 @@ class Engine:
                 out += self._ready(run, now)
         return out
 
-    def redispatch(self) -> list[Action]:
+    def redispatch(self, now: float) -> list[Action]:
         """Orders for adopted runs that were recorded as dispatched but may never have left.
 
-        Workers recognise a re-sent order by its run id and ignore duplicates. (Adopted queued
-        runs were queued again by `start`.)
+        Workers recognise a re-sent order by its run id and ignore duplicates. An order whose
+        deadline has passed is not sent again (a worker would refuse it): its expiry timer
+        ends the run unless the worker reports it started. (Adopted queued runs were queued
+        again by `start`.)
         """
         out: list[Action] = []
         for run in self.runs.values():
-            if run.state is RunState.DISPATCHED and run.node:
+            if (run.state is RunState.DISPATCHED and run.node
+                    and run.deadline is not None and run.deadline > now):
                 out.append(Dispatch(run, self.services[run.service]))
         return out
 

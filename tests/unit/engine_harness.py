@@ -139,7 +139,7 @@ class Harness:
         for node in self.nodes.values():
             engine.node_up(node, self.now)
         actions = engine.start(self.now, state, self.epoch)
-        actions += engine.redispatch()
+        actions += engine.redispatch(self.now)
         if state is not None:
             # Re-sent starts repeat the ones `start` already gave; workers ignore repeats.
             sent = {(a.service.name, a.node, a.action) for a in actions if isinstance(a, Control)}

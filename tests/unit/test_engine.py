@@ -702,6 +702,23 @@ def test_redispatch_after_failover_keeps_the_run_ids() -> None:
     assert rec.run_id == rid
 
 
+def test_a_takeover_after_the_deadline_does_not_resend_a_stale_order() -> None:
+    # The cluster was down longer than the order's deadline: the new leader must not send an
+    # order a worker would refuse (deadline before issue time); the run expires instead.
+    h = Harness([service("Files Collector", Periodic(10))], [MASTER],
+                durations={"Files Collector": 30})
+    rid = run_id_for("Files Collector", at(0, 10), None)
+    h.drop_orders.add(rid)
+    h.advance(at(0, 10, 5))
+    h.kill_leader()
+    h.failover(at(0, 40))
+    assert [d.run_id for d in h.dispatches] == [rid]  # only the first, lost order
+    h.advance(at(0, 40, 1))
+    [rec] = h.finished("Files Collector", "expired")
+    assert rec.run_id == rid
+    assert rid not in [iv.run_id for iv in h.runs_of("Files Collector")]
+
+
 def test_a_run_in_flight_during_failover_finishes_under_the_new_leader() -> None:
     h = Harness(
         [service("Backup Manager", FixedTimes.parse(["00:05"]), groups=(STATS,)),
