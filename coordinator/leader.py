@@ -271,6 +271,13 @@ class Coordinator:
             if writes:
                 term.commit(writes)  # raises Fenced when deposed: nothing below happens
         dispatches = [a for a in turn.actions if isinstance(a, Dispatch)]
+        if log.isEnabledFor(logging.DEBUG) and (dispatches or changes):
+            log.debug("epoch %d turn: ledger runs %s cursors %s; orders %s; records %s",
+                      term.epoch,
+                      {k: (r.state.value if r else "-") for k, r in changes.runs.items()},
+                      changes.cursors, [a.run.run_id for a in dispatches],
+                      [f"{a.run.run_id}:{a.run.state.value}" for a in turn.actions
+                       if isinstance(a, Record)])
         if fault and dispatches:
             fault("after-ledger")
         now = self.clock.now()

@@ -122,10 +122,13 @@ class Ledger:
         return state
 
     def recent_all(self, since: float) -> list[Run]:
-        """Finished runs of every service kept in the ledger that finished at `since` or later."""
+        """Finished runs of every service kept in the ledger that ended at `since` or later.
+
+        Missed and skipped records never started, so their moment is when they were recorded.
+        """
         out = []
         for name in list(self.history):
-            out += [r for r in self.recent(name) if (r.finished_at or 0.0) >= since]
+            out += [r for r in self.recent(name) if (r.finished_at or r.queued_at) >= since]
         return out
 
     def recent(self, service: str) -> list[Run]:

@@ -159,7 +159,9 @@ class Cluster:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         fh = open(log, "ab")  # noqa: SIM115 - the child owns it
         popen = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "-v", *args],
+            # ROTA_TEST_VERBOSITY=-vv logs every leader turn (ledger writes, orders, records).
+            [sys.executable, "-m", "coordinator.cli", os.environ.get("ROTA_TEST_VERBOSITY", "-v"),
+             *args],
             stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
         )
         fh.close()
