@@ -22,6 +22,16 @@ import pika
 
 from protocol import ProtocolError, RunRecord, decode_as
 
+SECONDS_CATALOGUE = Path(__file__).parent / "integration" / "catalogues" / "seconds.toml"
+"""A catalogue on second-level cron schedules, for cluster tests."""
+THREE_NODES = {
+    "w-master": "Master",
+    "w-red": "Redundancy,Reporting",
+    "w-proc": "Processing,Calculation",
+}
+"""Workers for every role of that catalogue: node id -> comma-separated roles."""
+THREE_NODES_ROLES = {n: r.split(",") for n, r in THREE_NODES.items()}
+
 
 class EventRecorder:
     """Consumes `rota.events` (all routing keys) into memory from its own thread."""

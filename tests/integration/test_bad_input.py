@@ -21,9 +21,8 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -46,33 +45,16 @@ from protocol import (
     decode_as,
     encode,
 )
-from tests.harness import Cluster, EventRecorder
+from tests.harness import SECONDS_CATALOGUE, THREE_NODES, Cluster, EventRecorder
 
-CATALOGUE = Path(__file__).parent / "catalogues" / "seconds.toml"
-NODES = {
-    "w-master": "Master",
-    "w-red": "Redundancy,Reporting",
-    "w-proc": "Processing,Calculation",
-}
+CATALOGUE = SECONDS_CATALOGUE
+NODES = THREE_NODES
 RESULTS, REQUESTS, DEAD = transport.RESULTS, transport.REQUESTS, transport.DEAD
 DECODE_FAILURE = "Failed to decode message using encoder"
 UNDEFINED_ACTOR = "Received message for undefined actor"
 
 
 # -- the cluster ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def cluster(
-    amqp_url: str, zk_hosts: str, tmp_path: Path
-) -> Iterator[tuple[Cluster, EventRecorder]]:
-    c = Cluster(amqp_url, zk_hosts, CATALOGUE, tmp_path)
-    rec = EventRecorder(amqp_url).start()
-    try:
-        yield c, rec
-    finally:
-        c.close()
-        rec.stop()
 
 
 def _start(c: Cluster, rec: EventRecorder, nodes: dict[str, str]) -> int:

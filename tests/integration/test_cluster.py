@@ -7,33 +7,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from pathlib import Path
-
-import pytest
 
 from coordinator.adapters import transport
 from coordinator.audit import audit
 from coordinator.core.catalogue import load_catalogue
 from protocol import RunOrder, encode
-from tests.harness import Cluster, EventRecorder
+from tests.harness import SECONDS_CATALOGUE, THREE_NODES, Cluster
 
-CATALOGUE = Path(__file__).parent / "catalogues" / "seconds.toml"
-NODES = {
-    "w-master": "Master",
-    "w-red": "Redundancy,Reporting",
-    "w-proc": "Processing,Calculation",
-}
-
-
-@pytest.fixture
-def cluster(amqp_url: str, zk_hosts: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    c = Cluster(amqp_url, zk_hosts, CATALOGUE, tmp_path)
-    rec = EventRecorder(amqp_url).start()
-    try:
-        yield c, rec
-    finally:
-        c.close()
-        rec.stop()
+CATALOGUE = SECONDS_CATALOGUE
+NODES = THREE_NODES
 
 
 def _start(c: Cluster) -> None:

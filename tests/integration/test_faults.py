@@ -12,33 +12,15 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from pathlib import Path
-
-import pytest
 
 from coordinator.audit import audit, audit_journal
 from coordinator.core.catalogue import load_catalogue
 from ops import localservers
-from tests.harness import Cluster, EventRecorder
+from tests.harness import SECONDS_CATALOGUE, THREE_NODES, THREE_NODES_ROLES, Cluster, EventRecorder
 
-CATALOGUE = Path(__file__).parent / "catalogues" / "seconds.toml"
-NODES = {
-    "w-master": "Master",
-    "w-red": "Redundancy,Reporting",
-    "w-proc": "Processing,Calculation",
-}
-ROLES = {n: r.split(",") for n, r in NODES.items()}
-
-
-@pytest.fixture
-def cluster(amqp_url: str, zk_hosts: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    c = Cluster(amqp_url, zk_hosts, CATALOGUE, tmp_path)
-    rec = EventRecorder(amqp_url).start()
-    try:
-        yield c, rec
-    finally:
-        c.close()
-        rec.stop()
+CATALOGUE = SECONDS_CATALOGUE
+NODES = THREE_NODES
+ROLES = THREE_NODES_ROLES
 
 
 def wait_leader(c: Cluster, not_: str | None = None, timeout: float = 20.0) -> str:

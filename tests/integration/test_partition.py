@@ -35,15 +35,11 @@ from coordinator.audit import NOT_RUN, RAN, audit, audit_journal
 from coordinator.core.catalogue import load_catalogue
 from protocol import RunOrder, RunRecord, encode
 from tests.faultproxy import FaultProxy
-from tests.harness import Cluster, EventRecorder
+from tests.harness import SECONDS_CATALOGUE, THREE_NODES, THREE_NODES_ROLES, Cluster, EventRecorder
 
-CATALOGUE = Path(__file__).parent / "catalogues" / "seconds.toml"
-NODES = {
-    "w-master": "Master",
-    "w-red": "Redundancy,Reporting",
-    "w-proc": "Processing,Calculation",
-}
-ROLES = {n: r.split(",") for n, r in NODES.items()}
+CATALOGUE = SECONDS_CATALOGUE
+NODES = THREE_NODES
+ROLES = THREE_NODES_ROLES
 TAKEOVER_LIMIT = 6.0  # seconds from the cut to the successor's first record
 
 
