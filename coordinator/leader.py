@@ -117,6 +117,8 @@ class Coordinator:
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._stopping = threading.Event()
         self._nodes: dict[str, Node] = {}
+        # Daemon intervals seen opening: "daemon:<service>@<node>" -> (began, groups, epoch).
+        self._open_daemons: dict[str, tuple[float, list[str], int]] = {}
         self.first_dispatch_at: float | None = None  # real time of this term's first order
         self._publisher = transport.Publisher(broker)
 
@@ -301,7 +303,10 @@ class Coordinator:
     # -- inputs -------------------------------------------------------------------------
     def _handle(self, engine: Engine, kind: str, item: object, now: float, turn: _Turn) -> None:
         if kind == "nodes":
+            gone = set(self._nodes)
             turn.actions += self._apply_nodes(item, engine, now)  # type: ignore[arg-type]
+            for node_id in gone - set(self._nodes):
+                turn.extra_records += self._close_daemons(node_id, now, f"node {node_id} died")
             return
         if kind not in ("result", "request"):
             return
@@ -390,9 +395,17 @@ class Coordinator:
         groups = sorted(svc.run_groups) if svc else []
         if ev.state in ("started", "resumed"):
             began, finished, state, outcome = ev.at, None, "running", None
+            opened = self._open_daemons.get(key)
+            if opened is not None and opened[0] != began and ev.state == "started":
+                # A fresh start while an interval is open: the node's worker was restarted
+                # and the instance it ran ended with it.
+                turn.extra_records.append(self._lost_daemon(key, ev.service, ev.node, opened,
+                                                            ev.at, "its worker restarted"))
+            self._open_daemons[key] = (began, groups, ev.epoch)
         elif ev.state in ("paused", "stopped", "exited") and ev.started_at is not None:
             outcome = "failed" if ev.state == "exited" else "succeeded"
             began, finished, state = ev.started_at, ev.at, outcome
+            self._open_daemons.pop(key, None)
         else:
             return
         turn.extra_records.append(RunRecord(
@@ -401,6 +414,26 @@ class Coordinator:
             outcome=outcome, run_groups=groups, epoch=ev.epoch, error=ev.error,
             output_tail=ev.output_tail, reason=ev.state, attempt=1,
         ))
+
+    def _close_daemons(self, node_id: str, now: float, reason: str) -> list[RunRecord]:
+        """End the daemon intervals of a node that is gone: its daemons died with it."""
+        out = []
+        for key in [k for k in self._open_daemons if k.rsplit("@", 1)[1] == node_id]:
+            service = key[len("daemon:"):].rsplit("@", 1)[0]
+            out.append(self._lost_daemon(key, service, node_id, self._open_daemons.pop(key),
+                                         now, reason))
+        return out
+
+    @staticmethod
+    def _lost_daemon(key: str, service: str, node: str, opened: tuple[float, list[str], int],
+                     at: float, reason: str) -> RunRecord:
+        began, groups, epoch = opened
+        return RunRecord(
+            run_id=f"{key}#{began:.3f}", service=service, node=node, trigger="daemon",
+            slot=None, queued_at=began, started_at=began, finished_at=max(began, at),
+            state="lost", outcome="lost", run_groups=groups, epoch=epoch, error=None,
+            output_tail="", reason=reason, attempt=1,
+        )
 
     def _on_request(self, engine: Engine, msg: object, now: float, turn: _Turn) -> list[Action]:
         if isinstance(msg, ManualRunRequest):

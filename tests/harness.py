@@ -94,10 +94,18 @@ class EventRecorder:
             prev = last.get(r.run_id)
             if prev is None or _rank(r) >= _rank(prev):
                 last[r.run_id] = r
+        # One daemon instance per service and node: an interval still open ends at the latest
+        # when the next one on that node begins (its worker died while no leader saw it).
+        starts: dict[tuple[str, str | None], list[float]] = {}
+        for r in last.values():
+            if r.trigger == "daemon" and r.started_at is not None:
+                starts.setdefault((r.service, r.node), []).append(r.started_at)
         out = []
         for r in last.values():
             if r.trigger == "daemon" and r.finished_at is None and end is not None:
-                r = RunRecord.from_dict({**r.to_dict(), "finished_at": end})
+                later = [t for t in starts.get((r.service, r.node), [])
+                         if r.started_at is not None and t > r.started_at]
+                r = RunRecord.from_dict({**r.to_dict(), "finished_at": min([end, *later])})
             out.append(r)
         return out
 
