@@ -199,6 +199,7 @@ class Coordinator:
     def _build(self, term: Term) -> Engine:
         """A fresh engine resumed from the ledger; its first actions are carried out."""
         self.ledger = Ledger()
+        self._open_daemons.clear()  # another leader may have seen them end meanwhile
         state = self.ledger.restore(term.load())
         engine = Engine(
             self.catalogue.services.values(),

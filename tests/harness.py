@@ -92,7 +92,12 @@ class EventRecorder:
         last: dict[str, RunRecord] = {}
         for r in self.snapshot():
             prev = last.get(r.run_id)
-            if prev is None or _rank(r) >= _rank(prev):
+            if (prev is not None and r.trigger == "daemon" and prev.finished_at is not None
+                    and r.finished_at is not None):
+                # An interval closed twice (its end, then a leader that missed it): the first.
+                if r.finished_at < prev.finished_at:
+                    last[r.run_id] = r
+            elif prev is None or _rank(r) >= _rank(prev):
                 last[r.run_id] = r
         # One daemon instance per service and node: an interval still open ends at the latest
         # when the next one on that node begins (its worker died while no leader saw it).
