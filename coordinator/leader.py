@@ -304,10 +304,16 @@ class Coordinator:
     # -- inputs -------------------------------------------------------------------------
     def _handle(self, engine: Engine, kind: str, item: object, now: float, turn: _Turn) -> None:
         if kind == "nodes":
-            gone = set(self._nodes)
+            before = dict(self._nodes)
             turn.actions += self._apply_nodes(item, engine, now)  # type: ignore[arg-type]
-            for node_id in gone - set(self._nodes):
-                turn.extra_records += self._close_daemons(node_id, now, f"node {node_id} died")
+            for node_id, node in before.items():
+                if node_id not in self._nodes:
+                    why = f"node {node_id} died"
+                elif self._nodes[node_id].incarnation != node.incarnation:
+                    why = f"node {node_id} restarted"
+                else:
+                    continue
+                turn.extra_records += self._close_daemons(node_id, now, why)
             return
         if kind not in ("result", "request"):
             return
@@ -343,14 +349,18 @@ class Coordinator:
             except ProtocolError as exc:
                 log.warning("ignoring node %s: %s", node_id, exc)
                 continue
-            fresh[node_id] = Node(node_id, frozenset(ann.roles), ann.capacity, ann.version)
+            fresh[node_id] = Node(node_id, frozenset(ann.roles), ann.capacity, ann.version,
+                                  ann.incarnation)
         actions: list[Action] = []
         if engine is not None and now is not None:
             for node_id in set(self._nodes) - set(fresh):
                 log.info("node %s is gone; its runs are lost", node_id)
                 actions += engine.node_down(node_id, now)
             for node_id, node in fresh.items():
-                if self._nodes.get(node_id) != node:
+                old = self._nodes.get(node_id)
+                if old != node:
+                    if old is not None and old.incarnation != node.incarnation:
+                        log.info("node %s restarted; what it ran before is lost", node_id)
                     actions += engine.node_up(node, now)
         self._nodes = fresh
         metrics.NODES.set(len(fresh))
@@ -495,18 +505,18 @@ class Coordinator:
             deadline=run.deadline, timeout=svc.timeout, callable=svc.utility.callable,
             command=list(svc.utility.command) if svc.utility.command else None,
             run_groups=sorted(svc.run_groups), params=self.catalogue.params.get(svc.name, {}),
-            allowed_roles=sorted(svc.allowed_roles),
+            allowed_roles=sorted(svc.allowed_roles), incarnation=run.incarnation,
         )
         return transport.node_queue(run.node), encode(order)
 
     def _control(self, c: Control, epoch: int, now: float) -> tuple[str, bytes]:
-        svc = c.service
+        svc, node = c.service, self._nodes.get(c.node)
         msg = DaemonControl(
             control_id=uuid.uuid4().hex[:16], service=svc.name, node=c.node, action=c.action,
             epoch=epoch, issued_at=now, callable=svc.utility.callable,
             command=list(svc.utility.command) if svc.utility.command else None,
             run_groups=sorted(svc.run_groups), params=self.catalogue.params.get(svc.name, {}),
-            allowed_roles=sorted(svc.allowed_roles),
+            allowed_roles=sorted(svc.allowed_roles), incarnation=node.incarnation if node else None,
         )
         return transport.node_queue(c.node), encode(msg)
 

@@ -48,6 +48,7 @@ def run_to_message(run: Run) -> LedgerRun:
         output_tail=run.output_tail,
         reason=run.reason,
         metrics=dict(run.metrics),
+        incarnation=run.incarnation,
     )
 
 
@@ -72,6 +73,7 @@ def run_from_message(m: LedgerRun) -> Run:
         output_tail=m.output_tail,
         reason=m.reason,
         metrics=dict(m.metrics),
+        incarnation=m.incarnation,
     )
 
 

@@ -473,6 +473,9 @@ class RunOrder(Message):
     params: dict[str, ParamValue] = field(default_factory=dict)
     allowed_roles: list[str] = field(default_factory=list)
     """Roles that may run this service; a worker holding none of them refuses the order."""
+    incarnation: str | None = None
+    """The node session the order was placed on (its announcement's `incarnation`); a worker
+    in another session refuses it, since the leader has ended every run of the old one."""
 
     _RULES = {
         "run_id": _ID,
@@ -490,6 +493,7 @@ class RunOrder(Message):
         "run_groups": _GROUPS,
         "params": _PARAMS,
         "allowed_roles": _GROUPS,
+        "incarnation": _OPT_NAME,
     }
 
     def _check_consistency(self) -> None:
@@ -552,6 +556,8 @@ class DaemonControl(Message):
     run_groups: list[str] = field(default_factory=list)
     params: dict[str, ParamValue] = field(default_factory=dict)
     allowed_roles: list[str] = field(default_factory=list)
+    incarnation: str | None = None
+    """The node session this control is meant for, as in `RunOrder.incarnation`."""
 
     _RULES = {
         "control_id": _ID,
@@ -565,6 +571,7 @@ class DaemonControl(Message):
         "run_groups": _GROUPS,
         "params": _PARAMS,
         "allowed_roles": _GROUPS,
+        "incarnation": _OPT_NAME,
     }
 
     def _check_consistency(self) -> None:
@@ -630,6 +637,9 @@ class NodeAnnouncement(Message):
     version: str
     started_at: float
     metrics_url: str | None = None
+    incarnation: str | None = None
+    """Changes whenever the node announces itself in a new ZooKeeper session: orders and
+    controls carry it, so nothing sent to an ended session runs in a later one."""
 
     _RULES = {
         "node": _NAME,
@@ -638,6 +648,7 @@ class NodeAnnouncement(Message):
         "version": _NAME,
         "started_at": _TIME,
         "metrics_url": _OPT_NAME,
+        "incarnation": _OPT_NAME,
     }
 
 
@@ -754,6 +765,8 @@ class LedgerRun(Message):
     output_tail: str = ""
     reason: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    incarnation: str | None = None
+    """The session of `node` the run was dispatched to."""
 
     _RULES = {
         "run_id": _ID,
@@ -775,6 +788,7 @@ class LedgerRun(Message):
         "output_tail": _OUTPUT_TAIL,
         "reason": _OPT_TEXT,
         "metrics": _METRICS,
+        "incarnation": _OPT_NAME,
     }
 
 

@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -82,6 +83,7 @@ class WorkerNode:
         self._running: dict[str, frozenset[str]] = {}  # run id -> run groups
         self._epoch = 0
         self._daemon_epoch = 0
+        self.incarnation: str | None = None  # names this node's current ZooKeeper session
         self._consumer_threads = consumer_threads
         self._worker: dramatiq.Worker | None = None
         self._journal = open(journal, "a", encoding="utf-8") if journal else None  # noqa: SIM115
@@ -114,11 +116,21 @@ class WorkerNode:
         return self
 
     def announce(self) -> None:
-        ann = NodeAnnouncement(
-            node=self.node_id, roles=sorted(self.roles), capacity=self.capacity,
-            version=VERSION, started_at=self.clock.now(), metrics_url=self.metrics_url,
-        )
-        self.coordination.announce(self.node_id, encode(ann))
+        started_at = self.clock.now()
+
+        def make() -> bytes:
+            # Called for each ZooKeeper session that creates the entry: a new session gets a
+            # new incarnation, and orders meant for an earlier one are refused from then on.
+            incarnation = uuid.uuid4().hex[:16]
+            data = encode(NodeAnnouncement(
+                node=self.node_id, roles=sorted(self.roles), capacity=self.capacity,
+                version=VERSION, started_at=started_at, metrics_url=self.metrics_url,
+                incarnation=incarnation,
+            ))
+            self.incarnation = incarnation
+            return data
+
+        self.coordination.announce(self.node_id, make)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking orders, stop daemons (reported as stopped), finish what runs."""
@@ -187,6 +199,12 @@ class WorkerNode:
             return f"stale epoch {order.epoch} < {self._epoch}"
         if now > order.deadline:
             return f"past its deadline by {now - order.deadline:.3f}s"
+        if order.incarnation is not None and order.incarnation != self.incarnation:
+            return (f"sent to an ended session of node {self.node_id} ({order.incarnation}; "
+                    f"now {self.incarnation}): the leader has already ended that run")
+        if order.run_groups and not self.coordination.session_ok():
+            return ("ZooKeeper session in doubt: a run holding run groups "
+                    f"({', '.join(order.run_groups)}) must not start")
         if self.catalogue is not None:
             svc = self.catalogue.services.get(order.service)
             if svc is None:
@@ -278,9 +296,13 @@ class WorkerNode:
             c.node != self.node_id
             or c.epoch < self._epoch
             or (c.allowed_roles and self.roles.isdisjoint(c.allowed_roles))
+            or (c.incarnation is not None and c.incarnation != self.incarnation)
+            or (c.action in ("start", "resume") and c.run_groups
+                and not self.coordination.session_ok())
         ):
-            log.warning("refused daemon control %s %s: epoch %d (newest %d), node %s, roles %s",
-                        c.action, c.service, c.epoch, self._epoch, c.node, c.allowed_roles)
+            log.warning("refused daemon control %s %s: epoch %d (newest %d), node %s, roles %s, "
+                        "session %s (now %s)", c.action, c.service, c.epoch, self._epoch, c.node,
+                        c.allowed_roles, c.incarnation, self.incarnation)
             return
         self._epoch = max(self._epoch, c.epoch)
         self._daemon_epoch = c.epoch

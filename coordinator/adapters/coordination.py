@@ -9,7 +9,10 @@ cluster and `MemoryCoordination` here for the embedded one.
 - The ledger is a key/value store whose writes (`term.commit`) succeed only while the
   term's epoch is still the newest: a deposed leader's write raises `Fenced`.
 - Nodes announce themselves with an ephemeral entry that vanishes when their session
-  ends; `watch_nodes` reports the current set on every change.
+  ends; `watch_nodes` reports the current set on every change. The announcement is made
+  by a function, called again each time the entry is created in a new session, so a node
+  can name each of its sessions (orders carry that name). `session_ok` is false while the
+  session is in doubt: a node then starts nothing that holds run groups.
 """
 
 from __future__ import annotations
@@ -35,14 +38,28 @@ class Term(Protocol):
     def commit(self, writes: Mapping[str, bytes | None]) -> None: ...
 
 
+Announcement = Callable[[], bytes]
+"""Makes a node's announcement; called once per session in which it is (re)created."""
+
+
+def announcement(data: bytes | Announcement) -> Announcement:
+    """Fixed bytes, or the function that makes them, as a function."""
+    if isinstance(data, bytes | bytearray):
+        fixed = bytes(data)
+        return lambda: fixed
+    return data
+
+
 class Coordination(Protocol):
     def contend(self, identifier: str, lead: Callable[[Term], None]) -> None: ...
 
     def stop(self) -> None: ...
 
-    def announce(self, node_id: str, data: bytes) -> None: ...
+    def announce(self, node_id: str, data: bytes | Announcement) -> None: ...
 
     def withdraw(self, node_id: str) -> None: ...
+
+    def session_ok(self) -> bool: ...
 
     def watch_nodes(self, callback: Callable[[dict[str, bytes]], None]) -> None: ...
 
@@ -135,11 +152,14 @@ class MemoryCoordination:
         with self.store.cond:
             self.store.cond.notify_all()
 
-    def announce(self, node_id: str, data: bytes) -> None:
+    def announce(self, node_id: str, data: bytes | Announcement) -> None:
         with self.store.lock:
-            self.store.nodes[node_id] = data
+            self.store.nodes[node_id] = announcement(data)()
             self._announced.add(node_id)
         self._notify_nodes()
+
+    def session_ok(self) -> bool:
+        return not self._stopped.is_set()
 
     def withdraw(self, node_id: str) -> None:
         """End a node's session: its entry vanishes, as when a ZooKeeper session expires."""

@@ -66,7 +66,7 @@ from kazoo.exceptions import (
 )
 from kazoo.retry import KazooRetry
 
-from coordinator.adapters.coordination import Fenced, Term
+from coordinator.adapters.coordination import Announcement, Fenced, Term, announcement
 
 log = logging.getLogger("rota.zk")
 
@@ -332,7 +332,7 @@ class ZkCoordination:
         self._epoch_seen = 0
         self._epoch_reported = -1
         self._announce_lock = threading.RLock()
-        self._announced: dict[str, bytes] = {}
+        self._announced: dict[str, Announcement] = {}
         self._withdrawn: set[str] = set()
         self._node_watchers: list[Callable[[dict[str, bytes]], None]] = []
         self._node_snapshot: dict[str, bytes] | None = None
@@ -537,27 +537,34 @@ class ZkCoordination:
     def _node_path(self, node_id: str) -> str:
         return f"{NODES}/{encode_name(node_id)}"
 
-    def announce(self, node_id: str, data: bytes) -> None:
+    def announce(self, node_id: str, data: bytes | Announcement) -> None:
+        make = announcement(data)
         with self._announce_lock:
-            self._announced[node_id] = data
+            self._announced[node_id] = make
             self._withdrawn.discard(node_id)
             try:
-                self._put_announcement(node_id, data)
+                self._put_announcement(node_id, make)
             except _CONNECTION_ERRORS as exc:
                 log.warning("announcing %s failed (%s); retrying on reconnect", node_id, exc)
 
-    def _put_announcement(self, node_id: str, data: bytes, *, overwrite: bool = True) -> None:
-        """Create the ephemeral znode, replacing one left by an older session of this node."""
+    def session_ok(self) -> bool:
+        return self._connected.is_set() and not self._closing
+
+    def _put_announcement(
+        self, node_id: str, make: Announcement, *, overwrite: bool = True
+    ) -> None:
+        """Create the ephemeral znode, replacing one left by an older session of this node.
+        The announcement is made afresh whenever this session creates or replaces it."""
         path = self._node_path(node_id)
         for _ in range(10):
             session = self._session_id()
             stat = self.client.exists(path)
             try:
                 if stat is None:
-                    self.client.create(path, data, ephemeral=True, makepath=True)
+                    self.client.create(path, make(), ephemeral=True, makepath=True)
                 elif stat.ephemeralOwner == session:
                     if overwrite:
-                        self.client.set(path, data)
+                        self.client.set(path, make())
                 else:  # left over from an older session of this node
                     self.client.delete(path, version=stat.version)
                     continue
@@ -584,8 +591,8 @@ class ZkCoordination:
             return
         with self._announce_lock:
             try:
-                for node_id, data in list(self._announced.items()):
-                    self._put_announcement(node_id, data, overwrite=False)
+                for node_id, make in list(self._announced.items()):
+                    self._put_announcement(node_id, make, overwrite=False)
                 for node_id in list(self._withdrawn):
                     try:
                         self.client.delete(self._node_path(node_id))

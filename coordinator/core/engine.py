@@ -149,6 +149,7 @@ class Engine:
         self.last_run.update({k: v for k, v in state.last_runs.items() if k in self.base})
         for run in state.runs:
             self._adopt(run, now)
+        actions += self._end_runs_of_ended_sessions(now)
         # Daemons may still be running on their nodes: they hold their run groups before any
         # run is granted (a conflicting run then pauses them as usual).
         self._started = True
@@ -182,6 +183,18 @@ class Engine:
                 self._timer(self._expiry_of(run), "expire", run.run_id)
         # queued runs are queued again, in their original order, by _requeue_adopted
 
+    def _end_runs_of_ended_sessions(self, now: float) -> list[Action]:
+        """Adopted runs placed on a node session that has since been replaced are lost: the
+        node restarted (or its session expired) while no leader was watching."""
+        out: list[Action] = []
+        for run in list(self.runs.values()):
+            node = self.nodes.get(run.node) if run.node else None
+            if (run.state in (RunState.DISPATCHED, RunState.RUNNING) and node is not None
+                    and run.incarnation is not None and node.incarnation != run.incarnation):
+                out += self._end(run, RunState.LOST, now,
+                                 reason=f"node {run.node} restarted while no leader was running")
+        return out
+
     def _requeue_adopted(self, now: float) -> list[Action]:
         """Queue adopted queued runs again, in their original order."""
         out: list[Action] = []
@@ -200,7 +213,8 @@ class Engine:
         return out
 
     def redispatch(self, now: float) -> list[Action]:
-        """Orders for adopted runs that were recorded as dispatched but may never have left.
+        """Orders for adopted runs that were recorded as dispatched but may never have left
+        (runs dispatched by this term itself were sent already).
 
         Workers recognise a re-sent order by its run id and ignore duplicates. An order whose
         deadline has passed is not sent again (a worker would refuse it): its expiry timer
@@ -209,7 +223,7 @@ class Engine:
         """
         out: list[Action] = []
         for run in self.runs.values():
-            if (run.state is RunState.DISPATCHED and run.node
+            if (run.state is RunState.DISPATCHED and run.node and run.epoch < self.epoch
                     and run.deadline is not None and run.deadline > now):
                 out.append(Dispatch(run, self.services[run.service]))
         return out
@@ -392,6 +406,7 @@ class Engine:
             )
         run.move(RunState.DISPATCHED)
         run.dispatched_at = now
+        run.incarnation = self.nodes[run.node].incarnation
         run.deadline = now + self.order_ttl
         run.epoch = self.epoch
         self._load[run.node] = self._load.get(run.node, 0) + 1
@@ -566,26 +581,40 @@ class Engine:
 
     # == nodes ==============================================================================
     def node_up(self, node: Node, now: float) -> list[Action]:
+        """A node announced itself. An announcement from a new session of a known node
+        means the old session ended (the process restarted, or its session expired): what
+        ran there is lost, as if the node had gone and come back."""
+        old = self.nodes.get(node.id)
         self.nodes[node.id] = node
         if not self._started:
             return []
-        return self._reconcile_daemons(now) + (self._place_waiting(now) if self._full else [])
+        actions: list[Action] = []
+        if old is not None and old.incarnation != node.incarnation:
+            actions += self._lose_work(node.id, now, "restarted")
+        return (actions + self._reconcile_daemons(now)
+                + (self._place_waiting(now) if self._full else []))
 
     def node_down(self, node_id: str, now: float) -> list[Action]:
         """The node is certainly fenced off (its session expired): its runs are lost."""
         self.nodes.pop(node_id, None)
+        actions = self._lose_work(node_id, now, "died")
+        self._load.pop(node_id, None)
+        return actions + self._reconcile_daemons(now)
+
+    def _lose_work(self, node_id: str, now: float, why: str) -> list[Action]:
+        """End what a node's ended session ran: its runs are lost, its daemons forgotten,
+        their run groups freed. Runs waiting to go to a node that merely restarted stay."""
         actions: list[Action] = []
+        reason = f"node {node_id} {why}"
         for run in [r for r in self.runs.values() if r.node == node_id]:
             if run.state in (RunState.DISPATCHED, RunState.RUNNING):
-                actions += self._end(run, RunState.LOST, now, reason=f"node {node_id} died")
-            elif run.state is RunState.QUEUED and run.target:
-                actions += self._end(run, RunState.LOST, now, reason=f"node {node_id} died")
+                actions += self._end(run, RunState.LOST, now, reason=reason)
+            elif run.state is RunState.QUEUED and run.target and node_id not in self.nodes:
+                actions += self._end(run, RunState.LOST, now, reason=reason)
         for inst in [d for d in self.daemons.values() if d.node == node_id]:
             del self.daemons[inst.key]
             for claim in self.locks.release(inst.key):
                 actions += self._granted(claim, now)
-        self._load.pop(node_id, None)
-        actions += self._reconcile_daemons(now)
         return actions
 
     # == daemons ============================================================================

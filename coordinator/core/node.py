@@ -11,6 +11,8 @@ class Node:
     roles: frozenset[str]
     capacity: int = 64
     version: str = ""
+    incarnation: str | None = None
+    """Names the node's current session; a new one means the node it replaces is gone."""
 
     def allows(self, allowed_roles: frozenset[str]) -> bool:
         """True when this node holds at least one of the service's allowed roles."""

@@ -87,6 +87,7 @@ class Run:
     output_tail: str = ""
     reason: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    incarnation: str | None = None  # the session of `node` it was dispatched to
 
     def move(self, to: RunState) -> None:
         if to not in _ALLOWED.get(self.state, set()):

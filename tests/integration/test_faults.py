@@ -128,6 +128,48 @@ def test_worker_sigkilled_mid_run(cluster, zk_hosts: str) -> None:  # type: igno
     assert not report.violations, "\n".join(report.violations[:25])
 
 
+def test_orders_left_for_a_dead_worker_do_not_run_after_it_restarts(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Orders sent to a node in the seconds before its death is noticed stay in its durable
+    queue. The leader ends those runs `lost` (and frees any run groups they hold); the
+    restarted node must refuse them, or a lost run would run after all, overlapping what
+    the leader started in its place."""
+    c, rec = cluster
+    start_workers(c)
+    c.coordinator("coord-a")
+    wait_leader(c)
+    assert rec.wait_for(lambda r: r.service == "Everywhere" and r.node == "w-proc"
+                        and r.state == "succeeded", 20), c.logs()
+    # Kill w-proc half a second before an Everywhere slot (every 3 s, on every node), so the
+    # leader sends it that slot's order before its session (2 s) expires.
+    while not 2.45 < time.time() % 3 < 2.55:
+        time.sleep(0.01)
+    victim = "w-proc"
+    c.procs[victim].kill()
+    killed_at = time.time()
+    stranded = rec.wait_for(lambda r: r.service == "Everywhere" and r.node == victim
+                            and r.state == "lost" and (r.slot or 0) > killed_at, 20)
+    assert stranded is not None, c.logs()
+    assert "died" in (stranded.reason or "")
+    restarted_at = time.time()
+    c.worker(victim, NODES[victim])
+    log = c.procs[victim].log
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "sent to an ended session" not in log.read_text():
+        time.sleep(0.2)
+    assert f"refused {stranded.run_id}" in log.read_text(), c.procs[victim].tail(60)
+    time.sleep(8)
+    t1 = time.time()
+    lost = {r.run_id for r in rec.finals(end=t1) if r.state == "lost"}
+    ran_anyway = [e for e in c.journal() if e["event"] == "start" and e["run_id"] in lost
+                  and float(e["at"]) > restarted_at]  # type: ignore[arg-type]
+    assert not ran_anyway, f"runs the leader had ended lost ran after the restart: {ran_anyway}"
+    report = audit(rec.finals(end=t1), load_catalogue(CATALOGUE), ROLES,
+                   start=killed_at + 3, settled=t1 - 5)
+    audit_journal(c.journal(), report)
+    print("audit:", report.line())
+    assert not report.violations, "\n".join(report.violations[:25]) + "\n" + c.logs()
+
+
 def test_rabbitmq_and_zookeeper_restarts(cluster, servers) -> None:  # type: ignore[no-untyped-def]
     c, rec = cluster
     start_workers(c)

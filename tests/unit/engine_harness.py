@@ -289,6 +289,19 @@ class Harness:
 
     def kill_node(self, node_id: str) -> None:
         """The node dies and is fenced off: its work stops, the engine is told."""
+        self._stop_work(node_id)
+        self._call(lambda e, now: e.node_down(node_id, now))
+
+    def restart_node(self, node: Node, *, tell: bool = True) -> None:
+        """The node's process dies and a new one announces itself (a new session, named by
+        `node.incarnation`) before the old session is seen to end. With `tell=False` the
+        leader is not told now (nobody leads, or the news is yet to arrive)."""
+        self._stop_work(node.id)
+        self.nodes[node.id] = node
+        if tell:
+            self._call(lambda e, now: e.node_up(node, now))
+
+    def _stop_work(self, node_id: str) -> None:
         self.nodes.pop(node_id, None)
         self._events = [e for e in self._events if e[2] != node_id]
         heapq.heapify(self._events)
@@ -296,7 +309,6 @@ class Harness:
             iv = self._open.pop(key)
             iv.end = self.now
             iv.outcome = "lost"
-        self._call(lambda e, now: e.node_down(node_id, now))
 
     def manual(self, service: str, request_id: str) -> list[Action]:
         assert self.engine is not None
@@ -341,8 +353,8 @@ class Harness:
 
 
 # == building blocks =========================================================================
-def node(node_id: str, *roles: str, capacity: int = 64) -> Node:
-    return Node(node_id, frozenset(roles), capacity)
+def node(node_id: str, *roles: str, capacity: int = 64, incarnation: str | None = None) -> Node:
+    return Node(node_id, frozenset(roles), capacity, incarnation=incarnation)
 
 
 def service(

@@ -562,6 +562,50 @@ def test_node_down_loses_waiting_runs_placed_on_it_and_stops_its_daemons() -> No
     ]
 
 
+def _backup_and_collector(m1: object) -> Harness:
+    return Harness(
+        [service("Backup Manager", FixedTimes.parse(["05:30"]), groups=(STATS,)),
+         service("Files Collector", Periodic(10), groups=(STATS,))],
+        [m1], durations={"Backup Manager": 3600, "Files Collector": 60},  # type: ignore[list-item]
+        start=at(5),
+    )
+
+
+def test_a_node_back_in_a_new_session_loses_what_its_old_session_ran() -> None:
+    h = _backup_and_collector(node("m1", "Master", incarnation="s1"))
+    h.advance(at(5, 35))
+    [backup] = h.runs_of("Backup Manager")
+    assert backup.end is None and h.engine.in_queue_since("Files Collector") is not None
+    [order] = [d for d in h.dispatches if d.service == "Backup Manager"]
+    assert order.incarnation == "s1"  # orders name the session they are meant for
+    # The same session announcing itself again changes nothing.
+    h.node_up(node("m1", "Master", incarnation="s1"))
+    assert h.finished("Backup Manager") == []
+    # The process restarts: a new session announces itself before the old one is seen to end.
+    h.restart_node(node("m1", "Master", incarnation="s2"))
+    [lost] = h.finished("Backup Manager", "lost")
+    assert lost.reason == "node m1 restarted" and lost.finished_at == at(5, 35)
+    # Its run groups are free: the waiting run goes at once, to the new session.
+    fc = [d for d in h.dispatches if d.service == "Files Collector" and d.slot == at(5, 30)]
+    assert [(d.dispatched_at, d.node, d.incarnation) for d in fc] == [(at(5, 35), "m1", "s2")]
+    h.advance(at(5, 50))
+    assert h.conflicting_overlaps() == []
+
+
+def test_a_node_restarted_while_no_leader_ran_loses_its_runs_at_takeover() -> None:
+    h = _backup_and_collector(node("m1", "Master", incarnation="s1"))
+    h.advance(at(5, 35))
+    h.kill_leader()
+    h.restart_node(node("m1", "Master", incarnation="s2"), tell=False)
+    h.failover(at(5, 36))
+    [lost] = h.finished("Backup Manager", "lost")
+    assert lost.reason == "node m1 restarted while no leader was running"
+    # The order of the ended session is not sent again; the waiting run goes to the new one.
+    assert len([d for d in h.dispatches if d.service == "Backup Manager"]) == 1
+    fc = [d for d in h.dispatches if d.service == "Files Collector" and d.slot == at(5, 30)]
+    assert [(d.dispatched_at, d.node, d.incarnation) for d in fc] == [(at(5, 36), "m1", "s2")]
+
+
 def test_node_coming_back_gets_work_again() -> None:
     h = Harness([service("A", Periodic(5), roles=("Processing",))], [PROC])
     h.advance(at(0, 6))

@@ -82,6 +82,7 @@ def run_orders(draw: st.DrawFn) -> RunOrder:
         run_groups=draw(GROUPS),
         params=draw(PARAMS),
         allowed_roles=draw(GROUPS),
+        incarnation=draw(optional(NAMES)),
         **draw(programs()),
     )
 
@@ -99,6 +100,7 @@ def daemon_controls(draw: st.DrawFn) -> DaemonControl:
         run_groups=draw(GROUPS),
         params=draw(PARAMS),
         allowed_roles=draw(GROUPS),
+        incarnation=draw(optional(NAMES)),
         **draw(programs(required=action == "start")),
     )
 
@@ -141,6 +143,7 @@ NODE_ANNOUNCEMENTS = st.builds(
     version=NAMES,
     started_at=TIMES,
     metrics_url=optional(NAMES),
+    incarnation=optional(NAMES),
 )
 RUN_RECORDS = st.builds(
     RunRecord,
@@ -182,6 +185,7 @@ LEDGER_RUNS = st.builds(
     output_tail=st.text(max_size=300),
     reason=optional(TEXT),
     metrics=st.dictionaries(TEXT, FINITE | INT64, max_size=5),
+    incarnation=optional(NAMES),
 )
 DEAD_LETTERS = st.builds(
     DeadLetter,
@@ -353,6 +357,7 @@ KINDS: dict[type[Message], dict[str, str]] = {
         "run_groups": "list",
         "params": "dict",
         "allowed_roles": "list",
+        "incarnation": "str?",
     },
     RunEvent: {
         "run_id": "str",
@@ -381,6 +386,7 @@ KINDS: dict[type[Message], dict[str, str]] = {
         "run_groups": "list",
         "params": "dict",
         "allowed_roles": "list",
+        "incarnation": "str?",
     },
     ManualRunRequest: {
         "request_id": "str",
@@ -405,6 +411,7 @@ KINDS: dict[type[Message], dict[str, str]] = {
         "version": "str",
         "started_at": "float",
         "metrics_url": "str?",
+        "incarnation": "str?",
     },
     RunRecord: {
         "run_id": "str",
@@ -444,6 +451,7 @@ KINDS: dict[type[Message], dict[str, str]] = {
         "output_tail": "str",
         "reason": "str?",
         "metrics": "dict",
+        "incarnation": "str?",
     },
     DeadLetter: {
         "original": "bytes",
