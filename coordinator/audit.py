@@ -169,10 +169,17 @@ def _iso(t: float | None) -> str:
 
 
 def audit_journal(entries: Iterable[Mapping[str, object]], report: Report | None = None) -> Report:
-    entries = list(entries)
     """Check the workers' own journals: no run id started twice, no stale order executed,
-    no two runs with intersecting run groups overlapping on the workers' own clocks."""
+    no two runs with intersecting run groups overlapping on the workers' own clocks.
+
+    A `worker-killed` entry (written by whoever SIGKILLed the worker) ends every run and
+    daemon interval that node's process had open at that instant."""
+    entries = list(entries)
     rep = report if report is not None else Report()
+    kills: dict[str, list[float]] = defaultdict(list)
+    for e in entries:
+        if e.get("event") == "worker-killed":
+            kills[str(e["node"])].append(float(e["at"]))  # type: ignore[arg-type]
     starts: dict[str, list[Mapping[str, object]]] = defaultdict(list)
     ends: dict[str, Mapping[str, object]] = {}
     for e in entries:
@@ -194,15 +201,22 @@ def audit_journal(entries: Iterable[Mapping[str, object]], report: Report | None
     for run_id, ss in starts.items():
         end = ends.get(run_id)
         groups = list(ss[0].get("run_groups") or [])  # type: ignore[call-overload]
-        if end is not None and groups:
+        began = float(ss[0]["at"])  # type: ignore[arg-type]
+        finished = float(end["at"]) if end is not None else _killed_after(  # type: ignore[arg-type]
+            kills, str(ss[0]["node"]), began)
+        if finished is not None and groups:
             spans.append(RunRecord(
                 run_id=run_id, service=str(ss[0]["service"]), node=str(ss[0]["node"]),
                 trigger="scheduled", state="succeeded", epoch=0, run_groups=groups,
-                started_at=float(ss[0]["at"]), finished_at=float(end["at"]),  # type: ignore[arg-type]
+                started_at=began, finished_at=finished,
             ))
     spans += _daemon_spans(entries)
     rep.overlaps += _overlaps(spans, rep.violations)
     return rep
+
+
+def _killed_after(kills: Mapping[str, list[float]], node: str, at: float) -> float | None:
+    return min((k for k in kills.get(node, ()) if k >= at), default=None)
 
 
 def _daemon_spans(entries: list[Mapping[str, object]]) -> list[RunRecord]:
@@ -226,11 +240,17 @@ def _daemon_spans(entries: list[Mapping[str, object]]) -> list[RunRecord]:
                 started_at=begun, finished_at=max(begun, at),
             ))
 
-    for e in sorted((e for e in entries if str(e.get("event", "")).startswith("daemon-")),
-                    key=lambda e: float(e.get("at", 0.0))):  # type: ignore[arg-type]
+    daemon_lines = (e for e in entries
+                    if str(e.get("event", "")).startswith("daemon-")
+                    or e.get("event") == "worker-killed")
+    for e in sorted(daemon_lines, key=lambda e: float(e.get("at", 0.0))):  # type: ignore[arg-type]
+        at = float(e["at"])  # type: ignore[arg-type]
+        if e.get("event") == "worker-killed":
+            for key in [k for k in open_ if k[1] == str(e["node"])]:
+                close(key, at)
+            continue
         key = (str(e["service"]), str(e["node"]))
         state = str(e["event"])[len("daemon-"):]
-        at = float(e["at"])  # type: ignore[arg-type]
         if state in ("started", "resumed"):
             if key not in open_:
                 open_[key] = (at, list(e.get("run_groups") or []))  # type: ignore[call-overload]

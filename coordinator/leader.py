@@ -178,6 +178,9 @@ class Coordinator:
                         ).start(),
                     ]
                 if not self._loop(term, engine):
+                    if term.lost() and not self._stopping.is_set():
+                        log.warning("%s was deposed: epoch %d: its term ended",
+                                    self.identifier, term.epoch)
                     break
                 log.info("%s rebuilds its state from the ledger with the new catalogue",
                          self.identifier)

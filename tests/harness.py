@@ -137,6 +137,7 @@ class Proc:
     args: list[str]
     popen: subprocess.Popen[bytes]
     log: Path
+    journal: Path | None = None  # a worker's journal: a SIGKILL is noted there
 
     @property
     def pid(self) -> int:
@@ -149,7 +150,13 @@ class Proc:
         """SIGKILL: no goodbye, no cleanup, as a crashed machine."""
         if self.alive():
             os.kill(self.pid, signal.SIGKILL)
+            killed_at = time.time()
             self.popen.wait(10)
+            if self.journal is not None:
+                # What the process ran stopped here; the journal audit ends its spans here.
+                with self.journal.open("a") as fh:
+                    fh.write(json.dumps({"event": "worker-killed", "node": self.name,
+                                         "at": killed_at}) + "\n")
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.alive():
@@ -177,7 +184,7 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], journal: Path | None = None) -> Proc:
         log = self.workdir / f"{name}.log"
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         fh = open(log, "ab")  # noqa: SIM115 - the child owns it
@@ -188,7 +195,7 @@ class Cluster:
             stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
         )
         fh.close()
-        proc = Proc(name, args, popen, log)
+        proc = Proc(name, args, popen, log, journal)
         self.procs[name] = proc
         return proc
 
@@ -204,7 +211,7 @@ class Cluster:
             "--amqp", self.amqp_url, "--session-timeout", str(session_timeout),
             "--journal", str(self.workdir / f"{node}.journal"),
             "--catalogue", str(self.catalogue),
-        ])
+        ], journal=self.workdir / f"{node}.journal")
 
     def journal(self) -> list[dict[str, object]]:
         """Every worker's own record of the runs it started and ended."""

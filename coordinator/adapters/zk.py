@@ -178,14 +178,14 @@ class ZkTerm:
         if self._lost.is_set():
             raise Fenced(f"epoch {self.epoch}: the term has ended")
         try:
-            names = self._client.get_children(LEDGER)
+            names = self._reply(self._client.get_children_async(LEDGER))
             out: dict[str, bytes] = {}
             for start in range(0, len(names), _LOAD_WINDOW):
                 batch = names[start : start + _LOAD_WINDOW]
                 pending = [(n, self._client.get_async(f"{LEDGER}/{n}")) for n in batch]
                 for name, result in pending:
                     try:
-                        data, _stat = result.get()
+                        data, _stat = self._reply(result)
                     except NoNodeError:
                         continue
                     out[decode_name(name)] = data or b""
@@ -196,14 +196,24 @@ class ZkTerm:
         return out
 
     def _list_keys(self) -> set[str]:
-        return {decode_name(n) for n in self._client.get_children(LEDGER)}
+        return {decode_name(n) for n in self._reply(self._client.get_children_async(LEDGER))}
+
+    def _reply(self, result: Any) -> Any:
+        """Wait for a ZooKeeper reply, but no longer than the term: a request sent as the
+        connection dropped waits in kazoo until the link is back, and an ended term must
+        not hang its leader for the whole partition."""
+        while not result.ready():
+            result.wait(0.1)
+            if not result.ready() and self._lost.is_set():
+                raise Fenced(f"epoch {self.epoch}: the term ended while waiting for ZooKeeper")
+        return result.get()
 
     def _refresh(self, keys: Iterable[str]) -> None:
         assert self._known is not None
         keys = list(keys)
         pending = [(k, self._client.exists_async(f"{LEDGER}/{encode_name(k)}")) for k in keys]
         for key, result in pending:
-            if result.get() is None:
+            if self._reply(result) is None:
                 self._known.discard(key)
             else:
                 self._known.add(key)
@@ -278,7 +288,7 @@ class ZkTerm:
             sent.append((chunk, txn.commit_async()))
         error: Exception | None = None
         for chunk, reply in sent:
-            results = reply.get()
+            results = self._reply(reply)
             self.transactions += 1
             failures = [r for r in results if isinstance(r, Exception)]
             if failures:
