@@ -106,6 +106,9 @@ class WorkerNode:
                 self._on_message, broker=self.broker, actor_name=name,
                 queue_name=self.queue, priority=0, options={"max_retries": 0},
             )
+        if not any(isinstance(m, transport.RefuseFlagged) for m in self.broker.middleware):
+            self.broker.add_middleware(transport.RefuseFlagged(
+                lambda reason: metrics.DEAD_LETTERS.labels(reason).inc()))
         self._worker = dramatiq.Worker(
             self.broker, queues={self.queue}, worker_threads=self._consumer_threads,
             worker_timeout=100,

@@ -11,6 +11,8 @@ Queues:
 - `rota.requests`: operator requests (manual runs, service edits) to the leader;
 - `rota.deadletter`: refused input, each with the reason it was refused.
 Dramatiq declares a `.XQ` dead-letter queue beside each; envelopes it cannot decode go there.
+Envelopes that ask dramatiq to hold them (an `eta` option) are refused: a worker would keep them
+unacknowledged in memory, and a few would fill its prefetch window and stall its queue.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +29,7 @@ import msgpack
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.encoder import Encoder
 from dramatiq.errors import DecodeError
+from dramatiq.middleware import Middleware, SkipMessage
 
 from protocol import DeadLetter, ProtocolError, encode
 
@@ -58,7 +62,38 @@ class MsgpackEncoder(Encoder):
             raise DecodeError(f"not a msgpack envelope: {exc}", data, exc) from None
         if not isinstance(out, dict):
             raise DecodeError("envelope is not a map", data, None)
+        options = out.get("options")
+        if isinstance(options, dict) and "eta" in options:
+            # Never let dramatiq hold a message for later: flag it for `RefuseFlagged`.
+            options = {k: v for k, v in options.items() if k != "eta"}
+            options[REFUSED] = ("envelope option 'eta' (delayed delivery) is not accepted: "
+                                "orders run when they arrive or are refused")
+            out["options"] = options
         return out
+
+
+REFUSED = "rota_refused"
+"""Envelope option set by the decoder on an envelope Rota refuses, with the reason."""
+
+
+class RefuseFlagged(Middleware):
+    """Dead-letters envelopes the decoder flagged, before any actor sees them."""
+
+    def __init__(self, counted: Callable[[str], None] | None = None) -> None:
+        self.counted = counted
+
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        reason = message.options.get(REFUSED)
+        if not reason:
+            return
+        payload = message.args[0] if len(message.args) == 1 else None
+        original = bytes(payload) if isinstance(payload, bytes | bytearray) else \
+            msgpack.packb([list(message.args), message.kwargs], default=repr, use_bin_type=True)
+        dead_letter(broker, message.queue_name, original,
+                    ProtocolError("bad_value", str(reason)), time.time())
+        if self.counted is not None:
+            self.counted("bad_value")
+        raise SkipMessage(str(reason))
 
 
 def install_encoder() -> None:

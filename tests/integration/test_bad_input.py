@@ -27,7 +27,6 @@ from typing import Any
 
 import msgpack
 import pika
-import pytest
 
 from coordinator.adapters import transport
 from coordinator.audit import audit
@@ -626,10 +625,6 @@ def test_a_refused_order_leaves_the_worker_working(cluster, amqp_url: str) -> No
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "workers.node: the dramatiq Worker keeps an envelope whose options carry a future 'eta' "
-    "in memory, unacknowledged; a few of them fill the node queue's prefetch window and the "
-    "worker takes no more orders"))
 def test_envelopes_with_a_future_eta_do_not_stall_the_worker(cluster, amqp_url: str) -> None:  # type: ignore[no-untyped-def]
     c, rec = cluster
     _one_worker(c, rec)
