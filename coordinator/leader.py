@@ -204,6 +204,9 @@ class Coordinator:
         self.ledger = Ledger()
         self._open_daemons.clear()  # another leader may have seen them end meanwhile
         state = self.ledger.restore(term.load())
+        # Membership read after the epoch bump, not the watch's view, which may lag: a run
+        # adopted on a node missing from it died with its node while no leader was running.
+        members = term.nodes()
         engine = Engine(
             self.catalogue.services.values(),
             self.catalogue.timezone,
@@ -215,6 +218,7 @@ class Coordinator:
         for run in [*state.runs, *self.ledger.recent_all(since=now - REPUBLISH_WINDOW)]:
             self._publish(record_of(run), history=False)
         with self.lock:
+            self._apply_nodes(members)
             self.engine = engine
             for node in self._nodes.values():
                 engine.node_up(node, now)

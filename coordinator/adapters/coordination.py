@@ -35,6 +35,11 @@ class Term(Protocol):
 
     def load(self) -> dict[str, bytes]: ...
 
+    def nodes(self) -> dict[str, bytes]:
+        """Node announcements as of now, read after this term began: every node a previous
+        leader could have placed a run on and that is still alive is in it."""
+        ...
+
     def commit(self, writes: Mapping[str, bytes | None]) -> None: ...
 
 
@@ -102,6 +107,10 @@ class _MemoryTerm:
     def load(self) -> dict[str, bytes]:
         with self.store.lock:
             return dict(self.store.ledger)
+
+    def nodes(self) -> dict[str, bytes]:
+        with self.store.lock:
+            return dict(self.store.nodes)
 
     def commit(self, writes: Mapping[str, bytes | None]) -> None:
         with self.store.lock:

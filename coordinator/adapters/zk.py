@@ -195,6 +195,23 @@ class ZkTerm:
             self._known = set(out)
         return out
 
+    def nodes(self) -> dict[str, bytes]:
+        if self._lost.is_set():
+            raise Fenced(f"epoch {self.epoch}: the term has ended")
+        try:
+            names = self._reply(self._client.get_children_async(NODES))
+            pending = [(n, self._client.get_async(f"{NODES}/{n}")) for n in names]
+            out: dict[str, bytes] = {}
+            for name, result in pending:
+                try:
+                    data, _stat = self._reply(result)
+                except NoNodeError:
+                    continue
+                out[decode_name(name)] = data or b""
+            return out
+        except _CONNECTION_ERRORS as exc:
+            raise self._fenced("connection lost while reading the nodes") from exc
+
     def _list_keys(self) -> set[str]:
         return {decode_name(n) for n in self._reply(self._client.get_children_async(LEDGER))}
 

@@ -184,15 +184,21 @@ class Engine:
         # queued runs are queued again, in their original order, by _requeue_adopted
 
     def _end_runs_of_ended_sessions(self, now: float) -> list[Action]:
-        """Adopted runs placed on a node session that has since been replaced are lost: the
-        node restarted (or its session expired) while no leader was watching."""
+        """Adopted runs whose node session ended while no leader was watching are lost: the
+        node is gone, or it came back in a new session (restart, or expiry)."""
         out: list[Action] = []
         for run in list(self.runs.values()):
-            node = self.nodes.get(run.node) if run.node else None
-            if (run.state in (RunState.DISPATCHED, RunState.RUNNING) and node is not None
-                    and run.incarnation is not None and node.incarnation != run.incarnation):
-                out += self._end(run, RunState.LOST, now,
-                                 reason=f"node {run.node} restarted while no leader was running")
+            if run.state not in (RunState.DISPATCHED, RunState.RUNNING) or not run.node:
+                continue
+            node = self.nodes.get(run.node)
+            if node is None:
+                why = "died"
+            elif run.incarnation is not None and node.incarnation != run.incarnation:
+                why = "restarted"
+            else:
+                continue
+            out += self._end(run, RunState.LOST, now,
+                             reason=f"node {run.node} {why} while no leader was running")
         return out
 
     def _requeue_adopted(self, now: float) -> list[Action]:

@@ -128,6 +128,34 @@ def test_worker_sigkilled_mid_run(cluster, zk_hosts: str) -> None:  # type: igno
     assert not report.violations, "\n".join(report.violations[:25])
 
 
+def test_a_worker_dying_while_no_leader_runs_has_its_run_lost_by_the_next(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Leader and worker SIGKILLed together, mid-run: the next leader finds the node gone
+    from ZooKeeper, ends the run `lost` and frees its run groups; work goes on elsewhere."""
+    c, rec = cluster
+    start_workers(c)
+    c.worker("w-master-2", "Master")
+    c.coordinator("coord-a")
+    wait_leader(c)
+    running = rec.wait_for(lambda r: r.service == "Stats A" and r.state == "running", 30)
+    assert running is not None and running.node is not None, c.logs()
+    victim = running.node
+    c.procs["coord-a"].kill()
+    c.procs[victim].kill()
+    killed_at = time.time()
+    time.sleep(3)  # both sessions (2 s) expire while nobody leads
+    c.coordinator("coord-b")
+    lost = rec.wait_for(lambda r: r.run_id == running.run_id and r.state == "lost", 20)
+    assert lost is not None, c.logs()
+    assert lost.reason == f"node {victim} died while no leader was running", lost.reason
+    survivor = "w-master-2" if victim == "w-master" else "w-master"
+    after = rec.wait_for(lambda r: r.service == "Stats A" and r.state == "succeeded"
+                         and r.node == survivor and (r.started_at or 0) > killed_at, 20)
+    assert after is not None, c.logs()
+    groups = rec.wait_for(lambda r: r.service == "Stats B" and r.state == "succeeded"
+                          and (r.started_at or 0) > killed_at, 20)
+    assert groups is not None, "Stats B never ran again: stats_processing stayed held\n" + c.logs()
+
+
 def test_orders_left_for_a_dead_worker_do_not_run_after_it_restarts(cluster) -> None:  # type: ignore[no-untyped-def]
     """Orders sent to a node in the seconds before its death is noticed stay in its durable
     queue. The leader ends those runs `lost` (and frees any run groups they hold); the

@@ -287,10 +287,12 @@ class Harness:
         self.nodes[node.id] = node
         self._call(lambda e, now: e.node_up(node, now))
 
-    def kill_node(self, node_id: str) -> None:
-        """The node dies and is fenced off: its work stops, the engine is told."""
+    def kill_node(self, node_id: str, *, tell: bool = True) -> None:
+        """The node dies and is fenced off: its work stops, the engine is told (with
+        `tell=False`, not: nobody leads, and the next leader only finds it missing)."""
         self._stop_work(node_id)
-        self._call(lambda e, now: e.node_down(node_id, now))
+        if tell:
+            self._call(lambda e, now: e.node_down(node_id, now))
 
     def restart_node(self, node: Node, *, tell: bool = True) -> None:
         """The node's process dies and a new one announces itself (a new session, named by

@@ -606,6 +606,28 @@ def test_a_node_restarted_while_no_leader_ran_loses_its_runs_at_takeover() -> No
     assert [(d.dispatched_at, d.node, d.incarnation) for d in fc] == [(at(5, 36), "m1", "s2")]
 
 
+def test_a_node_that_died_while_no_leader_ran_has_its_runs_lost_at_takeover() -> None:
+    h = Harness(
+        [service("Backup Manager", FixedTimes.parse(["05:30"]), groups=(STATS,)),
+         service("Files Collector", Periodic(10), groups=(STATS,))],
+        [MASTER, MASTER2], durations={"Backup Manager": 3600, "Files Collector": 60},
+        start=at(5),
+    )
+    h.advance(at(5, 35))
+    [backup] = h.runs_of("Backup Manager")
+    dead = backup.node
+    h.kill_leader()
+    h.kill_node(dead, tell=False)
+    h.failover(at(5, 36))
+    [lost] = h.finished("Backup Manager", "lost")
+    assert lost.reason == f"node {dead} died while no leader was running"
+    # Its run groups are free again: the run waiting for them goes at once, on the live node.
+    fc = [d for d in h.dispatches if d.service == "Files Collector" and d.slot == at(5, 30)]
+    assert [(d.node, d.dispatched_at) for d in fc] == [("m2" if dead == "m1" else "m1", at(5, 36))]
+    h.advance(at(5, 50))
+    assert h.conflicting_overlaps() == []
+
+
 def test_node_coming_back_gets_work_again() -> None:
     h = Harness([service("A", Periodic(5), roles=("Processing",))], [PROC])
     h.advance(at(0, 6))
