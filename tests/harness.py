@@ -14,7 +14,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,3 +253,17 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} (pid {p.pid}) ---\n{p.tail()}" for p in self.procs.values())
+
+
+@contextmanager
+def running_cluster(
+    amqp_url: str, zk_hosts: str, catalogue: Path, workdir: Path
+) -> Iterator[tuple[Cluster, EventRecorder]]:
+    """A cluster and a recorder of `rota.events`; every process is stopped on the way out."""
+    c = Cluster(amqp_url, zk_hosts, catalogue, workdir)
+    rec = EventRecorder(amqp_url).start()
+    try:
+        yield c, rec
+    finally:
+        c.close()
+        rec.stop()

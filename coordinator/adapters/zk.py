@@ -175,42 +175,33 @@ class ZkTerm:
     # -- reads --------------------------------------------------------------------------
     def load(self) -> dict[str, bytes]:
         """The whole ledger. Reads follow this session's epoch bump, so no older state shows."""
+        out = self._read_all(LEDGER, "loading the ledger")
+        with self._commit_lock:
+            self._known = set(out)
+        return out
+
+    def nodes(self) -> dict[str, bytes]:
+        return self._read_all(NODES, "reading the nodes")
+
+    def _read_all(self, parent: str, doing: str) -> dict[str, bytes]:
+        """Every child of `parent` with its data, read in windows of pipelined requests."""
         if self._lost.is_set():
             raise Fenced(f"epoch {self.epoch}: the term has ended")
         try:
-            names = self._reply(self._client.get_children_async(LEDGER))
+            names = self._reply(self._client.get_children_async(parent))
             out: dict[str, bytes] = {}
             for start in range(0, len(names), _LOAD_WINDOW):
                 batch = names[start : start + _LOAD_WINDOW]
-                pending = [(n, self._client.get_async(f"{LEDGER}/{n}")) for n in batch]
+                pending = [(n, self._client.get_async(f"{parent}/{n}")) for n in batch]
                 for name, result in pending:
                     try:
                         data, _stat = self._reply(result)
                     except NoNodeError:
                         continue
                     out[decode_name(name)] = data or b""
-        except _CONNECTION_ERRORS as exc:
-            raise self._fenced("connection lost while loading the ledger") from exc
-        with self._commit_lock:
-            self._known = set(out)
-        return out
-
-    def nodes(self) -> dict[str, bytes]:
-        if self._lost.is_set():
-            raise Fenced(f"epoch {self.epoch}: the term has ended")
-        try:
-            names = self._reply(self._client.get_children_async(NODES))
-            pending = [(n, self._client.get_async(f"{NODES}/{n}")) for n in names]
-            out: dict[str, bytes] = {}
-            for name, result in pending:
-                try:
-                    data, _stat = self._reply(result)
-                except NoNodeError:
-                    continue
-                out[decode_name(name)] = data or b""
             return out
         except _CONNECTION_ERRORS as exc:
-            raise self._fenced("connection lost while reading the nodes") from exc
+            raise self._fenced(f"connection lost while {doing}") from exc
 
     def _list_keys(self) -> set[str]:
         return {decode_name(n) for n in self._reply(self._client.get_children_async(LEDGER))}

@@ -24,7 +24,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
 from ops import localservers
-from tests.harness import SECONDS_CATALOGUE, Cluster, EventRecorder
+from tests.harness import SECONDS_CATALOGUE, Cluster, EventRecorder, running_cluster
 
 _HERE = Path(__file__).resolve().parent
 _SESSION = uuid.uuid4().hex[:6]
@@ -175,10 +175,5 @@ def cluster(
     amqp_url: str, zk_hosts: str, tmp_path: Path
 ) -> Iterator[tuple[Cluster, EventRecorder]]:
     """Processes on the second-level catalogue, and a recorder of `rota.events`."""
-    c = Cluster(amqp_url, zk_hosts, SECONDS_CATALOGUE, tmp_path)
-    rec = EventRecorder(amqp_url).start()
-    try:
-        yield c, rec
-    finally:
-        c.close()
-        rec.stop()
+    with running_cluster(amqp_url, zk_hosts, SECONDS_CATALOGUE, tmp_path) as pair:
+        yield pair

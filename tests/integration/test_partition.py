@@ -35,7 +35,14 @@ from coordinator.audit import NOT_RUN, RAN, audit, audit_journal
 from coordinator.core.catalogue import load_catalogue
 from protocol import RunOrder, RunRecord, encode
 from tests.faultproxy import FaultProxy
-from tests.harness import SECONDS_CATALOGUE, THREE_NODES, THREE_NODES_ROLES, Cluster, EventRecorder
+from tests.harness import (
+    SECONDS_CATALOGUE,
+    THREE_NODES,
+    THREE_NODES_ROLES,
+    Cluster,
+    EventRecorder,
+    running_cluster,
+)
 
 CATALOGUE = SECONDS_CATALOGUE
 NODES = THREE_NODES
@@ -80,13 +87,8 @@ def cluster(  # type: ignore[no-untyped-def]
     amqp_url: str, zk_hosts: str, tmp_path: Path, zk_proxy: FaultProxy, amqp_proxy: FaultProxy
 ):
     """Processes and recorder; the proxies outlive them, so nothing stops behind a dead link."""
-    c = Cluster(amqp_url, zk_hosts, CATALOGUE, tmp_path)
-    rec = EventRecorder(amqp_url).start()
-    try:
-        yield c, rec
-    finally:
-        c.close()
-        rec.stop()
+    with running_cluster(amqp_url, zk_hosts, CATALOGUE, tmp_path) as pair:
+        yield pair
 
 
 def through(c: Cluster, *, zk: str | None = None, amqp: str | None = None) -> Cluster:

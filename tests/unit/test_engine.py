@@ -19,6 +19,7 @@ from coordinator.core.engine import (
     RefusedError,
     State,
 )
+from coordinator.core.node import Node
 from coordinator.core.run import Run, RunState, Trigger
 from coordinator.core.schedule import Cron, FixedTimes, Periodic
 from coordinator.core.service import Overlap, Placement
@@ -518,14 +519,18 @@ def test_recovery_skips_a_slot_already_in_flight() -> None:
     assert [iv.start for iv in h.runs_of("Files Collector")] == [at(0, 10), at(0, 20)]
 
 
-# == nodes ====================================================================================
-def test_node_down_loses_its_runs_and_releases_their_locks() -> None:
-    h = Harness(
+def _backup_and_collector(*nodes: Node) -> Harness:
+    """Backup Manager (05:30, an hour) and Files Collector (every 10 min) share a run group."""
+    return Harness(
         [service("Backup Manager", FixedTimes.parse(["05:30"]), groups=(STATS,)),
          service("Files Collector", Periodic(10), groups=(STATS,))],
-        [MASTER, MASTER2], durations={"Backup Manager": 3600, "Files Collector": 60},
-        start=at(5),
+        list(nodes), durations={"Backup Manager": 3600, "Files Collector": 60}, start=at(5),
     )
+
+
+# == nodes ====================================================================================
+def test_node_down_loses_its_runs_and_releases_their_locks() -> None:
+    h = _backup_and_collector(MASTER, MASTER2)
     h.advance(at(5, 35))
     [backup] = h.runs_of("Backup Manager")
     assert backup.end is None
@@ -560,15 +565,6 @@ def test_node_down_loses_waiting_runs_placed_on_it_and_stops_its_daemons() -> No
     assert sorted((iv.node, iv.slot) for iv in h.runs_of("Cleaner")) == [
         ("m1", at(0, 5)), ("m1", at(0, 15)),
     ]
-
-
-def _backup_and_collector(m1: object) -> Harness:
-    return Harness(
-        [service("Backup Manager", FixedTimes.parse(["05:30"]), groups=(STATS,)),
-         service("Files Collector", Periodic(10), groups=(STATS,))],
-        [m1], durations={"Backup Manager": 3600, "Files Collector": 60},  # type: ignore[list-item]
-        start=at(5),
-    )
 
 
 def test_a_node_back_in_a_new_session_loses_what_its_old_session_ran() -> None:
@@ -607,12 +603,7 @@ def test_a_node_restarted_while_no_leader_ran_loses_its_runs_at_takeover() -> No
 
 
 def test_a_node_that_died_while_no_leader_ran_has_its_runs_lost_at_takeover() -> None:
-    h = Harness(
-        [service("Backup Manager", FixedTimes.parse(["05:30"]), groups=(STATS,)),
-         service("Files Collector", Periodic(10), groups=(STATS,))],
-        [MASTER, MASTER2], durations={"Backup Manager": 3600, "Files Collector": 60},
-        start=at(5),
-    )
+    h = _backup_and_collector(MASTER, MASTER2)
     h.advance(at(5, 35))
     [backup] = h.runs_of("Backup Manager")
     dead = backup.node
