@@ -83,6 +83,11 @@ class WorkerNode:
         self._running: dict[str, frozenset[str]] = {}  # run id -> run groups
         self._epoch = 0
         self._daemon_epoch = 0
+        # Controls are taken by several consumer threads: apply them one at a time, and never
+        # one issued before the last applied for the same daemon (a late resume must not undo
+        # the pause that followed it).
+        self._control_lock = threading.Lock()
+        self._last_control: dict[str, tuple[int, float]] = {}
         self.incarnation: str | None = None  # names this node's current ZooKeeper session
         self._consumer_threads = consumer_threads
         self._worker: dramatiq.Worker | None = None
@@ -295,6 +300,16 @@ class WorkerNode:
             self._journal.flush()
 
     def _on_control(self, c: DaemonControl) -> None:
+        with self._control_lock:
+            last = self._last_control.get(c.service)
+            if last is not None and (c.epoch, c.issued_at) < last:
+                log.info("ignored daemon control %s %s: issued before the last one applied",
+                         c.action, c.service)
+                return
+            if self._apply_control(c):
+                self._last_control[c.service] = (c.epoch, c.issued_at)
+
+    def _apply_control(self, c: DaemonControl) -> bool:
         if (
             c.node != self.node_id
             or c.epoch < self._epoch
@@ -306,7 +321,7 @@ class WorkerNode:
             log.warning("refused daemon control %s %s: epoch %d (newest %d), node %s, roles %s, "
                         "session %s (now %s)", c.action, c.service, c.epoch, self._epoch, c.node,
                         c.allowed_roles, c.incarnation, self.incarnation)
-            return
+            return False
         self._epoch = max(self._epoch, c.epoch)
         self._daemon_epoch = c.epoch
         utility = Utility(callable=c.callable, command=tuple(c.command) if c.command else None)
@@ -329,6 +344,7 @@ class WorkerNode:
             self.daemons.pause(c.service)
         elif c.action == "resume":
             self.daemons.resume(c.service)
+        return True
 
     def _daemon_report(self, ev: DaemonEvent) -> None:
         since: float | None = None
