@@ -4,6 +4,7 @@ COPY pyproject.toml README.md ./
 COPY coordinator coordinator
 COPY workers workers
 COPY protocol protocol
+COPY rota rota
 COPY ops ops
 RUN pip install --no-cache-dir .
 ENTRYPOINT ["rota"]

@@ -38,12 +38,12 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
 from bench.baselines import pika_publish_rate, zk_write_rate
-from coordinator.adapters.zk import decode_name
-from coordinator.core.catalogue import load_catalogue
-from coordinator.core.clock import SystemClock
-from coordinator.embedded import Cluster, NodeSpec
 from ops import localservers
 from protocol import LedgerRun, ProtocolError, RunRecord, decode_as
+from protocol.catalogue import load_catalogue
+from protocol.clock import SystemClock
+from protocol.zk import decode_name
+from rota.embedded import Cluster, NodeSpec
 from workers.node import WorkerNode
 
 ROLES = ("Master", "Redundancy", "Reporting", "Processing", "Calculation")
@@ -342,7 +342,7 @@ class Procs:
         log = self.workdir / f"{name}.log"
         with open(log, "ab") as fh:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "coordinator.cli", *args],
+                [sys.executable, "-m", "rota.cli", *args],
                 stdout=fh, stderr=subprocess.STDOUT, cwd=self.workdir,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )

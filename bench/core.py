@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from coordinator.core.engine import Dispatch, Engine
 from coordinator.core.node import Node
 from coordinator.core.rungroup import Claim, LockBook
-from coordinator.core.schedule import Cron, FixedTimes, Periodic, zone
-from coordinator.core.service import Kind, Service, Utility
 from coordinator.core.slot import Timeline
+from protocol.schedule import Cron, FixedTimes, Periodic, zone
+from protocol.service import Kind, Service, Utility
 
 T0 = datetime(2026, 11, 22, tzinfo=UTC).timestamp()
 ROLES = ("Master", "Redundancy", "Reporting", "Processing", "Calculation")

@@ -16,10 +16,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from coordinator.core.catalogue import Catalogue
-from coordinator.core.schedule import zone
-from coordinator.core.service import Placement
 from protocol import RunRecord
+from protocol.catalogue import Catalogue
+from protocol.schedule import zone
+from protocol.service import Placement
 
 RAN = {"succeeded", "failed", "timed_out"}
 NOT_RUN = {"skipped", "missed", "lost", "expired", "rejected"}

@@ -21,15 +21,10 @@ from dataclasses import dataclass, field
 import dramatiq
 
 from coordinator import metrics
-from coordinator.adapters import transport
-from coordinator.adapters.coordination import Coordination, Fenced, Term
 from coordinator.adapters.events import EventBus
-from coordinator.core.catalogue import Catalogue
-from coordinator.core.clock import Clock
 from coordinator.core.engine import Action, Control, Dispatch, Engine, Record, RefusedError
 from coordinator.core.node import Node
 from coordinator.core.run import Run, RunState, Trigger
-from coordinator.core.schedule import Cron, FixedTimes, Periodic, Schedule, ScheduleError
 from coordinator.ledger import Ledger
 from protocol import (
     DaemonControl,
@@ -43,7 +38,12 @@ from protocol import (
     decode,
     decode_as,
     encode,
+    transport,
 )
+from protocol.catalogue import Catalogue
+from protocol.clock import Clock
+from protocol.coordination import Coordination, Fenced, Term
+from protocol.schedule import Cron, FixedTimes, Periodic, Schedule, ScheduleError
 
 log = logging.getLogger("rota.leader")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coordinator.core.engine import Engine
-from coordinator.core.service import Kind, Service
+from protocol.service import Kind, Service
 
 GROUP_TITLES = {
     Kind.DAEMON: "Daemon Services",

@@ -22,8 +22,8 @@ import uuid
 from pathlib import Path
 
 from coordinator.audit import audit, audit_journal
-from coordinator.core.catalogue import load_catalogue
 from ops import localservers
+from protocol.catalogue import load_catalogue
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOGUE = ROOT / "tests" / "integration" / "catalogues" / "seconds.toml"

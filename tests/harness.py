@@ -191,7 +191,7 @@ class Cluster:
         fh = open(log, "ab")  # noqa: SIM115 - the child owns it
         popen = subprocess.Popen(
             # ROTA_TEST_VERBOSITY=-vv logs every leader turn (ledger writes, orders, records).
-            [sys.executable, "-m", "coordinator.cli", os.environ.get("ROTA_TEST_VERBOSITY", "-v"),
+            [sys.executable, "-m", "rota.cli", os.environ.get("ROTA_TEST_VERBOSITY", "-v"),
              *args],
             stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
         )
@@ -239,7 +239,7 @@ class Cluster:
         return self._spawn(name, old.args)
 
     def leader(self) -> str | None:
-        from coordinator.adapters.zk import ZkCoordination
+        from protocol.zk import ZkCoordination
 
         zk = ZkCoordination(self.zk_hosts, identifier="observer")
         try:

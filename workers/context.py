@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from coordinator.core.clock import Clock, SystemClock
+from protocol.clock import Clock, SystemClock
 
 
 class RunContext(Protocol):

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from coordinator.core.clock import Clock
-from coordinator.core.service import Utility
+from protocol.clock import Clock
+from protocol.service import Utility
 from workers.executor import (
     ExecContext,
     describe_exception,

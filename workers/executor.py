@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Literal
 
-from coordinator.core.clock import Clock
-from coordinator.core.service import Utility
+from protocol.clock import Clock
+from protocol.service import Utility
 
 Outcome = Literal["succeeded", "failed", "timed_out"]
 

@@ -25,11 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 import dramatiq
 import msgpack
 
-from coordinator.adapters import transport
-from coordinator.adapters.coordination import Coordination
-from coordinator.core.catalogue import Catalogue
-from coordinator.core.clock import Clock
-from coordinator.core.service import Utility
 from protocol import (
     DaemonControl,
     NodeAnnouncement,
@@ -38,7 +33,12 @@ from protocol import (
     RunOrder,
     decode,
     encode,
+    transport,
 )
+from protocol.catalogue import Catalogue
+from protocol.clock import Clock
+from protocol.coordination import Coordination
+from protocol.service import Utility
 from workers import metrics
 from workers.daemon import DaemonEvent, DaemonSupervisor
 from workers.executor import Executor

@@ -20,10 +20,10 @@ from coordinator.core import placement
 from coordinator.core.node import Node
 from coordinator.core.run import Run, RunState, Trigger
 from coordinator.core.rungroup import Claim, LockBook
-from coordinator.core.schedule import Schedule, ScheduleError, zone
-from coordinator.core.service import Kind, Overlap, Placement, Service
 from coordinator.core.slot import Timeline
 from protocol import run_id_for
+from protocol.schedule import Schedule, ScheduleError, zone
+from protocol.service import Kind, Overlap, Placement, Service
 
 MAX_MISSED_RECORDS = 100  # per service and recovery; the rest are summed up in one record
 
@@ -792,7 +792,7 @@ class Engine:
 
     @staticmethod
     def _apply(base: Service, ov: dict[str, object]) -> Service:
-        from coordinator.core.schedule import schedule_from_dict
+        from protocol.schedule import schedule_from_dict
 
         svc = base
         if "enabled" in ov:

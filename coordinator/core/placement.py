@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from coordinator.core.node import Node
-from coordinator.core.service import Placement, Service
+from protocol.service import Placement, Service
 
 
 def eligible(service: Service, nodes: Iterable[Node]) -> list[Node]:

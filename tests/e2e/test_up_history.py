@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 import pytest
 
 from coordinator.audit import audit
-from coordinator.cli import DEFAULT_CATALOGUE
-from coordinator.core.catalogue import load_catalogue
 from protocol import RunRecord
+from protocol.catalogue import load_catalogue
+from rota.cli import DEFAULT_CATALOGUE
 
 NODES = {
     "master-1": ["Master"],
@@ -33,7 +33,7 @@ START = "2026-11-22T05:00:00+00:00"
 def history(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[RunRecord], str]:
     path = tmp_path_factory.mktemp("up") / "h.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "up", "--speed", "60", "--for", "120",
+        [sys.executable, "-m", "rota.cli", "up", "--speed", "60", "--for", "120",
          "--start", START, "--history", str(path)],
         capture_output=True, text=True, timeout=240,
     )

@@ -27,7 +27,7 @@ def _children(pid: int) -> list[int]:
 def test_ctrl_c_stops_daemons_and_leaves_nothing_running(tmp_path: Path) -> None:
     history = tmp_path / "h.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "up", "--speed", "30",
+        [sys.executable, "-m", "rota.cli", "up", "--speed", "30",
          "--history", str(history)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -28,9 +28,7 @@ from typing import Any
 import msgpack
 import pika
 
-from coordinator.adapters import transport
 from coordinator.audit import audit
-from coordinator.core.catalogue import load_catalogue
 from protocol import (
     MAX_DEAD_LETTER_BYTES,
     MAX_MESSAGE_BYTES,
@@ -43,7 +41,9 @@ from protocol import (
     ServiceUpdate,
     decode_as,
     encode,
+    transport,
 )
+from protocol.catalogue import load_catalogue
 from tests.harness import SECONDS_CATALOGUE, THREE_NODES, Cluster, EventRecorder
 
 CATALOGUE = SECONDS_CATALOGUE

@@ -8,10 +8,9 @@ from __future__ import annotations
 import time
 import uuid
 
-from coordinator.adapters import transport
 from coordinator.audit import audit
-from coordinator.core.catalogue import load_catalogue
-from protocol import RunOrder, encode
+from protocol import RunOrder, encode, transport
+from protocol.catalogue import load_catalogue
 from tests.harness import SECONDS_CATALOGUE, THREE_NODES, Cluster
 
 CATALOGUE = SECONDS_CATALOGUE

@@ -22,8 +22,9 @@ import pytest
 from kazoo.client import KazooClient
 from kazoo.protocol.connection import _CONNECTION_DROP
 
-from coordinator.adapters.coordination import Coordination, Fenced, MemoryCoordination, Term
-from coordinator.adapters.zk import (
+from ops import localservers
+from protocol.coordination import Coordination, Fenced, MemoryCoordination, Term
+from protocol.zk import (
     ELECTION,
     EPOCH,
     LEDGER,
@@ -32,7 +33,6 @@ from coordinator.adapters.zk import (
     ZkCoordination,
     ZkTerm,
 )
-from ops import localservers
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 15.0
@@ -351,7 +351,7 @@ def start_doomed_leader(hosts: str) -> tuple[subprocess.Popen[str], int]:
     """A leader in another process, announced as node "doomed"; returns it and its epoch."""
     code = (
         "import sys, time\n"
-        "from coordinator.adapters.zk import ZkCoordination\n"
+        "from protocol.zk import ZkCoordination\n"
         "c = ZkCoordination(sys.argv[1], identifier='doomed')\n"
         "c.announce('doomed', b'x')\n"
         "def lead(term):\n"

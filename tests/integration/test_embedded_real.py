@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 from coordinator.audit import audit
-from coordinator.core.catalogue import load_catalogue
-from coordinator.core.clock import SystemClock
-from coordinator.embedded import Cluster, parse_nodes
 from protocol import RunRecord
+from protocol.catalogue import load_catalogue
+from protocol.clock import SystemClock
+from rota.embedded import Cluster, parse_nodes
 
 CATALOGUE = Path(__file__).parent / "catalogues" / "seconds.toml"
 NODES = "w-master=Master;w-red=Redundancy,Reporting;w-proc=Processing,Calculation"
@@ -37,7 +37,7 @@ def test_embedded_cluster_on_real_servers(amqp_url: str, zk_hosts: str) -> None:
 def test_rota_up_cli_on_real_servers(amqp_url: str, zk_hosts: str, tmp_path: Path) -> None:
     history = tmp_path / "h.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "up", "--zk", zk_hosts, "--amqp", amqp_url,
+        [sys.executable, "-m", "rota.cli", "up", "--zk", zk_hosts, "--amqp", amqp_url,
          "--catalogue", str(CATALOGUE), "--nodes", NODES, "--for", "8",
          "--history", str(history)],
         capture_output=True, text=True, timeout=120,

@@ -14,8 +14,8 @@ import statistics
 import time
 
 from coordinator.audit import audit, audit_journal
-from coordinator.core.catalogue import load_catalogue
 from ops import localservers
+from protocol.catalogue import load_catalogue
 from tests.harness import SECONDS_CATALOGUE, THREE_NODES, THREE_NODES_ROLES, Cluster, EventRecorder
 
 CATALOGUE = SECONDS_CATALOGUE

@@ -1,6 +1,6 @@
 """The HTTP API of a coordinator, called the way an operator's tools call it.
 
-Served by `coordinator.http.serve` for an embedded in-memory cluster running the shipped
+Served by `rota.http.serve` for an embedded in-memory cluster running the shipped
 System Services catalogue on a fast simulated clock. Bad calls get a JSON error naming what
 is wrong; a good manual-run call leads to a manual run.
 """
@@ -19,11 +19,11 @@ from urllib.parse import quote
 
 import pytest
 
-from coordinator.cli import DEFAULT_CATALOGUE
-from coordinator.core.catalogue import load_catalogue
-from coordinator.core.clock import SimClock
-from coordinator.embedded import DEFAULT_NODES, Cluster, parse_nodes
-from coordinator.http import serve
+from protocol.catalogue import load_catalogue
+from protocol.clock import SimClock
+from rota.cli import DEFAULT_CATALOGUE
+from rota.embedded import DEFAULT_NODES, Cluster, parse_nodes
+from rota.http import serve
 
 SEED_COLUMNS = {"name", "enabled", "schedule", "allowed_nodes", "run_groups", "last_run",
                 "in_queue"}

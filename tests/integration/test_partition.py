@@ -28,12 +28,11 @@ from urllib.parse import urlparse
 import pytest
 from kazoo.client import KazooClient
 
-from coordinator.adapters import transport
-from coordinator.adapters.coordination import Fenced, Term
-from coordinator.adapters.zk import ZkCoordination
 from coordinator.audit import NOT_RUN, RAN, audit, audit_journal
-from coordinator.core.catalogue import load_catalogue
-from protocol import RunOrder, RunRecord, encode
+from protocol import RunOrder, RunRecord, encode, transport
+from protocol.catalogue import load_catalogue
+from protocol.coordination import Fenced, Term
+from protocol.zk import ZkCoordination
 from tests.faultproxy import FaultProxy
 from tests.harness import (
     SECONDS_CATALOGUE,

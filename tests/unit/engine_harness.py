@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from coordinator.core.engine import Action, Changes, Control, Dispatch, Engine, Record, State
 from coordinator.core.node import Node
 from coordinator.core.run import Run
-from coordinator.core.service import Kind, Placement, Service
+from protocol.service import Kind, Placement, Service
 
 T0 = datetime(2025, 1, 6, tzinfo=UTC).timestamp()  # a Monday, 00:00 UTC
 

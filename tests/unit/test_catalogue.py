@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.core.catalogue import (
+from protocol.catalogue import (
     Catalogue,
     CatalogueError,
     load_catalogue,
     parse_catalogue,
     validate_utility,
 )
-from coordinator.core.schedule import Cron, FixedTimes, Periodic
-from coordinator.core.service import Kind, Overlap, Placement, Utility
+from protocol.schedule import Cron, FixedTimes, Periodic
+from protocol.service import Kind, Overlap, Placement, Utility
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ROOT / "coordinator" / "catalogues" / "system-services.toml"
+SHIPPED = ROOT / "rota" / "catalogues" / "system-services.toml"
 DOCS = ROOT / "docs" / "catalogue.md"
 
 # The seed's service table: group | name | schedule | allowed nodes | run groups.

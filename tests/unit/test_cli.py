@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.cli import DEFAULT_CATALOGUE, build_parser
-from coordinator.core.catalogue import load_catalogue
+from protocol.catalogue import load_catalogue
+from rota.cli import DEFAULT_CATALOGUE, build_parser
 
 SUBCOMMANDS = ("up", "coordinator", "worker", "run", "set", "check")
 KEY_OPTIONS = {
@@ -37,7 +37,7 @@ def rota(*args: str, timeout: float = 60, env: dict[str, str] | None = None,
          cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k not in ("ROTA_ZK", "ROTA_AMQP_URL")}
     return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "rota.cli", *args], capture_output=True, text=True,
         timeout=timeout, env={**base, **(env or {})}, cwd=cwd,
     )
 

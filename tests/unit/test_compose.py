@@ -17,9 +17,9 @@ import pytest
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the compose and ops files")
 
-from coordinator.cli import DEFAULT_CATALOGUE, build_parser  # noqa: E402
-from coordinator.core.catalogue import Catalogue, load_catalogue  # noqa: E402
-from coordinator.core.service import Placement  # noqa: E402
+from protocol.catalogue import Catalogue, load_catalogue  # noqa: E402
+from protocol.service import Placement  # noqa: E402
+from rota.cli import DEFAULT_CATALOGUE, build_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -107,7 +107,7 @@ def test_compose_runs_rota_image_with_a_parsable_command(
 def test_dockerfile_entrypoint_is_the_cli() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r'^ENTRYPOINT \["rota"\]', text, re.M), text
-    for package in ("coordinator", "workers", "protocol"):
+    for package in ("coordinator", "workers", "protocol", "rota"):
         assert re.search(rf"^COPY {package}\b", text, re.M), f"Dockerfile lacks {package}/"
 
 

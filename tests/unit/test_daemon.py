@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.core.clock import SimClock, SystemClock
-from coordinator.core.service import Utility
+from protocol.clock import SimClock, SystemClock
+from protocol.service import Utility
 from workers.daemon import (
     BACKOFF_INITIAL,
     BACKOFF_MAX,

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.core.catalogue import Catalogue, load_catalogue
-from coordinator.core.clock import SimClock
-from coordinator.core.schedule import Periodic
-from coordinator.core.service import Kind, Service
+from protocol.catalogue import Catalogue, load_catalogue
+from protocol.clock import SimClock
+from protocol.schedule import Periodic
+from protocol.service import Kind, Service
 from workers import demo
 from workers.context import LocalContext
 
 START = 1_643_027_842.0  # 2022-01-24 12:37:22 UTC
-CATALOGUE = Path(__file__).resolve().parents[2] / "coordinator" / "catalogues" / \
+CATALOGUE = Path(__file__).resolve().parents[2] / "rota" / "catalogues" / \
     "system-services.toml"
 
 

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.core.clock import ManualClock
 from coordinator.core.engine import (
     MAX_MISSED_RECORDS,
     Control,
@@ -21,9 +20,10 @@ from coordinator.core.engine import (
 )
 from coordinator.core.node import Node
 from coordinator.core.run import Run, RunState, Trigger
-from coordinator.core.schedule import Cron, FixedTimes, Periodic
-from coordinator.core.service import Overlap, Placement
 from protocol import run_id_for
+from protocol.clock import ManualClock
+from protocol.schedule import Cron, FixedTimes, Periodic
+from protocol.service import Overlap, Placement
 from tests.unit.engine_harness import T0, Harness, at, node, service
 
 MASTER = node("m1", "Master")
@@ -1216,8 +1216,8 @@ def test_runs_wait_for_capacity_instead_of_expiring() -> None:
     from coordinator.core.engine import Dispatch, Engine
     from coordinator.core.node import Node
     from coordinator.core.run import RunState
-    from coordinator.core.schedule import Periodic
-    from coordinator.core.service import Kind, Service
+    from protocol.schedule import Periodic
+    from protocol.service import Kind, Service
 
     t0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
     services = [Service(f"s{i}", Kind.PERIODIC, Periodic(1, 0), frozenset({"Master"}))

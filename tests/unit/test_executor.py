@@ -8,8 +8,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
-from coordinator.core.clock import ManualClock, SimClock, SystemClock
-from coordinator.core.service import Utility
+from protocol.clock import ManualClock, SimClock, SystemClock
+from protocol.service import Utility
 from workers.executor import ERROR_LIMIT, TAIL_LIMIT, Executor, OutputTail, RunOutcome
 
 MOD = "tests.unit.utilities_for_tests"

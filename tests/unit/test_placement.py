@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from coordinator.core import placement
 from coordinator.core.node import Node
-from coordinator.core.schedule import Periodic
-from coordinator.core.service import Kind, Placement, Service
+from protocol.schedule import Periodic
+from protocol.service import Kind, Placement, Service
 
 NODES = [
     Node("n3-proc", frozenset({"Processing"})),

@@ -9,7 +9,7 @@ from croniter import croniter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.core.schedule import (
+from protocol.schedule import (
     Cron,
     FixedTimes,
     Periodic,

@@ -14,9 +14,9 @@ from rich.table import Table
 from rich.text import Text
 
 from coordinator import view
-from coordinator.core.schedule import zone
 from coordinator.leader import Coordinator
 from coordinator.view import GROUP_TITLES, Kind
+from protocol.schedule import zone
 
 
 def _roles_in_order(roles: list[str], order: tuple[str, ...]) -> str:

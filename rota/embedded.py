@@ -19,14 +19,13 @@ from typing import IO
 
 from dramatiq.brokers.stub import StubBroker
 
-from coordinator.adapters import transport
-from coordinator.adapters.coordination import MemoryCoordination
 from coordinator.adapters.events import EventBus, MemoryEventBus, RabbitEventBus
-from coordinator.core.catalogue import Catalogue
-from coordinator.core.clock import Clock
-from coordinator.core.schedule import zone
 from coordinator.leader import Coordinator, LeaderOptions
-from protocol import RunRecord
+from protocol import RunRecord, transport
+from protocol.catalogue import Catalogue
+from protocol.clock import Clock
+from protocol.coordination import MemoryCoordination
+from protocol.schedule import zone
 from workers.node import WorkerNode
 
 log = logging.getLogger("rota.embedded")
@@ -120,7 +119,7 @@ class Cluster:
 
     def _coordination(self, identifier: str):  # type: ignore[no-untyped-def]
         if self.zk_hosts:
-            from coordinator.adapters.zk import ZkCoordination
+            from protocol.zk import ZkCoordination
 
             return ZkCoordination(self.zk_hosts, identifier=identifier)
         if not hasattr(self, "_memory"):

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.core.schedule import (
+from protocol.schedule import (
     Cron,
     FixedTimes,
     Periodic,
@@ -53,7 +53,7 @@ from coordinator.core.schedule import (
     parse_hhmm,
     zone,
 )
-from coordinator.core.service import Kind, Overlap, Placement, Service, Utility
+from protocol.service import Kind, Overlap, Placement, Service, Utility
 
 DEFAULT_ROLES = ("Master", "Redundancy", "Reporting", "Processing", "Calculation")
 DEFAULT_CATCH_UP = 300.0

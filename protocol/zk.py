@@ -66,7 +66,7 @@ from kazoo.exceptions import (
 )
 from kazoo.retry import KazooRetry
 
-from coordinator.adapters.coordination import Announcement, Fenced, Term, announcement
+from protocol.coordination import Announcement, Fenced, Term, announcement
 
 log = logging.getLogger("rota.zk")
 

@@ -156,7 +156,7 @@ def _logging(verbose: int) -> None:
 
 
 def _load(path: str):  # type: ignore[no-untyped-def]
-    from coordinator.core.catalogue import CatalogueError, load_catalogue
+    from protocol.catalogue import CatalogueError, load_catalogue
 
     try:
         return load_catalogue(path)
@@ -178,9 +178,9 @@ def _wait_for_signal(stop: threading.Event, duration: float | None) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from coordinator.core.clock import SimClock, SystemClock
-    from coordinator.embedded import DEFAULT_NODES, Cluster, parse_nodes
-    from coordinator.table import Display
+    from protocol.clock import SimClock, SystemClock
+    from rota.embedded import DEFAULT_NODES, Cluster, parse_nodes
+    from rota.table import Display
 
     catalogue = _load(args.catalogue)
     try:
@@ -196,7 +196,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         except ValueError:
             sys.exit(f"rota up: --start: {args.start!r} is not an ISO 8601 time")
         if dt.tzinfo is None:
-            from coordinator.core.schedule import zone
+            from protocol.schedule import zone
 
             dt = dt.replace(tzinfo=zone(catalogue.timezone))
         start = dt.timestamp()
@@ -225,7 +225,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         sys.exit(f"rota up: {exc}; run with -v to see why")
     http = None
     if args.http_port:
-        from coordinator.http import serve
+        from rota.http import serve
 
         http = serve(cluster.coordinator, args.http_port, args.http_host)
         print(f"rota: service page on http://127.0.0.1:{args.http_port}/", flush=True)
@@ -248,11 +248,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from coordinator.adapters import transport
     from coordinator.adapters.events import RabbitEventBus
-    from coordinator.adapters.zk import ZkCoordination
-    from coordinator.core.clock import SystemClock
     from coordinator.leader import Coordinator, LeaderOptions, fault_from_spec
+    from protocol import transport
+    from protocol.clock import SystemClock
+    from protocol.zk import ZkCoordination
 
     catalogue = _load(args.catalogue)
     ident = args.id or f"{os.uname().nodename}-{os.getpid()}"
@@ -268,7 +268,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                         options=LeaderOptions(fault=fault))
 
     def reload(signum, frame):  # type: ignore[no-untyped-def]
-        from coordinator.core.catalogue import CatalogueError, load_catalogue
+        from protocol.catalogue import CatalogueError, load_catalogue
 
         try:
             fresh = load_catalogue(args.catalogue)
@@ -284,7 +284,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, reload)
     http = None
     if args.http_port:
-        from coordinator.http import serve
+        from rota.http import serve
 
         http = serve(coord, args.http_port, args.http_host)
     runner = threading.Thread(target=coord.run, name="coordinator", daemon=True)
@@ -308,9 +308,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from coordinator.adapters import transport
-    from coordinator.adapters.zk import ZkCoordination
-    from coordinator.core.clock import SystemClock
+    from protocol import transport
+    from protocol.clock import SystemClock
+    from protocol.zk import ZkCoordination
     from workers.node import WorkerNode
 
     roles = [r.strip() for r in args.roles.split(",") if r.strip()]
@@ -333,7 +333,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             lambda: node.stop_lock_holders("ZooKeeper session in danger"), lambda: None
         )
     def reload(signum, frame):  # type: ignore[no-untyped-def]
-        from coordinator.core.catalogue import CatalogueError, load_catalogue
+        from protocol.catalogue import CatalogueError, load_catalogue
 
         try:
             node.catalogue = load_catalogue(args.catalogue)
@@ -356,8 +356,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def _publish_request(amqp: str, msg) -> None:  # type: ignore[no-untyped-def]
     from urllib.parse import urlsplit
 
-    from coordinator.adapters import transport
-    from protocol import encode
+    from protocol import encode, transport
 
     logging.getLogger("pika").setLevel(logging.CRITICAL)
     where = urlsplit(amqp)
@@ -397,8 +396,8 @@ def cmd_set(args: argparse.Namespace) -> int:
                             align=args.align, run_at=run_at, cron=args.cron)
     except ProtocolError as exc:
         sys.exit(f"rota set: {exc}")
-    from coordinator.core.schedule import ScheduleError
     from coordinator.leader import schedule_of_update
+    from protocol.schedule import ScheduleError
 
     try:
         schedule_of_update(msg)

@@ -19,8 +19,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import make_wsgi_app
 
 from coordinator import view
-from coordinator.core.schedule import zone
 from coordinator.leader import Coordinator
+from protocol.schedule import zone
 
 
 class _Quiet(WSGIRequestHandler):

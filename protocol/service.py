@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from coordinator.core.schedule import Schedule
+from protocol.schedule import Schedule
 
 
 class Kind(StrEnum):
