@@ -3,6 +3,11 @@
 Both servers run as the current user from Debian's packages, listen on 127.0.0.1 only and
 keep all their state (configuration, data, logs, pid files, Erlang cookie) in one directory.
 
+Ports: AMQP 26672, then epmd (+1), the broker's Erlang distribution (+2) and rabbitmqctl's
+(+3 to +12); ZooKeeper 22181. All lie below the kernel's ephemeral port range (32768 and up),
+so no outgoing connection can be holding them. `--amqp-port` and `--zk-port`, or the
+environment's ROTA_LOCAL_AMQP_PORT and ROTA_LOCAL_ZK_PORT, choose others.
+
     python -m ops.localservers start          # idempotent; reuses servers already up
     python -m ops.localservers status
     set -a; eval "$(python -m ops.localservers env)"; set +a
@@ -31,8 +36,18 @@ from pathlib import Path
 from urllib.parse import quote
 
 DEFAULT_DIR = Path(".rota-servers")
-DEFAULT_AMQP_PORT = 35672
-DEFAULT_ZK_PORT = 32181
+# Every default port lies below Linux's ephemeral range (32768-60999 by default, see
+# /proc/sys/net/ipv4/ip_local_port_range), from which the kernel picks the local port of any
+# outgoing connection: a port in that range can be held by some client at any moment. The
+# broker's other ports follow its AMQP port (see `rabbitmq_ports`), so they stay below it too.
+DEFAULT_AMQP_PORT = 26672
+DEFAULT_ZK_PORT = 22181
+AMQP_PORT_ENV = "ROTA_LOCAL_AMQP_PORT"
+ZK_PORT_ENV = "ROTA_LOCAL_ZK_PORT"
+CTL_PORTS = 10
+"""rabbitmqctl processes that can run at once (each listens on a port of its own range)."""
+RABBITMQ_PORT_SPAN = 3 + CTL_PORTS
+"""Ports used from the AMQP port up: AMQP, epmd, Erlang distribution, the rabbitmqctl range."""
 NODE_NAME = "rota-test@localhost"
 HOST = "127.0.0.1"
 
@@ -60,11 +75,21 @@ class Servers:
     state_dir: Path
     amqp_port: int = DEFAULT_AMQP_PORT
     zk_port: int = DEFAULT_ZK_PORT
-    epmd_port: int = DEFAULT_AMQP_PORT + 1
+    epmd_port: int = 0
+    """The private Erlang port mapper; 0 means the AMQP port + 1."""
     node: str = NODE_NAME
     pids: dict[str, int] = field(default_factory=dict)
     started: bool = False
     """True when the call that returned this object launched at least one process."""
+    dist_port: int = 0
+    """The broker's Erlang distribution port; 0 means the AMQP port + 2 (RabbitMQ's own
+    default, AMQP + 20000, would land in the ephemeral port range)."""
+
+    def __post_init__(self) -> None:
+        if not self.epmd_port:
+            self.epmd_port = self.amqp_port + 1
+        if not self.dist_port:
+            self.dist_port = self.amqp_port + 2
 
     @property
     def amqp_url(self) -> str:
@@ -79,14 +104,50 @@ class Servers:
         return self.amqp_url + quote(vhost, safe="")
 
     @property
-    def dist_port(self) -> int:
-        """Erlang distribution port of the broker (RabbitMQ's default: AMQP port + 20000)."""
-        return self.amqp_port + 20000
-
-    @property
     def cli_dist_ports(self) -> tuple[int, int]:
-        """Distribution port range for rabbitmqctl, kept clear of the AMQP port."""
-        return self.amqp_port + 10000, self.amqp_port + 10010
+        """Distribution port range for rabbitmqctl: the ports just above the broker's."""
+        low = self.amqp_port + 3
+        return low, low + CTL_PORTS - 1
+
+    def ports(self) -> dict[str, int]:
+        """Every port these servers listen on, by what listens there."""
+        low, high = self.cli_dist_ports
+        named = {
+            "AMQP": self.amqp_port,
+            "epmd": self.epmd_port,
+            "Erlang distribution": self.dist_port,
+            "ZooKeeper": self.zk_port,
+        }
+        named.update({f"rabbitmqctl {port - low + 1}": port for port in range(low, high + 1)})
+        return named
+
+
+def default_ports() -> tuple[int, int]:
+    """The AMQP and ZooKeeper ports to use when none are given: the environment's
+    ``ROTA_LOCAL_AMQP_PORT`` and ``ROTA_LOCAL_ZK_PORT``, else the built-in defaults."""
+    ports = []
+    for name, default in ((AMQP_PORT_ENV, DEFAULT_AMQP_PORT), (ZK_PORT_ENV, DEFAULT_ZK_PORT)):
+        text = os.environ.get(name, "").strip()
+        if not text:
+            ports.append(default)
+            continue
+        try:
+            port = int(text)
+        except ValueError:
+            raise ServerError(f"{name}={text!r} is not a port number") from None
+        if not 1024 <= port <= 65535 - RABBITMQ_PORT_SPAN:
+            raise ServerError(f"{name}={port} is outside 1024..{65535 - RABBITMQ_PORT_SPAN}")
+        ports.append(port)
+    return ports[0], ports[1]
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The range the kernel picks outgoing connections' local ports from."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 # --------------------------------------------------------------------------- output
@@ -242,34 +303,56 @@ def _port_free(port: int) -> bool:
     return True
 
 
+HOW_TO_CHOOSE_PORTS = (
+    "choose other ports with `python -m ops.localservers start --amqp-port PORT --zk-port PORT`"
+    f", or for ops/test, ops/bench and the test suite set {AMQP_PORT_ENV} and {ZK_PORT_ENV}"
+    f" (the broker uses the AMQP port and the {RABBITMQ_PORT_SPAN - 1} above it; keep them all"
+    " below {low}, where the kernel's outgoing connections never take them)"
+)
+
+
 def _require_free(ports: dict[str, int]) -> None:
     busy = [f"{name} port {port}" for name, port in ports.items() if not _port_free(port)]
     if busy:
+        low, high = ephemeral_port_range()
+        in_range = [port for port in ports.values() if low <= port <= high]
+        note = (
+            f"; {', '.join(map(str, in_range))} lie in the ephemeral port range {low}-{high}"
+            if in_range
+            else ""
+        )
         raise ServerError(
-            f"{', '.join(busy)} already in use by another process; stop it or pick other ports"
+            f"{', '.join(busy)} already in use by another process{note}; stop it or {_hint()}"
         )
 
 
 def find_free_ports(
-    amqp_port: int = DEFAULT_AMQP_PORT, zk_port: int = DEFAULT_ZK_PORT, attempts: int = 100
+    amqp_port: int | None = None, zk_port: int | None = None, attempts: int = 100
 ) -> tuple[int, int]:
-    """The first AMQP and ZooKeeper ports at or above the given ones that new servers can use.
+    """The first AMQP and ZooKeeper ports at or above the given ones (default: `default_ports`)
+    that new servers can use.
 
     For the AMQP port this includes the ports derived from it (epmd, Erlang distribution and
     the rabbitmqctl range), so several pairs of servers can run side by side.
     """
-    for amqp in range(amqp_port, amqp_port + 2 * attempts, 2):
-        probe = Servers(Path(), amqp, epmd_port=amqp + 1)
-        low, high = probe.cli_dist_ports
-        needed = [amqp, probe.epmd_port, probe.dist_port, *range(low, high + 1)]
+    defaults = default_ports()
+    amqp_port = amqp_port or defaults[0]
+    zk_port = zk_port or defaults[1]
+    step = RABBITMQ_PORT_SPAN
+    for amqp in range(amqp_port, amqp_port + step * attempts, step):
+        needed = [p for name, p in Servers(Path(), amqp).ports().items() if name != "ZooKeeper"]
         if max(needed) <= 65535 and all(_port_free(port) for port in needed):
             break
     else:
-        raise ServerError(f"no free AMQP port pattern found from {amqp_port}")
+        raise ServerError(f"no free AMQP port pattern found from {amqp_port}; {_hint()}")
     for zk in range(zk_port, zk_port + attempts):
         if zk not in needed and _port_free(zk):
             return amqp, zk
-    raise ServerError(f"no free ZooKeeper port found from {zk_port}")
+    raise ServerError(f"no free ZooKeeper port found from {zk_port}; {_hint()}")
+
+
+def _hint() -> str:
+    return HOW_TO_CHOOSE_PORTS.replace("{low}", str(ephemeral_port_range()[0]))
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -384,6 +467,8 @@ def load(state_dir: str | os.PathLike[str] = DEFAULT_DIR) -> Servers | None:
         zk_port=int(config["zk_port"]),
         epmd_port=int(config["epmd_port"]),
         node=str(config["node"]),
+        # Servers started before the distribution port was recorded used RabbitMQ's default.
+        dist_port=int(config.get("dist_port") or int(config["amqp_port"]) + 20000),
     )
     _refresh_pids(servers)
     return servers
@@ -394,6 +479,7 @@ def _save(servers: Servers) -> None:
         "amqp_port": servers.amqp_port,
         "zk_port": servers.zk_port,
         "epmd_port": servers.epmd_port,
+        "dist_port": servers.dist_port,
         "node": servers.node,
     }
     _Paths(servers.state_dir).config.write_text(json.dumps(config, indent=2) + "\n")
@@ -478,6 +564,7 @@ def _server_env(servers: Servers) -> dict[str, str]:
         RABBITMQ_ADVANCED_CONFIG_FILE=str(paths.rabbit_advanced),
         RABBITMQ_ENABLED_PLUGINS_FILE=str(paths.rabbit_plugins),
         RABBITMQ_PID_FILE=str(paths.rabbit_pid),
+        RABBITMQ_DIST_PORT=str(servers.dist_port),
         RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
     )
     return env
@@ -708,15 +795,19 @@ def _stop_zookeeper(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
 
 def start(
     state_dir: str | os.PathLike[str] = DEFAULT_DIR,
-    amqp_port: int = DEFAULT_AMQP_PORT,
-    zk_port: int = DEFAULT_ZK_PORT,
+    amqp_port: int | None = None,
+    zk_port: int | None = None,
     epmd_port: int | None = None,
     timeout: float = START_TIMEOUT,
 ) -> Servers:
     """Start RabbitMQ and ZooKeeper with state in ``state_dir``; reuse whatever is already up.
 
+    The ports default to `default_ports` (the environment, else the built-in defaults);
     ``epmd_port`` (the private Erlang port mapper) defaults to ``amqp_port + 1``.
     """
+    defaults = default_ports()
+    amqp_port = amqp_port or defaults[0]
+    zk_port = zk_port or defaults[1]
     ensure_installed()
     root = Path(state_dir).resolve()
     with _locked(root):
@@ -725,6 +816,8 @@ def start(
         if previous is not None and previous.pids:
             wanted = (servers.amqp_port, servers.zk_port, servers.epmd_port)
             running = (previous.amqp_port, previous.zk_port, previous.epmd_port)
+            # Reused as they run, even when recorded by an older version with other ports.
+            servers.dist_port = previous.dist_port
             if wanted != running:
                 raise ServerError(
                     f"servers in {root} already run on ports {running}; stop them first"
@@ -911,16 +1004,18 @@ def _parser() -> argparse.ArgumentParser:
     start_cmd.add_argument(
         "--amqp-port",
         type=int,
-        default=DEFAULT_AMQP_PORT,
+        default=None,
         metavar="PORT",
-        help="AMQP port (default: %(default)s)",
+        help=f"AMQP port; epmd, Erlang distribution and rabbitmqctl use the "
+        f"{RABBITMQ_PORT_SPAN - 1} ports above it (default: ${AMQP_PORT_ENV}, else "
+        f"{DEFAULT_AMQP_PORT})",
     )
     start_cmd.add_argument(
         "--zk-port",
         type=int,
-        default=DEFAULT_ZK_PORT,
+        default=None,
         metavar="PORT",
-        help="ZooKeeper port (default: %(default)s)",
+        help=f"ZooKeeper port (default: ${ZK_PORT_ENV}, else {DEFAULT_ZK_PORT})",
     )
     start_cmd.add_argument(
         "--timeout",
@@ -963,7 +1058,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if rabbitmq_up(servers) and zookeeper_up(servers) else 3
         if args.command == "env":
             if servers is None:
-                servers = Servers(Path(state_dir).resolve())
+                servers = Servers(Path(state_dir).resolve(), *default_ports())
             if not (rabbitmq_up(servers) and zookeeper_up(servers)):
                 _say("warning: servers are not up; run `python -m ops.localservers start`")
             print("\n".join(_env_lines(servers)))

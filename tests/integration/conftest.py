@@ -1,7 +1,8 @@
 """Fixtures for integration tests against real RabbitMQ and ZooKeeper servers.
 
 The session starts private servers with ``ops.localservers`` in a temporary directory, on the
-first free ports at or above the defaults, and stops them at the end. To reuse servers that are
+first free ports at or above the defaults (ROTA_LOCAL_AMQP_PORT and ROTA_LOCAL_ZK_PORT choose
+others), and stops them at the end. To reuse servers that are
 already running instead, export the lines printed by ``python -m ops.localservers env``
 (ROTA_AMQP_URL, ROTA_ZK and optionally ROTA_SERVERS_DIR).
 
@@ -71,9 +72,9 @@ def servers(
     attempt = 0
     while True:
         try:
+            amqp_base, zk_base = localservers.default_ports()
             amqp_port, zk_port = localservers.find_free_ports(
-                localservers.DEFAULT_AMQP_PORT + 20 * attempt,
-                localservers.DEFAULT_ZK_PORT + 10 * attempt,
+                amqp_base + localservers.RABBITMQ_PORT_SPAN * attempt, zk_base + 10 * attempt
             )
             started = localservers.start(state_dir, amqp_port, zk_port)
             break

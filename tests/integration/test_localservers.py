@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pika
@@ -125,3 +127,62 @@ def test_restarts_keep_data_and_ports(
         assert body == b"kept"
     with _zk(zk_hosts) as client:
         assert client.get("/config")[0] == b"kept"
+
+
+# -- ports: none where the kernel picks outgoing connections' local ports -----------------------
+
+
+def _below_ephemeral(port: int) -> bool:
+    low, _high = localservers.ephemeral_port_range()
+    # Linux's default range starts at 32768; a host configured lower still gets the check.
+    return 1024 <= port < min(low, 32768)
+
+
+def test_every_default_port_lies_below_the_ephemeral_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(localservers.AMQP_PORT_ENV, raising=False)
+    monkeypatch.delenv(localservers.ZK_PORT_ENV, raising=False)
+    amqp, zk = localservers.default_ports()
+    # The ports new servers may end up on: the defaults, and the furthest the search for free
+    # ones (find_free_ports, 100 steps) reaches from where the test session and ops/soak start.
+    for amqp_from, zk_from in ((amqp, zk), (amqp + 2 * localservers.RABBITMQ_PORT_SPAN, zk + 20),
+                               (amqp + 4 * localservers.RABBITMQ_PORT_SPAN, zk + 40)):
+        for step in (0, 99):
+            servers = localservers.Servers(
+                Path(), amqp_from + step * localservers.RABBITMQ_PORT_SPAN, zk_from + step
+            )
+            outside = {n: p for n, p in servers.ports().items() if not _below_ephemeral(p)}
+            assert not outside, f"in the ephemeral port range: {outside}"
+    servers = localservers.Servers(Path(), amqp, zk)
+    broker = [p for name, p in servers.ports().items() if name != "ZooKeeper"]
+    assert len(set(broker)) == len(broker) == localservers.RABBITMQ_PORT_SPAN, servers.ports()
+    assert set(broker) == set(range(amqp, amqp + localservers.RABBITMQ_PORT_SPAN))
+    assert zk not in broker
+
+
+def test_the_environment_chooses_the_default_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(localservers.AMQP_PORT_ENV, "27000")
+    monkeypatch.setenv(localservers.ZK_PORT_ENV, "23000")
+    assert localservers.default_ports() == (27000, 23000)
+    monkeypatch.setenv(localservers.AMQP_PORT_ENV, "many")
+    with pytest.raises(localservers.ServerError, match="ROTA_LOCAL_AMQP_PORT='many'"):
+        localservers.default_ports()
+
+
+def test_a_busy_port_says_how_to_choose_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    amqp, zk = localservers.find_free_ports()
+    with socket.socket() as taken:
+        taken.bind((localservers.HOST, amqp))
+        taken.listen()
+        code = localservers.main(
+            ["start", "--dir", str(tmp_path / "servers"), "--amqp-port", str(amqp),
+             "--zk-port", str(zk)]
+        )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"AMQP port {amqp} already in use" in err
+    for how in ("--amqp-port", "--zk-port", "ROTA_LOCAL_AMQP_PORT", "ROTA_LOCAL_ZK_PORT"):
+        assert how in err, f"{err!r} does not say {how}"
+    assert localservers.load(tmp_path / "servers") is not None
+    assert not localservers.load(tmp_path / "servers").pids  # type: ignore[union-attr]
