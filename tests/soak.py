@@ -2,12 +2,15 @@
 
     ops/soak --minutes 10
 
-Starts private RabbitMQ and ZooKeeper (or uses ROTA_AMQP_URL / ROTA_ZK), three coordinators
+Starts private RabbitMQ and ZooKeeper on free loopback ports, three coordinators
 and four workers as processes, and every few seconds injects a random fault: SIGKILL the
 leader, SIGKILL a worker (restarted after its session expired), restart RabbitMQ or
 ZooKeeper. At the end it audits rota.events and the workers' journals and prints one line:
 slots due, runs, duplicates, silent misses, overlaps, stale orders executed, leader kills,
 worker kills, restarts, failover p50/p99. Exits 1 if any guarantee was violated.
+
+Test machinery, like the harness it drives: it lives beside the tests, outside the installed
+packages, and runs from a checkout (`ops/soak` runs `python -m tests.soak`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from coordinator.audit import audit, audit_journal
 from ops import localservers
 from protocol.catalogue import load_catalogue
+from tests.harness import Cluster, EventRecorder
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOGUE = ROOT / "tests" / "integration" / "catalogues" / "seconds.toml"
@@ -53,14 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-server-restarts", action="store_true",
                    help="only kill processes; never restart RabbitMQ or ZooKeeper")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    from tests.harness import Cluster, EventRecorder
 
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rnd = random.Random(seed)
     work = Path(tempfile.mkdtemp(prefix="rota-soak-"))
     print(f"soak: seed {seed}, {args.minutes:g} min, logs in {work}", flush=True)
-    amqp_port, zk_port = localservers.find_free_ports(36672, 33181)
+    # Clear of the ports ops/test and the test suite start from, in case they run meanwhile.
+    amqp_base, zk_base = localservers.default_ports()
+    amqp_port, zk_port = localservers.find_free_ports(
+        amqp_base + 4 * localservers.RABBITMQ_PORT_SPAN, zk_base + 40
+    )
     servers = localservers.start(work / "servers", amqp_port, zk_port)
     vhost = f"soak-{uuid.uuid4().hex[:6]}"
     localservers.add_vhost(servers, vhost)
