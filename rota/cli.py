@@ -29,6 +29,30 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type for durations: a number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser: it refuses options it does not know itself, so the error comes
+    with this command's usage rather than the top-level one."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def _add_servers(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--zk", default=_env("ROTA_ZK"), required=required and not _env("ROTA_ZK"),
                    metavar="HOSTS", help="ZooKeeper hosts, host:port[,host:port][/chroot] "
@@ -54,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-vv for debug)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_CommandParser)
 
     up = sub.add_parser("up", help="start a whole cluster in this process",
                         description="Start a coordinator and worker nodes in one process. "
@@ -65,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "redundancy-1=Redundancy,Reporting;processing-1=Processing,Calculation)")
     up.add_argument("--speed", type=float, default=1.0, metavar="N",
                     help="run the simulated clock N times faster than real time")
-    up.add_argument("--for", dest="duration", type=float, default=None, metavar="SECONDS",
-                    help="stop by itself after this many real seconds")
+    up.add_argument("--for", dest="duration", type=_positive_seconds, default=None,
+                    metavar="SECONDS", help="stop by itself after this many real seconds (> 0)")
     up.add_argument("--start", default=None, metavar="ISO-TIME",
                     help="simulated start instant, e.g. 2026-03-08T01:00:00-05:00 "
                     "(default: now)")

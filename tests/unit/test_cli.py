@@ -95,6 +95,26 @@ def test_every_argument_of_every_command_is_explained() -> None:
     assert not missing, "\n".join(missing)
 
 
+_SERVERS = ["--zk", "127.0.0.1:1", "--amqp", "amqp://127.0.0.1:1/"]
+VALID = {  # the least each command accepts, so that only the wrong option is wrong
+    "up": [],
+    "coordinator": _SERVERS,
+    "worker": ["--node", "n", "--roles", "Master", *_SERVERS],
+    "run": ["Summary", *_SERVERS[2:]],
+    "set": ["Summary", "--disable", *_SERVERS[2:]],
+    "check": ["catalogue.toml"],
+}
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_a_wrong_option_shows_the_usage_of_its_command(command: str) -> None:
+    out = rota(command, *VALID[command], "--no-such-option", timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"usage: rota {command} "), out.stderr
+    assert f"rota {command}: error: unrecognized arguments: --no-such-option" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_missing_command_and_missing_servers_are_usage_errors() -> None:
     out = rota()
     assert out.returncode == 2 and "required: COMMAND" in out.stderr
@@ -200,6 +220,9 @@ def test_check_of_a_missing_file_says_so(tmp_path: Path) -> None:
     (["--speed", "0"], ["--speed must be positive"]),
     (["--speed", "-2"], ["--speed must be positive"]),
     (["--speed", "fast"], ["--speed", "invalid float value: 'fast'"]),
+    (["--for", "-1"], ["usage: rota up", "--for", "must be a positive number of seconds"]),
+    (["--for", "0"], ["usage: rota up", "--for", "must be a positive number of seconds"]),
+    (["--for", "soon"], ["usage: rota up", "--for", "'soon' is not a number of seconds"]),
     (["--start", "yesterday"], ["--start", "'yesterday' is not an ISO 8601 time"]),
     (["--zk", "127.0.0.1:2181"], ["give both --zk and --amqp"]),
     (["--catalogue", "/nonexistent/rota.toml"], ["/nonexistent/rota.toml", "cannot read"]),
