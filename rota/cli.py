@@ -267,7 +267,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster.stop()
         if http is not None:
             http.shutdown()
-        print(f"rota: stopped; {len(cluster.finished)} runs finished"
+        print(f"rota: stopped; {cluster.finished.total} runs finished"
               + (f", history in {args.history}" if args.history else ""), flush=True)
     return 0
 

@@ -12,7 +12,8 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -79,6 +80,50 @@ class HistoryFile:
             self._fh.close()
 
 
+class FinishedRuns:
+    """The runs finished so far: every one counted, the last `keep` kept.
+
+    `rota up` may run for weeks; what it keeps stays bounded. The counts (in total and by
+    final state) cover every run; iterating gives the kept ones, oldest first. The whole
+    history goes to `--history` files, which this bound does not touch.
+    """
+
+    def __init__(self, keep: int = 1000) -> None:
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        self.keep = keep
+        self._recent: deque[RunRecord] = deque(maxlen=keep)
+        self._states: Counter[str] = Counter()
+        self._total = 0
+        self.lock = threading.RLock()
+        """Held while a record is added; hold it to read several figures consistently."""
+
+    def append(self, rec: RunRecord) -> None:
+        with self.lock:
+            self._recent.append(rec)
+            self._states[rec.state] += 1
+            self._total += 1
+
+    @property
+    def total(self) -> int:
+        """How many runs finished, kept or not."""
+        with self.lock:
+            return self._total
+
+    def by_state(self) -> dict[str, int]:
+        """How many runs finished in each final state, kept or not."""
+        with self.lock:
+            return dict(self._states)
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self._recent)
+
+    def __iter__(self) -> Iterator[RunRecord]:
+        with self.lock:
+            return iter(list(self._recent))
+
+
 class Cluster:
     def __init__(
         self,
@@ -90,6 +135,7 @@ class Cluster:
         zk_hosts: str | None = None,
         history: str | Path | None = None,
         options: LeaderOptions | None = None,
+        keep_finished: int = 1000,
     ) -> None:
         self.catalogue = catalogue
         self.clock = clock
@@ -99,8 +145,7 @@ class Cluster:
         self.broker = transport.make_broker(amqp_url)
         self.events: EventBus = RabbitEventBus(amqp_url) if amqp_url else MemoryEventBus()
         self.history = HistoryFile(history, catalogue.timezone) if history else None
-        self.finished: list[RunRecord] = []
-        self._finished_lock = threading.Lock()
+        self.finished = FinishedRuns(keep_finished)
         sinks: list[Callable[[RunRecord], None]] = [self._keep]
         if self.history:
             sinks.append(self.history)
@@ -128,8 +173,13 @@ class Cluster:
         return self._memory.handle()
 
     def _keep(self, rec: RunRecord) -> None:
-        with self._finished_lock:
-            self.finished.append(rec)
+        self.finished.append(rec)
+
+    @property
+    def _finished_lock(self) -> threading.RLock:
+        # Callers that held this lock around reading `finished` keep working; reading it is
+        # safe without it now.
+        return self.finished.lock
 
     def start(self, wait: float = 10.0) -> Cluster:
         for w in self.workers:
