@@ -22,10 +22,11 @@ import dramatiq
 
 from coordinator import metrics
 from coordinator.adapters.events import EventBus
+from coordinator.backoff import Backoff
 from coordinator.core.engine import Action, Control, Dispatch, Engine, Record, RefusedError
 from coordinator.core.node import Node
 from coordinator.core.run import Run, RunState, Trigger
-from coordinator.ledger import Ledger
+from coordinator.ledger import Ledger, LedgerError
 from protocol import (
     DaemonControl,
     ManualRunRequest,
@@ -56,7 +57,12 @@ class LeaderOptions:
     order_ttl: float = 60.0  # seconds (clock time) an order may wait before a worker refuses it
     max_batch: int = 5000  # inbox items handled per turn
     idle_wait: float = 0.5  # real seconds between turns when nothing is due
+    failed_term_pause: float = 0.5  # first pause after a failed term; doubles up to 60 s
     fault: FaultHook | None = None  # test-only fault points; None in production
+
+
+class UnknownRun(ValueError):
+    """A report about a run this cluster does not know (forged, or long forgotten)."""
 
 
 @dataclass
@@ -121,6 +127,7 @@ class Coordinator:
         self._open_daemons: dict[str, tuple[float, list[str], int]] = {}
         self.first_dispatch_at: float | None = None  # real time of this term's first order
         self._publisher = transport.Publisher(broker)
+        self._failed_terms = Backoff(self.options.failed_term_pause, 60.0)
 
     # -- process lifecycle -------------------------------------------------------------
     def run(self) -> None:
@@ -162,9 +169,11 @@ class Coordinator:
         metrics.LEADER.set(1)
         metrics.EPOCH.set(term.epoch)
         readers: list[transport.QueueReader] = []
+        failed = False
         try:
             while True:
                 engine = self._build(term)
+                self._failed_terms.reset()
                 if not readers:
                     self.leading.set()
                     readers = [
@@ -186,9 +195,14 @@ class Coordinator:
                          self.identifier)
         except Fenced as exc:
             log.warning("%s was deposed: %s", self.identifier, exc)
+        except LedgerError as exc:
+            log.error("%s cannot resume from the ledger: %s (key %s); repair or delete that "
+                      "key", self.identifier, exc, exc.key)
+            failed = True
         except Exception:
             # Whatever broke, stop leading: the ledger is intact and the next term resumes it.
             log.exception("%s stops leading after an unexpected error", self.identifier)
+            failed = True
         finally:
             self.leading.clear()
             metrics.LEADER.set(0)
@@ -198,12 +212,20 @@ class Coordinator:
                 self.engine = None
             # Deliveries still in the inbox were never acknowledged: RabbitMQ redelivers them.
             self._drain_inbox_nodes()
+        if failed:
+            # Pause before stepping down, longer after each failed term in a row: a fault
+            # that fails every term (a bad ledger value) must not spin elections.
+            pause = self._failed_terms.next()
+            log.warning("%s steps down after %d failed term(s) in a row; pausing %.1f s",
+                        self.identifier, self._failed_terms.failures, pause)
+            term.wait_lost(pause)
 
     def _build(self, term: Term) -> Engine:
         """A fresh engine resumed from the ledger; its first actions are carried out."""
         self.ledger = Ledger()
         self._open_daemons.clear()  # another leader may have seen them end meanwhile
         state = self.ledger.restore(term.load())
+        ended = self.ledger.recent_all(since=float("-inf"))
         # Membership read after the epoch bump, not the watch's view, which may lag: a run
         # adopted on a node missing from it died with its node while no leader was running.
         members = term.nodes()
@@ -212,10 +234,13 @@ class Coordinator:
             self.catalogue.timezone,
             order_ttl=self.options.order_ttl,
         )
+        for run in ended:  # reports of them may still come, late or twice
+            engine.note_ended(run.run_id)
         now = self.clock.now()
         # Events are published after each ledger write, so a leader killed in between never
         # sent some: say again what the ledger knows of the last minutes (at least once).
-        for run in [*state.runs, *self.ledger.recent_all(since=now - REPUBLISH_WINDOW)]:
+        recent = [r for r in ended if (r.finished_at or r.queued_at) >= now - REPUBLISH_WINDOW]
+        for run in [*state.runs, *recent]:
             self._publish(record_of(run), history=False)
         with self.lock:
             self._apply_nodes(members)
@@ -345,6 +370,9 @@ class Coordinator:
         except ProtocolError as exc:
             transport.dead_letter(self.broker, source, delivery.payload, exc, now)
             metrics.DEAD_LETTERS.labels(source, exc.reason).inc()
+        except UnknownRun as exc:
+            transport.dead_letter(self.broker, source, delivery.payload, str(exc), now)
+            metrics.DEAD_LETTERS.labels(source, "unknown_run").inc()
 
     def _apply_nodes(
         self, raw: dict[str, bytes], engine: Engine | None = None, now: float | None = None
@@ -377,8 +405,6 @@ class Coordinator:
         if ev.run_id.startswith("daemon:"):
             self._daemon_record(ev, turn)
             return engine.daemon_event(ev.service, ev.node, ev.state, now, epoch=ev.epoch)
-        if ev.state == "started":
-            return engine.run_started(ev.run_id, ev.node, ev.at, now)
         if ev.state == "rejected" and ev.run_id not in engine.runs:
             # An order this leader never gave (forged, or from a deposed leader): show it.
             log.warning("node %s refused order %s: %s", ev.node, ev.run_id, ev.reason)
@@ -389,17 +415,23 @@ class Coordinator:
                 error=None, output_tail="", reason=ev.reason, attempt=1,
             ))
             return []
+        if not engine.knows(ev.run_id):
+            # Checked before anything is counted: a forged report names any service it likes.
+            raise UnknownRun(f"unknown run {ev.run_id!r} (reported {ev.state} by {ev.node})")
+        if ev.state == "started":
+            return engine.run_started(ev.run_id, ev.node, ev.at, now)
         if ev.state in ("succeeded", "failed", "timed_out", "rejected"):
-            if ev.started_at is not None and ev.state != "rejected":
-                run = engine.runs.get(ev.run_id)
-                if run is not None and run.slot is not None:
-                    metrics.LATENESS.observe(max(0.0, ev.started_at - run.slot))
-            metrics.RUNS.labels(ev.service, ev.state).inc()
-            return engine.run_finished(
+            run = engine.runs.get(ev.run_id)
+            actions = engine.run_finished(
                 ev.run_id, ev.node, ev.state, now,
                 started_at=ev.started_at, finished_at=ev.finished_at, error=ev.error,
                 output_tail=ev.output_tail, reason=ev.reason, metrics=ev.metrics,
             )
+            if run is not None and actions:  # counted once, under the run's own service
+                if ev.started_at is not None and ev.state != "rejected" and run.slot is not None:
+                    metrics.LATENESS.observe(max(0.0, ev.started_at - run.slot))
+                metrics.RUNS.labels(run.service, ev.state).inc()
+            return actions
         return []
 
     def _daemon_record(self, ev: RunEvent, turn: _Turn) -> None:

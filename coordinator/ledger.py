@@ -77,6 +77,14 @@ def run_from_message(m: LedgerRun) -> Run:
     )
 
 
+class LedgerError(ValueError):
+    """A ledger value that cannot be decoded; `key` names it."""
+
+    def __init__(self, key: str, cause: Exception) -> None:
+        super().__init__(f"ledger key {key!r} cannot be decoded: {cause}")
+        self.key = key
+
+
 class Ledger:
     """Turns engine changes into store writes, and a store snapshot back into engine state."""
 
@@ -107,21 +115,28 @@ class Ledger:
     def restore(self, snapshot: dict[str, bytes]) -> State:
         state = State()
         for key, value in snapshot.items():
-            prefix, _, raw = key.partition("/")
-            name = unquote(raw)
-            if prefix == "run":
-                state.runs.append(run_from_message(decode_as(value, LedgerRun)))
-            elif prefix == "cursor":
-                state.cursors[name] = float(msgpack.unpackb(value))
-            elif prefix == "override":
-                state.overrides[name] = dict(msgpack.unpackb(value))
-            elif prefix == "lastrun":
-                state.last_runs[name] = float(msgpack.unpackb(value))
-            elif prefix == "history":
-                self.history[name] = deque(
-                    msgpack.unpackb(value), maxlen=HISTORY_PER_SERVICE
-                )
+            try:
+                self._restore_one(state, key, value)
+            except Exception as exc:
+                raise LedgerError(key, exc) from exc
         return state
+
+    def _restore_one(self, state: State, key: str, value: bytes) -> None:
+        prefix, _, raw = key.partition("/")
+        name = unquote(raw)
+        if prefix == "run":
+            state.runs.append(run_from_message(decode_as(value, LedgerRun)))
+        elif prefix == "cursor":
+            state.cursors[name] = float(msgpack.unpackb(value))
+        elif prefix == "override":
+            state.overrides[name] = dict(msgpack.unpackb(value))
+        elif prefix == "lastrun":
+            state.last_runs[name] = float(msgpack.unpackb(value))
+        elif prefix == "history":
+            entries = list(msgpack.unpackb(value))
+            for entry in entries:  # decoded now, so that a bad one is named by its key
+                decode_as(entry, LedgerRun)
+            self.history[name] = deque(entries, maxlen=HISTORY_PER_SERVICE)
 
     def recent_all(self, since: float) -> list[Run]:
         """Finished runs of every service kept in the ledger that ended at `since` or later.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from zoneinfo import ZoneInfo
@@ -109,14 +109,16 @@ class Engine:
         *,
         order_ttl: float = 60.0,
         expiry_grace: float = 30.0,
+        report_grace: float = 30.0,
         rank: Callable[[str], list[str]] | None = None,
-        history_size: int = 2000,
+        remember_ended: int = 10_000,
     ) -> None:
         self.base: dict[str, Service] = {s.name: s for s in services}
         self.services: dict[str, Service] = dict(self.base)
         self.tz: ZoneInfo = zone(timezone)
         self.order_ttl = order_ttl
         self.expiry_grace = expiry_grace
+        self.report_grace = report_grace  # at least this long past a run's timeout
         self.rank = rank
         self.epoch = 0
         self.nodes: dict[str, Node] = {}
@@ -125,7 +127,8 @@ class Engine:
         self.daemons: dict[str, DaemonInstance] = {}
         self.last_run: dict[str, float] = {}
         self.overrides: dict[str, dict[str, object]] = {}
-        self.history: deque[Run] = deque(maxlen=history_size)
+        self._ended: OrderedDict[str, None] = OrderedDict()  # ids of runs ended lately
+        self._remember_ended = remember_ended
         self.timeline = Timeline()
         self._inflight: dict[tuple[str, str], str] = {}  # (service, target) -> run id
         self._pending: dict[tuple[str, str], deque[str]] = {}  # waiting behind in-flight
@@ -181,6 +184,8 @@ class Engine:
             self.locks.hold(Claim(run.run_id, run.service, run.run_groups, run.queued_at))
             if run.state is RunState.DISPATCHED:
                 self._timer(self._expiry_of(run), "expire", run.run_id)
+            else:
+                self._timer(self._overdue_at(run, now), "overdue", run.run_id)
         # queued runs are queued again, in their original order, by _requeue_adopted
 
     def _end_runs_of_ended_sessions(self, now: float) -> list[Action]:
@@ -258,6 +263,8 @@ class Engine:
             _, _, kind, key = heapq.heappop(self._timers)
             if kind == "expire":
                 actions += self._expire(key, now)
+            elif kind == "overdue":
+                actions += self._overdue(key, now)
             elif kind == "retry":
                 run = self.runs.get(key)
                 if run is not None and run.state is RunState.QUEUED:
@@ -433,6 +440,28 @@ class Engine:
             run, RunState.EXPIRED, now, reason="order was not started before its deadline"
         )
 
+    def _report_grace(self, timeout: float) -> float:
+        return max(self.report_grace, 0.1 * timeout)
+
+    def _overdue_at(self, run: Run, now: float) -> float:
+        """When a running run whose end was never reported is given up: its timeout (the
+        worker kills it then) plus a grace for the report to arrive, counted from the later
+        of its start (worker clock) and its dispatch (leader clock)."""
+        svc = self.services[run.service]
+        begun = [t for t in (run.started_at, run.dispatched_at) if t is not None]
+        return (max(begun) if begun else now) + svc.timeout + self._report_grace(svc.timeout)
+
+    def _overdue(self, run_id: str, now: float) -> list[Action]:
+        run = self.runs.get(run_id)
+        if run is None or run.state is not RunState.RUNNING:
+            return []
+        svc = self.services[run.service]
+        return self._end(
+            run, RunState.LOST, now,
+            reason=(f"no report from node {run.node} within its timeout ({svc.timeout:g} s) "
+                    f"and a grace of {self._report_grace(svc.timeout):g} s: presumed lost"),
+        )
+
     def _end(
         self,
         run: Run,
@@ -488,8 +517,19 @@ class Engine:
                 break  # still no room: later ones wait behind it
         return actions
 
+    def knows(self, run_id: str) -> bool:
+        """Whether `run_id` is a run of this cluster: active, or ended lately (reports of
+        it may still arrive, late or twice)."""
+        return run_id in self.runs or run_id in self._ended
+
+    def note_ended(self, run_id: str) -> None:
+        self._ended[run_id] = None
+        self._ended.move_to_end(run_id)
+        while len(self._ended) > self._remember_ended:
+            self._ended.popitem(last=False)
+
     def _finish_record(self, run: Run) -> list[Action]:
-        self.history.append(run)
+        self.note_ended(run.run_id)
         self._changes.runs[run.run_id] = None
         self._changes.finished.append(run)
         return [Record(run)]
@@ -553,6 +593,7 @@ class Engine:
         run.move(RunState.RUNNING)
         run.started_at = at
         self._changes.runs[run_id] = run
+        self._timer(self._overdue_at(run, now), "overdue", run_id)
         return [Record(run)]
 
     def run_finished(

@@ -117,6 +117,7 @@ class Harness:
         self.nodes: dict[str, Node] = {n.id: n for n in nodes}
         self.deaf: set[str] = set()  # nodes that drop the orders and controls they receive
         self.drop_orders: set[str] = set()  # run ids whose next order is lost on the way
+        self.hang: set[str] = set()  # services whose runs start and never report an end
         self.ledger = Ledger()
         self.intervals: list[Interval] = []
         self.records: list[Run] = []  # a snapshot of every Record action, in order
@@ -235,6 +236,8 @@ class Harness:
         self._open[(run.run_id, node)] = iv
         started = self.now
         self._call(lambda e, now: e.run_started(run.run_id, node, started, now))
+        if run.service in self.hang:
+            return  # the worker never reports how it ended (its reporter is stuck)
         duration = self.durations.get(run.service, self.default_duration)
         self._later(duration, node, lambda: self._finish_run(run, iv))
 

@@ -1234,4 +1234,40 @@ def test_runs_wait_for_capacity_instead_of_expiring() -> None:
     nxt = [a for a in engine.run_finished(run.run_id, "n1", "succeeded", t0 + 61)
            if isinstance(a, Dispatch)]
     assert len(nxt) == 1 and nxt[0].run.node == "n1"
-    assert not [r for r in engine.history if r.state is RunState.EXPIRED]
+    assert not [r for r in engine.drain_changes().finished if r.state is RunState.EXPIRED]
+
+
+# == runs whose report never comes ===========================================================
+def test_a_running_run_whose_report_never_comes_ends_lost_and_frees_its_groups() -> None:
+    """A run that started and never reports its end (its worker's reporter is stuck) is
+    ended by the leader once its timeout and a grace have passed, so it cannot hold its run
+    groups forever: the neighbour sharing the group runs after it."""
+    stuck = service("Stuck", Periodic(10), groups=("g",), timeout=60.0)
+    neighbour = service("Neighbour", Periodic(10), groups=("g",))
+    h = Harness([stuck, neighbour], [MASTER])
+    h.hang.add("Stuck")
+    h.advance(at(0, 10, 30))
+    started = [iv for iv in h.runs_of("Stuck") if iv.slot == at(0, 10)]
+    assert started, "the stuck run started"
+    h.advance(at(0, 12))
+    ended = h.finished("Stuck", "lost")
+    assert ended, "the leader ended the run whose report never came"
+    assert ended[0].slot == at(0, 10)
+    assert ended[0].finished_at == started[0].start + 60 + 30  # timeout + max(30 s, 10 %)
+    assert "no report" in (ended[0].reason or "")
+    assert at(0, 10) in h.slots_run("Neighbour")
+    h.advance(at(0, 42))
+    assert [iv.slot for iv in h.runs_of("Neighbour")] == [at(0, m) for m in (10, 20, 30, 40)]
+
+
+def test_the_report_backstop_survives_failover() -> None:
+    """A new leader adopting a running run from the ledger ends it on the same schedule."""
+    stuck = service("Stuck", Periodic(10), groups=("g",), timeout=600.0)
+    h = Harness([stuck], [MASTER])
+    h.hang.add("Stuck")
+    h.advance(at(0, 10, 30))
+    h.failover(at(0, 11))
+    h.advance(at(0, 20, 59))
+    assert not h.finished("Stuck", "lost")
+    h.advance(at(0, 21, 1))
+    assert [r.slot for r in h.finished("Stuck", "lost")] == [at(0, 10)]

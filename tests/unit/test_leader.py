@@ -1,0 +1,110 @@
+"""The leader process around the engine, on the in-memory broker and coordination."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from coordinator import metrics
+from coordinator.adapters.events import MemoryEventBus
+from coordinator.leader import Coordinator, LeaderOptions
+from protocol import DeadLetter, RunEvent, decode_as, encode, transport
+from protocol.catalogue import Catalogue
+from protocol.clock import SystemClock
+from protocol.coordination import MemoryCoordination
+from protocol.schedule import Periodic
+from tests.unit.engine_harness import service
+
+CATALOGUE = Catalogue(
+    timezone="UTC", roles=("Master",),
+    services={"Mail Manager": service("Mail Manager", Periodic(60))},
+)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+class Running:
+    def __init__(self, coordination: MemoryCoordination) -> None:
+        self.broker = transport.make_broker(None)
+        self.coordination = coordination
+        self.coordinator = Coordinator(
+            "c1", CATALOGUE, coordination, self.broker, MemoryEventBus(), SystemClock(),
+            options=LeaderOptions(idle_wait=0.05),
+        )
+        self.thread = threading.Thread(target=self.coordinator.run, daemon=True)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        q = self.broker.queues.get(transport.DEAD)  # type: ignore[attr-defined]
+        if q is None:
+            return []
+        return [decode_as(transport.payload_of(transport_message(m)), DeadLetter)
+                for m in list(q.queue)]
+
+
+def transport_message(raw: bytes):  # type: ignore[no-untyped-def]
+    import dramatiq
+
+    return dramatiq.Message.decode(raw)
+
+
+@pytest.fixture
+def running() -> Iterator[Callable[[MemoryCoordination], Running]]:
+    started: list[Running] = []
+
+    def start(coordination: MemoryCoordination) -> Running:
+        r = Running(coordination)
+        r.thread.start()
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.coordinator.stop()
+        r.thread.join(5)
+        assert not r.thread.is_alive()
+
+
+def test_a_leader_that_cannot_decode_the_ledger_backs_off_and_names_the_key(
+    running: Callable[[MemoryCoordination], Running], caplog: pytest.LogCaptureFixture,
+) -> None:
+    coordination = MemoryCoordination()
+    coordination.store.ledger["run/broken%2Frun"] = b"\xc1 not a ledger value"
+    caplog.set_level(logging.INFO, logger="rota.leader")
+    r = running(coordination)
+    time.sleep(1.6)
+    attempts = coordination.store.epoch  # one epoch per term won
+    assert attempts <= 4, f"{attempts} terms in 1.6 s: no back-off"
+    assert attempts >= 2, "the leader contends again after its pause"
+    assert "run/broken%2Frun" in caplog.text
+    assert not r.coordinator.leading.is_set()
+
+
+def test_a_forged_finished_event_for_an_unknown_run_is_dead_lettered_and_not_counted(
+    running: Callable[[MemoryCoordination], Running],
+) -> None:
+    r = running(MemoryCoordination())
+    assert r.coordinator.leading.wait(10)
+    label = "Forged Service"
+    before = metrics.RUNS.labels(label, "succeeded")._value.get()  # type: ignore[attr-defined]
+    forged = RunEvent(run_id="forged-1", service=label, node="n1", state="succeeded",
+                      at=time.time(), epoch=1, started_at=time.time() - 1,
+                      finished_at=time.time())
+    transport.send(r.broker, transport.RESULTS, encode(forged))
+
+    def counted() -> float:
+        return metrics.RUNS.labels(label, "succeeded")._value.get()  # type: ignore[no-any-return]
+
+    wait_for(lambda: bool(r.dead_letters()) or counted() != before)
+    assert counted() == before
+    (dead,) = r.dead_letters()
+    assert dead.source == transport.RESULTS and dead.reason == "refused"
+    assert "unknown run 'forged-1'" in dead.detail
