@@ -320,8 +320,13 @@ def test_ephemeral_node_vanishes_when_its_session_ends(backend: Backend) -> None
     wait_for(lambda: "w1" not in snaps[-1], what="w1 gone with its session")
 
 
+FAILOVER_BOUND = 15.0
+"""Seconds from a leader's death to its successor's first term: a guarantee, not a benchmark
+(2-3 s is usual with the 2 s session timeout; bench/cluster.py measures it)."""
+
+
 def test_failover_time(backend: Backend, capsys: pytest.CaptureFixture[str]) -> None:
-    """The leader dies without releasing; the other contender takes over (time printed)."""
+    """The leader dies without releasing; the other contender takes over within the bound."""
     if backend.kind == "memory":
         leader = Contender(backend.new("a"), "a")
         old_epoch = leader.next_term()[0].epoch
@@ -338,13 +343,17 @@ def test_failover_time(backend: Backend, capsys: pytest.CaptureFixture[str]) -> 
         killed = time.monotonic()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(WAIT)
-    term, done = follower.next_term(timeout=WAIT)
+    try:
+        term, done = follower.next_term(timeout=2 * FAILOVER_BOUND)
+    except queue.Empty:
+        raise AssertionError(f"no new leader {2 * FAILOVER_BOUND:.0f} s after the kill") from None
     took = time.monotonic() - killed
-    assert term.epoch > old_epoch
     with capsys.disabled():
         print(f"\n[{backend.kind}] failover: leader killed -> new leader in {took * 1000:.0f} ms")
     done.set()
     follower.stop()
+    assert term.epoch > old_epoch
+    assert took <= FAILOVER_BOUND, f"failover took {took:.1f} s, over {FAILOVER_BOUND:.0f} s"
 
 
 def start_doomed_leader(hosts: str) -> tuple[subprocess.Popen[str], int]:
