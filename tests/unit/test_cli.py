@@ -290,3 +290,35 @@ def test_operator_commands_fail_with_one_clear_line(args: list[str]) -> None:
         assert f"127.0.0.1:{port}" in out.stderr, out.stderr
     else:
         assert any(w in out.stderr for w in ("period", "align", "cron")), out.stderr
+
+
+# -- the README, read as a newcomer reads it ---------------------------------------------------
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_states_the_python_version_the_package_requires() -> None:
+    text = README.read_text()
+    pyproject = (README.parent / "pyproject.toml").read_text()
+    required = re.search(r'requires-python = ">=(\d+\.\d+)"', pyproject)
+    assert required, "pyproject.toml states no requires-python"
+    assert f"Python {required[1]} or later" in text
+
+
+def test_readme_says_how_long_the_tests_take_and_how_to_choose_their_ports() -> None:
+    text = README.read_text()
+    assert re.search(r"whole run takes about [\d–-]+ minutes on a 2-core machine", text)
+    assert "ROTA_LOCAL_AMQP_PORT" in text and "ROTA_LOCAL_ZK_PORT" in text
+
+
+@pytest.mark.parametrize("jargon", ["the seed", "seed's", "the brief", "where the brief"])
+def test_readme_uses_no_words_only_its_authors_can_decode(jargon: str) -> None:
+    assert jargon not in README.read_text()
+
+
+def test_readme_explains_the_marks_of_the_live_table() -> None:
+    text = README.read_text()
+    assert "`▶ N`" in text and "legend" in text
+    assert "--http-port" in text and "not shown" in text
+
