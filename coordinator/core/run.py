@@ -59,7 +59,6 @@ class Trigger(StrEnum):
     SCHEDULED = "scheduled"
     MANUAL = "manual"
     RETRY = "retry"
-    DAEMON = "daemon"
 
 
 class TransitionError(ValueError):

@@ -8,6 +8,7 @@ holder nor with an earlier waiter, so a stream of short runs can never starve a 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -89,7 +90,7 @@ class LockBook:
         for g in claim.groups:
             self._by_group.setdefault(g, {})[claim.key] = claim
 
-    def _grantable(self, claim: Claim, earlier) -> bool:  # type: ignore[no-untyped-def]
+    def _grantable(self, claim: Claim, earlier: Iterable[Claim]) -> bool:
         if self.blockers(claim):
             return False
         for w in earlier:

@@ -141,13 +141,6 @@ class Harness:
             engine.node_up(node, self.now)
         actions = engine.start(self.now, state, self.epoch)
         actions += engine.redispatch(self.now)
-        if state is not None:
-            # Re-sent starts repeat the ones `start` already gave; workers ignore repeats.
-            sent = {(a.service.name, a.node, a.action) for a in actions if isinstance(a, Control)}
-            actions += [
-                a for a in engine.restart_daemons()
-                if (a.service.name, a.node, a.action) not in sent  # type: ignore[union-attr]
-            ]
         self.apply(actions)
         inbox, self._inbox = self._inbox, []
         for call in inbox:
