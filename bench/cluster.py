@@ -264,7 +264,7 @@ class Embedded:
             for w in c.workers:
                 w.coordination.close()
             c.workers = [
-                WorkerNode(s.id, list(s.roles), c.broker, c._coordination(s.id), c.clock,
+                WorkerNode(s.id, list(s.roles), c.transport, c._coordination(s.id), c.clock,
                            capacity=self.capacity)
                 for s in NODES
             ]

@@ -343,20 +343,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         sys.exit("rota worker: --roles needs at least one role")
     coordination = ZkCoordination(args.zk, session_timeout=args.session_timeout,
                                   identifier=args.node)
-    broker = transport.make_broker(args.amqp)
+    worker_transport = transport.make_transport(args.amqp)
     metrics_url = None
     if args.http_port:
         from prometheus_client import start_http_server
 
         start_http_server(args.http_port, addr=args.http_host)
         metrics_url = f"http://{args.http_host}:{args.http_port}/metrics"
-    node = WorkerNode(args.node, roles, broker, coordination, SystemClock(),
+    node = WorkerNode(args.node, roles, worker_transport, coordination, SystemClock(),
                       capacity=args.capacity, metrics_url=metrics_url, journal=args.journal,
                       catalogue=_load(args.catalogue))
-    if hasattr(coordination, "on_session_trouble"):
-        coordination.on_session_trouble(
-            lambda: node.stop_lock_holders("ZooKeeper session in danger"), lambda: None
-        )
     def reload(signum, frame):  # type: ignore[no-untyped-def]
         from protocol.catalogue import CatalogueError, load_catalogue
 
@@ -386,11 +382,11 @@ def _publish_request(amqp: str, msg) -> None:  # type: ignore[no-untyped-def]
     logging.getLogger("pika").setLevel(logging.CRITICAL)
     where = urlsplit(amqp)
     try:
-        broker = transport.make_broker(amqp)
+        requests = transport.make_transport(amqp)
         try:
-            transport.send(broker, transport.REQUESTS, encode(msg))
+            requests.send(transport.REQUESTS, encode(msg))
         finally:
-            broker.close()
+            requests.close()
     except Exception as exc:
         sys.exit(f"rota: cannot reach RabbitMQ at {where.hostname}:{where.port or 5672} "
                  f"({type(exc).__name__}); check --amqp / ROTA_AMQP_URL and that it is running")

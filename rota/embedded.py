@@ -1,6 +1,6 @@
 """The all-in-one cluster: a coordinator and worker nodes in one process.
 
-With no server addresses it runs on the in-memory adapters (dramatiq's StubBroker, in-memory
+With no server addresses it runs on the in-memory adapters (the in-memory transport, in-memory
 coordination and events), so a newcomer sees Rota work with nothing installed. Given
 `--zk` and `--amqp` it runs the very same parts on real ZooKeeper and RabbitMQ.
 """
@@ -17,8 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
-
-from dramatiq.brokers.stub import StubBroker
 
 from coordinator.adapters.events import EventBus, MemoryEventBus, RabbitEventBus
 from coordinator.leader import Coordinator, LeaderOptions
@@ -142,7 +140,9 @@ class Cluster:
         self.specs = nodes
         self.amqp_url = amqp_url
         self.zk_hosts = zk_hosts
-        self.broker = transport.make_broker(amqp_url)
+        self.transport = transport.make_transport(amqp_url)
+        # kept for the coordinator until it moves to Transport
+        self.broker = transport.broker_of(self.transport)
         self.events: EventBus = RabbitEventBus(amqp_url) if amqp_url else MemoryEventBus()
         self.history = HistoryFile(history, catalogue.timezone) if history else None
         self.finished = FinishedRuns(keep_finished)
@@ -155,7 +155,7 @@ class Cluster:
             options=options, history_sinks=sinks,
         )
         self.workers = [
-            WorkerNode(s.id, list(s.roles), self.broker, self._coordination(s.id), clock,
+            WorkerNode(s.id, list(s.roles), self.transport, self._coordination(s.id), clock,
                        catalogue=catalogue)
             for s in nodes
         ]
@@ -204,7 +204,7 @@ class Cluster:
             w.coordination.close()
         self._coord_root.close()
         self.events.close()
-        self.broker.close()
+        self.transport.close()
         if self.history:
             self.history.close()
 
@@ -214,11 +214,7 @@ class Cluster:
         while time.monotonic() < deadline:
             pending = 0
             try:
-                if isinstance(self.broker, StubBroker):
-                    q = self.broker.queues.get(transport.RESULTS)
-                    pending = q.qsize() if q is not None else 0
-                else:
-                    pending = self.broker.get_queue_message_counts(transport.RESULTS)[0]
+                pending = self.transport.pending(transport.RESULTS)
             except Exception:
                 pending = 0
             if pending == 0 and self.coordinator._inbox.empty():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 RUNS = Counter("rota_worker_runs_total", "Runs executed on this node by outcome", ["outcome"])
 REJECTED = Counter(
@@ -11,4 +11,15 @@ REJECTED = Counter(
 DUPLICATES = Counter("rota_worker_duplicate_orders_total", "Re-sent orders ignored by run id")
 DEAD_LETTERS = Counter(
     "rota_worker_dead_letters_total", "Malformed messages dead-lettered by this node", ["reason"]
+)
+OUTBOX = Gauge(
+    "rota_worker_outbox_events", "Run events waiting to be published to rota.results"
+)
+OUTBOX_FULL = Counter(
+    "rota_worker_outbox_full_total",
+    "Times a run event had to wait for room in the full outbox (RabbitMQ unreachable)",
+)
+BAD_REPORTS = Counter(
+    "rota_worker_bad_reports_total",
+    "Run events carrying a value that cannot be sent (the run is reported failed instead)",
 )

@@ -1,31 +1,44 @@
 """A worker node: announces itself, takes orders from its queue, runs utilities, reports.
 
-Orders arrive on `rota.node.<id>` through a dramatiq Worker. The actor only checks and
-hands the order to the node's run pool, so the message is acknowledged at once: a run can
-last hours without tripping RabbitMQ's consumer timeout. A node that dies mid-run is seen
-by the leader through its vanished session, and the run is marked lost.
+Orders arrive on `rota.node.<id>`, served by the node's `Transport` on a few consumer
+threads. The handler only checks the order and hands it to the node's run pool, so the message
+is acknowledged at once: a run can last hours without tripping RabbitMQ's consumer timeout.
+A node that dies mid-run is seen by the leader through its vanished session, and the run is
+marked lost.
 
 An order is refused (a `rejected` event with the reason) when it is addressed to another
 node, carries an epoch older than the newest this node has seen (a deposed leader), is past
 its deadline, or names a service none of this node's roles may run. A run id seen before is
 ignored: a new leader re-sends orders it cannot prove were delivered.
+
+Run events go to `rota.results` through a bounded outbox and one reporter thread. While
+RabbitMQ is unreachable the reporter retries with backoff and keeps every event; once the
+outbox holds `OUTBOX_LIMIT` events, whoever reports waits for room: consumer threads stop
+taking orders (RabbitMQ keeps them in the queue), finished runs wait to be reported. No event
+is dropped. A run whose report carries a value that cannot be sent (a NaN metric, text that is
+not UTF-8) is reported `failed` with an error naming the value.
+
+Given a coordination that tells of session trouble (ZooKeeper's does), the node stops every run
+and daemon holding run groups as soon as its session is in doubt, before it can expire and
+another node take the groups.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-
-import dramatiq
-import msgpack
+from typing import Any
 
 from protocol import (
+    MAX_ERROR_CHARS,
+    MAX_OUTPUT_TAIL_CHARS,
     DaemonControl,
     NodeAnnouncement,
     ProtocolError,
@@ -33,12 +46,13 @@ from protocol import (
     RunOrder,
     decode,
     encode,
-    transport,
 )
+from protocol.backoff import Backoff
 from protocol.catalogue import Catalogue
 from protocol.clock import Clock
 from protocol.coordination import Coordination
 from protocol.service import Utility
+from protocol.transport import RESULTS, Consumer, Delivery, Transport, node_queue
 from workers import metrics
 from workers.daemon import DaemonEvent, DaemonSupervisor
 from workers.executor import Executor
@@ -47,6 +61,10 @@ log = logging.getLogger("rota.worker")
 
 VERSION = "0.1.0"
 SEEN_LIMIT = 100_000
+OUTBOX_LIMIT = 10_000
+"""Run events the outbox holds while RabbitMQ is unreachable; reporters wait beyond it."""
+REPORT_BATCH = 500
+"""Most run events published in one batch."""
 
 
 class WorkerNode:
@@ -54,7 +72,7 @@ class WorkerNode:
         self,
         node_id: str,
         roles: list[str],
-        broker: dramatiq.Broker,
+        transport: Transport,
         coordination: Coordination,
         clock: Clock,
         *,
@@ -68,20 +86,21 @@ class WorkerNode:
             raise ValueError("a worker node needs at least one role")
         self.node_id = node_id
         self.roles = frozenset(roles)
-        self.broker = broker
+        self.transport = transport
         self.coordination = coordination
         self.clock = clock
         self.capacity = capacity
         self.metrics_url = metrics_url
         self.catalogue = catalogue  # when given, orders for other services are refused
-        self.queue = transport.node_queue(node_id)
+        self.queue = node_queue(node_id)
         self.executor = Executor(clock)
-        self.daemons = DaemonSupervisor(clock, self._daemon_report)
+        self.daemons = DaemonSupervisor(clock, self._daemon_report, node=node_id)
         self._pool = ThreadPoolExecutor(capacity, thread_name_prefix=f"run:{node_id}")
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._seen_lock = threading.Lock()
         self._running: dict[str, frozenset[str]] = {}  # run id -> run groups
-        self._epoch = 0
+        self._epoch = 0  # the newest leader epoch seen; only `_raise_epoch` writes it
+        self._epoch_lock = threading.Lock()
         self._daemon_epoch = 0
         # Controls are taken by several consumer threads: apply them one at a time, and never
         # one issued before the last applied for the same daemon (a late resume must not undo
@@ -90,12 +109,12 @@ class WorkerNode:
         self._last_control: dict[str, tuple[int, float]] = {}
         self.incarnation: str | None = None  # names this node's current ZooKeeper session
         self._consumer_threads = consumer_threads
-        self._worker: dramatiq.Worker | None = None
+        self._served: Consumer | None = None
         self._journal = open(journal, "a", encoding="utf-8") if journal else None  # noqa: SIM115
         self._journal_lock = threading.Lock()
         self._daemon_groups: dict[str, list[str]] = {}
         self._daemon_since: dict[str, float] = {}  # service -> start of its current interval
-        self._outbox: queue.Queue[bytes | None] = queue.Queue()
+        self._outbox: queue.Queue[bytes | None] = queue.Queue(OUTBOX_LIMIT)
         self._reporter_thread = threading.Thread(
             target=self._reporter, name=f"report:{node_id}", daemon=True
         )
@@ -104,21 +123,15 @@ class WorkerNode:
     def start(self) -> WorkerNode:
         self._reporter_thread.start()
         self.coordination.watch_epoch(self._see_epoch)
-        self.broker.declare_queue(self.queue)
-        name = transport.actor_name_for(self.queue)
-        if name not in self.broker.actors:
-            dramatiq.Actor(
-                self._on_message, broker=self.broker, actor_name=name,
-                queue_name=self.queue, priority=0, options={"max_retries": 0},
-            )
-        if not any(isinstance(m, transport.RefuseFlagged) for m in self.broker.middleware):
-            self.broker.add_middleware(transport.RefuseFlagged(
-                lambda reason: metrics.DEAD_LETTERS.labels(reason).inc()))
-        self._worker = dramatiq.Worker(
-            self.broker, queues={self.queue}, worker_threads=self._consumer_threads,
-            worker_timeout=100,
+        # Not every coordination can tell (the in-memory one has no session to lose).
+        on_trouble = getattr(self.coordination, "on_session_trouble", None)
+        if on_trouble is not None:
+            on_trouble(lambda: self.stop_lock_holders("ZooKeeper session in doubt"),
+                       lambda: None)
+        self._served = self.transport.serve(
+            self.queue, self._on_delivery, threads=self._consumer_threads,
+            refused=lambda reason: metrics.DEAD_LETTERS.labels(reason).inc(),
         )
-        self._worker.start()
         self.announce()
         log.info("node %s up with roles %s", self.node_id, ", ".join(sorted(self.roles)))
         return self
@@ -142,12 +155,16 @@ class WorkerNode:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking orders, stop daemons (reported as stopped), finish what runs."""
-        if self._worker is not None:
-            self._worker.stop(timeout=int(timeout * 1000))
-            self._worker = None
+        if self._served is not None:
+            self._served.stop(timeout)
+            self._served = None
         self.daemons.stop_all()
         self._pool.shutdown(wait=True, cancel_futures=False)
-        self._outbox.put(None)  # send what is queued, then stop reporting
+        try:  # send what is queued, then stop reporting
+            self._outbox.put(None, timeout=timeout)
+        except queue.Full:
+            log.error("node %s stops with %d run events it could not publish",
+                      self.node_id, self._outbox.qsize())
         self._reporter_thread.join(timeout)
         if self._journal is not None:
             with self._journal_lock:
@@ -166,26 +183,28 @@ class WorkerNode:
         self.daemons.stop_all()
 
     def _see_epoch(self, epoch: int) -> None:
-        if epoch > self._epoch:
-            self._epoch = epoch
+        self._raise_epoch(epoch)
+
+    def _raise_epoch(self, epoch: int) -> int:
+        """Take `epoch` as seen; the newest seen, which never goes backwards."""
+        with self._epoch_lock:
+            if epoch > self._epoch:
+                self._epoch = epoch
+            return self._epoch
 
     # -- messages -----------------------------------------------------------------------
-    def _on_message(self, *args: object, **kwargs: object) -> None:
+    def _on_delivery(self, delivery: Delivery) -> None:
         now = self.clock.now()
-        payload = args[0] if len(args) == 1 and not kwargs else None
-        if not isinstance(payload, bytes | bytearray):
-            original = msgpack.packb([list(args), kwargs], default=repr, use_bin_type=True)
-            transport.dead_letter(
-                self.broker, self.queue, original,
-                ProtocolError("garbage", "envelope must carry exactly one bytes argument, got "
-                              f"{len(args)} argument(s) and {len(kwargs)} keyword(s)"), now,
-            )
-            metrics.DEAD_LETTERS.labels("garbage").inc()
+        if delivery.payload is None:
+            error = delivery.error or ProtocolError("garbage", "no payload")
+            self.transport.dead_letter(self.queue, delivery.raw, error, now)
+            metrics.DEAD_LETTERS.labels(error.reason).inc()
             return
+        payload = delivery.payload
         try:
-            msg = decode(bytes(payload))
+            msg = decode(payload)
         except ProtocolError as exc:
-            transport.dead_letter(self.broker, self.queue, bytes(payload), exc, now)
+            self.transport.dead_letter(self.queue, payload, exc, now)
             metrics.DEAD_LETTERS.labels(exc.reason).inc()
             return
         if isinstance(msg, RunOrder):
@@ -193,12 +212,12 @@ class WorkerNode:
         elif isinstance(msg, DaemonControl):
             self._on_control(msg)
         else:
-            exc = ProtocolError(
+            wrong = ProtocolError(
                 "unknown_type", f"{self.queue} takes RunOrder or DaemonControl, "
                 f"got {type(msg).__name__}",
             )
-            transport.dead_letter(self.broker, self.queue, bytes(payload), exc, now)
-            metrics.DEAD_LETTERS.labels(exc.reason).inc()
+            self.transport.dead_letter(self.queue, payload, wrong, now)
+            metrics.DEAD_LETTERS.labels(wrong.reason).inc()
 
     def _refusal(self, order: RunOrder, now: float) -> str | None:
         if order.node != self.node_id:
@@ -246,8 +265,7 @@ class WorkerNode:
                 state="rejected", at=now, epoch=order.epoch, reason=reason,
             ))
             return
-        if order.epoch > self._epoch:
-            self._epoch = order.epoch
+        self._raise_epoch(order.epoch)
         self._running[order.run_id] = frozenset(order.run_groups)
         self._pool.submit(self._execute, order)
 
@@ -271,13 +289,13 @@ class WorkerNode:
             )
             self._write_journal("end", order, out.finished_at, out.outcome)
             metrics.RUNS.labels(out.outcome).inc()
-            self._report(RunEvent(
+            self._report_event(
                 run_id=order.run_id, service=order.service, node=self.node_id,
                 state=out.outcome, at=out.finished_at, epoch=order.epoch,
                 started_at=out.started_at, finished_at=out.finished_at,
                 exit_status=out.exit_status, error=out.error, output_tail=out.output_tail,
                 metrics=out.metrics,
-            ))
+            )
         except Exception:
             log.exception("run %s of %s crashed the executor", order.run_id, order.service)
         finally:
@@ -322,7 +340,7 @@ class WorkerNode:
                         "session %s (now %s)", c.action, c.service, c.epoch, self._epoch, c.node,
                         c.allowed_roles, c.incarnation, self.incarnation)
             return False
-        self._epoch = max(self._epoch, c.epoch)
+        self._raise_epoch(c.epoch)
         self._daemon_epoch = c.epoch
         utility = Utility(callable=c.callable, command=tuple(c.command) if c.command else None)
         self._daemon_groups[c.service] = list(c.run_groups)
@@ -362,21 +380,62 @@ class WorkerNode:
                 if self._journal is not None:
                     self._journal.write(line + "\n")
                     self._journal.flush()
-        self._report(RunEvent(
+        self._report_event(
             run_id=f"daemon:{ev.service}@{self.node_id}", service=ev.service, node=self.node_id,
             state=ev.state, at=ev.at, epoch=self._daemon_epoch, error=ev.error,
             output_tail=ev.output_tail or "", started_at=since,
-        ))
+        )
+
+    def _report_event(self, **fields: Any) -> None:
+        """Report a run event built from `fields`; one carrying a value that cannot be sent
+        (a NaN or infinite metric, text that is not UTF-8, too much of it) is reported
+        instead without that value, `failed` if it said `succeeded`, with an error naming
+        the value: a run must end, whatever its utility reported."""
+        try:
+            self._report(RunEvent(**fields))
+            return
+        except ProtocolError as exc:
+            problem = f"the utility reported a value that cannot be sent: {exc}"
+        metrics.BAD_REPORTS.inc()
+        log.warning("run %s of %s: %s", fields.get("run_id"), fields.get("service"), problem)
+        if fields.get("state") == "succeeded":
+            fields["state"] = "failed"
+        earlier = fields.get("error")
+        fields["error"] = _clip(problem + (f"; {earlier}" if earlier else ""), MAX_ERROR_CHARS)
+        fields["metrics"] = {
+            str(k): v for k, v in (fields.get("metrics") or {}).items()
+            if isinstance(v, float) and math.isfinite(v)
+        }
+        tail = str(fields.get("output_tail") or "")
+        fields["output_tail"] = tail.encode("utf-8", "replace").decode("utf-8")[
+            -MAX_OUTPUT_TAIL_CHARS:]
+        try:
+            self._report(RunEvent(**fields))
+        except ProtocolError:  # still not sendable: the run's end, its error, nothing else
+            keep = ("run_id", "service", "node", "state", "at", "epoch", "started_at",
+                    "finished_at")
+            self._report(RunEvent(**{k: fields[k] for k in keep if k in fields},
+                                  error=_clip(problem, MAX_ERROR_CHARS)))
 
     def _report(self, ev: RunEvent) -> None:
-        """Queue a run event for the reporter thread (which keeps them in order)."""
-        self._outbox.put(encode(ev))
+        """Queue a run event for the reporter thread (which keeps them in order); waits for
+        room while the outbox is full."""
+        data = encode(ev)
+        try:
+            self._outbox.put_nowait(data)
+        except queue.Full:
+            metrics.OUTBOX_FULL.inc()
+            log.warning("outbox full (%d run events not yet published): waiting for RabbitMQ",
+                        self._outbox.maxsize)
+            self._outbox.put(data)
+        metrics.OUTBOX.set(self._outbox.qsize())
 
     def _reporter(self) -> None:
-        """Sends queued run events to rota.results in confirmed batches; while RabbitMQ is
-        unreachable it keeps them and retries with backoff, so none is lost."""
-        publisher = transport.Publisher(self.broker)
+        """Publishes queued run events to rota.results in batches, each stored all or none;
+        while RabbitMQ is unreachable it keeps them and retries with backoff, so none is
+        lost."""
         closing = False
+        backoff = Backoff()
         while not closing:
             item = self._outbox.get()
             batch: list[tuple[str, bytes]] = []
@@ -384,20 +443,25 @@ class WorkerNode:
                 if item is None:
                     closing = True
                     break
-                batch.append((transport.RESULTS, item))
-                if len(batch) >= 500:
+                batch.append((RESULTS, item))
+                if len(batch) >= REPORT_BATCH:
                     break
                 try:
                     item = self._outbox.get_nowait()
                 except queue.Empty:
                     break
-            delay = 0.1
             while True:
                 try:
-                    publisher.send_many(batch)
+                    self.transport.publish(batch)
+                    backoff.reset()
                     break
                 except Exception as exc:  # broker down: keep the events, retry with backoff
-                    log.warning("cannot report %d event(s) (%s); retrying", len(batch), exc)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-        publisher.close()
+                    wait = backoff.next()
+                    log.warning("cannot report %d event(s) (%s); retrying in %.1fs",
+                                len(batch), exc, wait)
+                    time.sleep(wait)
+            metrics.OUTBOX.set(self._outbox.qsize())
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
