@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from protocol.backoff import Backoff
 from protocol.clock import Clock
 from protocol.service import Utility
 from workers.executor import (
@@ -60,11 +61,17 @@ class DaemonEvent:
     output_tail: str = ""
 
 
-def next_backoff(delay: float, uptime: float) -> tuple[float, float]:
-    """(wait before the restart, delay for the exit after that) given the instance's uptime."""
+def restart_backoff() -> Backoff:
+    """The waits between restarts of one daemon: 1 s, 2 s, 4 s ... at most 60 s."""
+    return Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
+
+
+def restart_wait(backoff: Backoff, uptime: float) -> float:
+    """Clock seconds to wait before restarting an instance that stayed up `uptime` seconds:
+    the next wait of `backoff`, which starts over after a long enough uptime."""
     if uptime >= BACKOFF_RESET_AFTER:
-        delay = BACKOFF_INITIAL
-    return delay, min(delay * 2, BACKOFF_MAX)
+        backoff.reset()
+    return backoff.next()
 
 
 class _Daemon:
@@ -119,7 +126,7 @@ class _Daemon:
 
     # -- the daemon's thread -------------------------------------------------------------
     def _main(self) -> None:
-        delay = BACKOFF_INITIAL
+        backoff = restart_backoff()
         clock = self.sup.clock
         try:
             while not self.stopping:
@@ -136,7 +143,7 @@ class _Daemon:
                 if error is None:  # a command line ended by a pause
                     continue
                 self.report("exited", error, ctx.tail.text())
-                wait, delay = next_backoff(delay, clock.now() - started)
+                wait = restart_wait(backoff, clock.now() - started)
                 self.state = "backoff"
                 self.wake.clear()
                 if not (self.stopping or self.pausing):

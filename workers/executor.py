@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Literal
 
+from protocol.backoff import Backoff
 from protocol.clock import Clock
 from protocol.service import Utility
 
@@ -40,6 +41,7 @@ TAIL_LIMIT = 8192
 METRIC_PREFIX = "ROTA_METRIC "
 _POLL_CAP = 0.5  # real seconds: longest wait before the clock is looked at again
 _POLL_FLOOR = 0.005  # real seconds: shortest wait (a ManualClock converts everything to 0)
+_EXIT_POLL_MAX = 0.05  # real seconds: longest wait between looks at a terminated group
 _READ_CHUNK = 65536
 
 
@@ -313,12 +315,11 @@ def terminate_group(proc: subprocess.Popen[bytes], grace: float) -> None:
     pgid = proc.pid
     _signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    delay = 0.005
+    polls = Backoff(_POLL_FLOOR, _EXIT_POLL_MAX)
     while time.monotonic() < deadline:
         if exited(proc) and not group_alive(pgid):
             return
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        time.sleep(polls.next())
     _signal_group(pgid, signal.SIGKILL)
     proc.wait()
 
@@ -440,11 +441,12 @@ class Executor:
             if ended == "timeout":
                 ctx.stop("timeout")
             done.wait(self.grace)
-        exc = box.get("error")
-        if isinstance(exc, BaseException):
-            ctx.tail.write(format_traceback(exc, skip=1))
-        elif isinstance(box.get("value"), dict):
-            self._merge_metrics(ctx, box["value"])  # type: ignore[arg-type]
+        raised = box.get("error")
+        value = box.get("value")
+        if isinstance(raised, BaseException):
+            ctx.tail.write(format_traceback(raised, skip=1))
+        elif isinstance(value, dict):
+            self._merge_metrics(ctx, value)
         if ended == "timeout":
             error = f"timed out after {timeout:g}s"
             if not done.is_set():
@@ -452,8 +454,8 @@ class Executor:
             return self._outcome(run, "timed_out", started, error=error)
         if ended == "cancel":
             return self._outcome(run, "failed", started, error=f"cancelled: {run.cancel_reason}")
-        if isinstance(exc, BaseException):
-            return self._outcome(run, "failed", started, error=describe_exception(exc))
+        if isinstance(raised, BaseException):
+            return self._outcome(run, "failed", started, error=describe_exception(raised))
         return self._outcome(run, "succeeded", started)
 
     @staticmethod

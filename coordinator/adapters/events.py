@@ -1,8 +1,14 @@
 """Run lifecycle events for integrations: the `rota.events` topic exchange.
 
 Every run state change is published with routing key `run.<state>` and a msgpack
-`protocol.RunRecord` body. `RabbitEventBus` publishes from its own thread with publisher
-confirms and reconnects with backoff; `MemoryEventBus` calls subscribers in process.
+`protocol.RunRecord` body. `RabbitEventBus` publishes from its own thread in AMQP
+transactions (one commit per batch: every event of it is persisted, or none is and the batch
+is published again) and reconnects with backoff; `MemoryEventBus` calls subscribers in process.
+
+While RabbitMQ is unreachable, `RabbitEventBus` keeps up to `max_pending` events; beyond that
+`publish` waits for room (the caller is held up, no event is dropped), logs a warning and
+counts each wait in `waits_full`. Only `close()` gives up on what is still pending, and says
+how many.
 """
 
 from __future__ import annotations
@@ -14,9 +20,15 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
+from protocol.backoff import Backoff
+
 log = logging.getLogger("rota.events")
 
 EXCHANGE = "rota.events"
+MAX_PENDING = 100_000
+"""Events `RabbitEventBus` keeps while RabbitMQ is unreachable before `publish` waits."""
+BATCH = 1000
+"""Most events committed in one transaction."""
 
 
 class EventBus(Protocol):
@@ -52,35 +64,44 @@ class MemoryEventBus:
 class RabbitEventBus:
     """Publishes to the durable topic exchange `rota.events` from a background thread."""
 
-    def __init__(self, amqp_url: str, max_pending: int = 100_000) -> None:
+    def __init__(self, amqp_url: str, max_pending: int = MAX_PENDING) -> None:
         self.amqp_url = amqp_url
+        self.waits_full = 0  # times `publish` had to wait for room
         self._q: queue.Queue[tuple[str, bytes] | None] = queue.Queue(max_pending)
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
         self._stop = threading.Event()
         self._thread.start()
 
     def publish(self, routing_key: str, payload: bytes) -> None:
+        """Queue an event for publishing; waits while `max_pending` events are pending."""
         try:
             self._q.put_nowait((routing_key, payload))
+            return
         except queue.Full:
-            log.error("event queue full: dropping %s", routing_key)
-
-    def flush(self, timeout: float = 5.0) -> None:
-        """Wait until everything published so far is confirmed by RabbitMQ."""
-        done = threading.Event()
-        self._q.put(("__flush__", b""))
-        self._flushed = done
-        done.wait(timeout)
+            self.waits_full += 1
+            log.warning("event queue full (%d events pending): %s waits for RabbitMQ",
+                        self._q.maxsize, routing_key)
+        while not self._stop.is_set():
+            try:
+                self._q.put((routing_key, payload), timeout=1.0)
+                return
+            except queue.Full:
+                continue
+        log.error("event bus closed with its queue full: %s not published", routing_key)
 
     def close(self) -> None:
         self._stop.set()
-        self._q.put(None)
+        try:
+            self._q.put(None, timeout=5)
+        except queue.Full:
+            log.error("event bus closing with %d events not published (RabbitMQ unreachable)",
+                      self._q.qsize())
         self._thread.join(5)
 
     def _run(self) -> None:
         import pika
 
-        backoff = 0.2
+        backoff = Backoff()
         batch: list[tuple[str, bytes]] = []
         closing = False
         while True:
@@ -90,16 +111,13 @@ class RabbitEventBus:
                 ch.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
                 ch.tx_select()  # one commit per batch: every event in it is persisted, or none
                 props = pika.BasicProperties(delivery_mode=2, content_type="application/msgpack")
-                backoff = 0.2
+                backoff.reset()
                 while True:
                     if not batch:
                         closing = self._take(batch)
                     for key, body in batch:
-                        if key != "__flush__":
-                            ch.basic_publish(EXCHANGE, key, body, props)
+                        ch.basic_publish(EXCHANGE, key, body, props)
                     ch.tx_commit()
-                    if any(key == "__flush__" for key, _ in batch):
-                        getattr(self, "_flushed", threading.Event()).set()
                     batch = []
                     if closing:
                         conn.close()
@@ -107,11 +125,11 @@ class RabbitEventBus:
             except Exception as exc:
                 if closing or (self._stop.is_set() and not batch):
                     return
-                log.warning("event publisher lost RabbitMQ (%s); retrying in %.1fs", exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                wait = backoff.next()
+                log.warning("event publisher lost RabbitMQ (%s); retrying in %.1fs", exc, wait)
+                self._stop.wait(wait)
 
-    def _take(self, batch: list[tuple[str, bytes]], limit: int = 1000) -> bool:
+    def _take(self, batch: list[tuple[str, bytes]], limit: int = BATCH) -> bool:
         """Block for one event, then take what else is waiting. True: close after this."""
         item = self._q.get()
         while item is not None:

@@ -17,7 +17,8 @@ from workers.daemon import (
     BACKOFF_RESET_AFTER,
     DaemonEvent,
     DaemonSupervisor,
-    next_backoff,
+    restart_backoff,
+    restart_wait,
 )
 
 MOD = "tests.unit.utilities_for_tests"
@@ -94,14 +95,12 @@ def sup(rec: Recorder) -> Iterator[DaemonSupervisor]:
 
 
 def test_backoff_doubles_caps_and_resets() -> None:
-    delay, waits = BACKOFF_INITIAL, []
-    for _ in range(9):
-        wait, delay = next_backoff(delay, uptime=0.5)
-        waits.append(wait)
+    backoff = restart_backoff()
+    waits = [restart_wait(backoff, uptime=0.5) for _ in range(9)]
     assert waits == [1, 2, 4, 8, 16, 32, 60, 60, 60]
-    assert BACKOFF_MAX == 60
-    assert next_backoff(60.0, uptime=BACKOFF_RESET_AFTER) == (1.0, 2.0)
-    assert next_backoff(8.0, uptime=BACKOFF_RESET_AFTER - 1) == (8.0, 16.0)
+    assert BACKOFF_INITIAL == 1 and BACKOFF_MAX == 60
+    assert restart_wait(backoff, uptime=BACKOFF_RESET_AFTER) == 1.0
+    assert restart_wait(backoff, uptime=BACKOFF_RESET_AFTER - 1) == 2.0
 
 
 def test_callable_daemon_start_pause_resume_stop(sup: DaemonSupervisor, rec: Recorder) -> None:
