@@ -92,7 +92,7 @@ class RabbitEventBus:
     def close(self) -> None:
         self._stop.set()
         try:
-            self._q.put(None, timeout=5)
+            self._q.put(None, timeout=1)
         except queue.Full:
             log.error("event bus closing with %d events not published (RabbitMQ unreachable)",
                       self._q.qsize())
