@@ -121,8 +121,8 @@ def audit(
         if r.state in RAN or (r.trigger == "daemon" and r.started_at is not None):
             rep.runs += r.trigger != "daemon"
             if r.node is not None and r.node in roles:
-                svc = catalogue.services.get(r.service)
-                if svc is not None and roles[r.node].isdisjoint(svc.allowed_roles):
+                ran = catalogue.services.get(r.service)
+                if ran is not None and roles[r.node].isdisjoint(ran.allowed_roles):
                     rep.wrong_role += 1
                     rep.violations.append(f"{r.service} ran on {r.node} "
                                           f"(roles {sorted(roles[r.node])}), not an allowed role")
@@ -134,12 +134,13 @@ def audit(
     for svc in catalogue.services.values():
         if not svc.is_daemon or not svc.enabled:
             continue
-        eligible = {n for n, rs in roles.items() if not rs.isdisjoint(svc.allowed_roles)}
-        started = {r.node for r in recs if r.service == svc.name and r.trigger == "daemon"}
-        if svc.placement is Placement.ALL and not eligible <= started:
+        may_run = {n for n, rs in roles.items() if not rs.isdisjoint(svc.allowed_roles)}
+        started = {r.node for r in recs
+                   if r.service == svc.name and r.trigger == "daemon" and r.node is not None}
+        if svc.placement is Placement.ALL and not may_run <= started:
             rep.violations.append(f"daemon {svc.name} never started on "
-                                  f"{', '.join(sorted(eligible - started))}")
-        elif svc.placement is Placement.ONE and eligible and not started:
+                                  f"{', '.join(sorted(may_run - started))}")
+        elif svc.placement is Placement.ONE and may_run and not started:
             rep.violations.append(f"daemon {svc.name} never started")
     return rep
 
@@ -179,7 +180,7 @@ def audit_journal(entries: Iterable[Mapping[str, object]], report: Report | None
     kills: dict[str, list[float]] = defaultdict(list)
     for e in entries:
         if e.get("event") == "worker-killed":
-            kills[str(e["node"])].append(float(e["at"]))  # type: ignore[arg-type]
+            kills[str(e["node"])].append(_num(e["at"]))
     starts: dict[str, list[Mapping[str, object]]] = defaultdict(list)
     ends: dict[str, Mapping[str, object]] = {}
     for e in entries:
@@ -193,16 +194,16 @@ def audit_journal(entries: Iterable[Mapping[str, object]], report: Report | None
             rep.violations.append(f"run {run_id} started {len(ss)} times on "
                                   f"{', '.join(str(s['node']) for s in ss)}")
         for s in ss:
-            if int(s.get("epoch", 0)) < int(s.get("seen_epoch", 0)):  # type: ignore[call-overload]
+            if _num(s.get("epoch", 0)) < _num(s.get("seen_epoch", 0)):
                 rep.stale_epoch += 1
                 rep.violations.append(f"run {run_id} executed from stale epoch {s['epoch']} "
                                       f"(node had seen {s['seen_epoch']})")
     spans = []
     for run_id, ss in starts.items():
         end = ends.get(run_id)
-        groups = list(ss[0].get("run_groups") or [])  # type: ignore[call-overload]
-        began = float(ss[0]["at"])  # type: ignore[arg-type]
-        finished = float(end["at"]) if end is not None else _killed_after(  # type: ignore[arg-type]
+        groups = _strs(ss[0].get("run_groups"))
+        began = _num(ss[0]["at"])
+        finished = _num(end["at"]) if end is not None else _killed_after(
             kills, str(ss[0]["node"]), began)
         if finished is not None and groups:
             spans.append(RunRecord(
@@ -213,6 +214,20 @@ def audit_journal(entries: Iterable[Mapping[str, object]], report: Report | None
     spans += _daemon_spans(entries)
     rep.overlaps += _overlaps(spans, rep.violations)
     return rep
+
+
+def _num(value: object) -> float:
+    """A number from a journal line (JSON): int or float; anything else is an error."""
+    if isinstance(value, int | float | str):
+        return float(value)
+    raise ValueError(f"not a number in the journal: {value!r}")
+
+
+def _strs(value: object) -> list[str]:
+    """A list of names from a journal line; None or missing is empty."""
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    return []
 
 
 def _killed_after(kills: Mapping[str, list[float]], node: str, at: float) -> float | None:
@@ -227,7 +242,7 @@ def _daemon_spans(entries: list[Mapping[str, object]]) -> list[RunRecord]:
     last_at: dict[str, float] = {}
     for e in entries:
         node = str(e.get("node"))
-        last_at[node] = max(last_at.get(node, 0.0), float(e.get("at", 0.0)))  # type: ignore[arg-type]
+        last_at[node] = max(last_at.get(node, 0.0), _num(e.get("at", 0.0)))
     open_: dict[tuple[str, str], tuple[float, list[str]]] = {}
     out: list[RunRecord] = []
 
@@ -243,8 +258,8 @@ def _daemon_spans(entries: list[Mapping[str, object]]) -> list[RunRecord]:
     daemon_lines = (e for e in entries
                     if str(e.get("event", "")).startswith("daemon-")
                     or e.get("event") == "worker-killed")
-    for e in sorted(daemon_lines, key=lambda e: float(e.get("at", 0.0))):  # type: ignore[arg-type]
-        at = float(e["at"])  # type: ignore[arg-type]
+    for e in sorted(daemon_lines, key=lambda e: _num(e.get("at", 0.0))):
+        at = _num(e["at"])
         if e.get("event") == "worker-killed":
             for key in [k for k in open_ if k[1] == str(e["node"])]:
                 close(key, at)
@@ -253,7 +268,7 @@ def _daemon_spans(entries: list[Mapping[str, object]]) -> list[RunRecord]:
         state = str(e["event"])[len("daemon-"):]
         if state in ("started", "resumed"):
             if key not in open_:
-                open_[key] = (at, list(e.get("run_groups") or []))  # type: ignore[call-overload]
+                open_[key] = (at, _strs(e.get("run_groups")))
         elif state in ("paused", "stopped", "exited") and key in open_:
             close(key, at)
     for key in list(open_):

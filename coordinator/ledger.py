@@ -16,8 +16,9 @@ from urllib.parse import quote, unquote
 
 import msgpack
 
-from coordinator.core.engine import Changes, State
-from coordinator.core.run import Run, RunState, Trigger
+from coordinator.core.actions import Changes, State
+from coordinator.core.run import Run
+from coordinator.forms import run_from_message, run_to_message
 from protocol import LedgerRun, decode_as, encode
 
 HISTORY_PER_SERVICE = 20
@@ -25,56 +26,6 @@ HISTORY_PER_SERVICE = 20
 
 def _k(prefix: str, name: str) -> str:
     return f"{prefix}/{quote(name, safe='')}"
-
-
-def run_to_message(run: Run) -> LedgerRun:
-    return LedgerRun(
-        run_id=run.run_id,
-        service=run.service,
-        node=run.node,
-        target=run.target,
-        trigger=run.trigger.value,
-        slot=run.slot,
-        queued_at=run.queued_at,
-        dispatched_at=run.dispatched_at,
-        started_at=run.started_at,
-        finished_at=run.finished_at,
-        deadline=run.deadline,
-        state=run.state.value,
-        run_groups=sorted(run.run_groups),
-        epoch=run.epoch,
-        attempt=run.attempt,
-        error=run.error,
-        output_tail=run.output_tail,
-        reason=run.reason,
-        metrics=dict(run.metrics),
-        incarnation=run.incarnation,
-    )
-
-
-def run_from_message(m: LedgerRun) -> Run:
-    return Run(
-        run_id=m.run_id,
-        service=m.service,
-        trigger=Trigger(m.trigger),
-        slot=m.slot,
-        queued_at=m.queued_at,
-        run_groups=frozenset(m.run_groups),
-        node=m.node,
-        target=m.target,
-        attempt=m.attempt,
-        state=RunState(m.state),
-        dispatched_at=m.dispatched_at,
-        started_at=m.started_at,
-        finished_at=m.finished_at,
-        deadline=m.deadline,
-        epoch=m.epoch,
-        error=m.error,
-        output_tail=m.output_tail,
-        reason=m.reason,
-        metrics=dict(m.metrics),
-        incarnation=m.incarnation,
-    )
 
 
 class LedgerError(ValueError):

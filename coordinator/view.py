@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from coordinator.core.engine import Engine
+from coordinator.core.engine import DaemonState, Engine
+from coordinator.core.run import RunState
 from protocol.service import Kind, Service
 
 GROUP_TITLES = {
@@ -51,21 +52,16 @@ def schedule_text(svc: Service) -> str:
 
 
 def rows(engine: Engine) -> list[Row]:
-    """One row per service, in display order. Call with the coordinator's lock held."""
+    """One row per service, in display order. In Queue is the engine's own computation
+    (`Engine.in_queue_since`): runs waiting for their first attempt, and daemons waiting
+    for their run groups; retries in their delay do not count."""
     running: dict[str, int] = {}
     for run in engine.runs.values():
-        if run.state.value in ("dispatched", "running"):
+        if run.state in (RunState.DISPATCHED, RunState.RUNNING):
             running[run.service] = running.get(run.service, 0) + 1
     for d in engine.daemons.values():
-        if d.state in ("starting", "running", "pausing"):
+        if d.state in (DaemonState.STARTING, DaemonState.RUNNING, DaemonState.PAUSING):
             running[d.service] = running.get(d.service, 0) + 1
-    queued: dict[str, float] = {}
-    for run in engine.runs.values():
-        if run.state.value == "queued" and run.trigger.value != "retry":
-            queued[run.service] = min(queued.get(run.service, run.queued_at), run.queued_at)
-    for claim in engine.locks.waiting():
-        if claim.key.startswith("daemon:"):
-            queued[claim.service] = min(queued.get(claim.service, claim.since), claim.since)
     out: list[Row] = []
     for kind in GROUP_ORDER:
         for svc in engine.services.values():
@@ -80,9 +76,32 @@ def rows(engine: Engine) -> list[Row]:
                     allowed_nodes=sorted(svc.allowed_roles),
                     run_groups=sorted(svc.run_groups),
                     last_run=engine.last_run.get(svc.name),
-                    in_queue=queued.get(svc.name),
+                    in_queue=engine.in_queue_since(svc.name),
                     running=running.get(svc.name, 0),
                     description=svc.description,
                 )
             )
     return out
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the page and the table show, as of the end of one leader turn. Built by the
+    leader's thread and never changed after: readers take it without any lock."""
+
+    rows: tuple[Row, ...]
+    epoch: int
+    active: int  # runs queued, dispatched or running
+    waiting: int  # runs and daemons waiting for their run groups
+    daemons_running: int
+
+
+def snapshot(engine: Engine) -> Snapshot:
+    return Snapshot(
+        rows=tuple(rows(engine)),
+        epoch=engine.epoch,
+        active=len(engine.runs),
+        waiting=len(engine.locks.waiting()),
+        daemons_running=sum(1 for d in engine.daemons.values()
+                            if d.state is DaemonState.RUNNING),
+    )

@@ -55,11 +55,10 @@ def make_app(coordinator: Coordinator):  # type: ignore[no-untyped-def]
     metrics_app = make_wsgi_app()
 
     def rows_json() -> list[dict[str, object]] | None:
-        with coordinator.lock:
-            if coordinator.engine is None:
-                return None
-            rows = view.rows(coordinator.engine)
-        return [r.__dict__ for r in rows]
+        snap = coordinator.snapshot()
+        if snap is None:
+            return None
+        return [r.__dict__ for r in snap.rows]
 
     def app(environ, start_response):  # type: ignore[no-untyped-def]
         path = environ.get("PATH_INFO", "/")
@@ -101,8 +100,8 @@ def make_app(coordinator: Coordinator):  # type: ignore[no-untyped-def]
 def page(coordinator: Coordinator) -> str:
     tz = zone(coordinator.catalogue.timezone)
     now = coordinator.clock.now()
-    with coordinator.lock:
-        rows = view.rows(coordinator.engine) if coordinator.engine else []
+    snap = coordinator.snapshot()
+    rows = snap.rows if snap is not None else ()
     out = ["<!doctype html><meta charset=utf-8><title>System Services</title>",
            "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:left}"
            "tr.group td{font-weight:bold;background:#eef}</style>",

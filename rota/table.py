@@ -40,9 +40,8 @@ def _roles_in_order(roles: list[str], order: tuple[str, ...]) -> str:
 def render(coordinator: Coordinator, now: float, console: Console | None = None) -> Group:
     """The service table; fitted to ``console``'s height when one is given."""
     cat = coordinator.catalogue
-    with coordinator.lock:
-        engine = coordinator.engine
-        rows = view.rows(engine) if engine is not None else []
+    snap = coordinator.snapshot()
+    rows = list(snap.rows) if snap is not None else []
     return fitted(rows, cat, now, console)
 
 
@@ -138,11 +137,10 @@ def summary_line(coordinator: Coordinator, now: float, finished: FinishedRuns) -
     tz = zone(coordinator.catalogue.timezone)
     with finished.lock:
         outcomes, total = finished.by_state(), finished.total
-    with coordinator.lock:
-        engine = coordinator.engine
-        active = len(engine.runs) if engine else 0
-        daemons = sum(1 for d in engine.daemons.values() if d.state == "running") if engine else 0
-        waiting = len(engine.locks.waiting()) if engine else 0
+    snap = coordinator.snapshot()
+    active = snap.active if snap else 0
+    daemons = snap.daemons_running if snap else 0
+    waiting = snap.waiting if snap else 0
     parts = ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
     return (
         f"{datetime.fromtimestamp(now, tz).isoformat(timespec='seconds')}  "

@@ -108,3 +108,17 @@ def test_a_forged_finished_event_for_an_unknown_run_is_dead_lettered_and_not_cou
     (dead,) = r.dead_letters()
     assert dead.source == transport.RESULTS and dead.reason == "refused"
     assert "unknown run 'forged-1'" in dead.detail
+
+
+def test_the_leader_publishes_a_snapshot_each_turn_and_none_after_its_term(
+    running: Callable[[MemoryCoordination], Running],
+) -> None:
+    r = running(MemoryCoordination())
+    assert r.coordinator.leading.wait(10)
+    wait_for(lambda: r.coordinator.snapshot() is not None)
+    snap = r.coordinator.snapshot()
+    assert snap is not None and [row.name for row in snap.rows] == ["Mail Manager"]
+    assert snap.epoch == r.coordination.store.epoch
+    r.coordinator.stop()
+    r.thread.join(5)
+    assert r.coordinator.snapshot() is None

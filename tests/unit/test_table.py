@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import threading
 from types import SimpleNamespace
 
 import pytest
@@ -40,10 +39,8 @@ def _rows(cat: Catalogue, running: set[str] = frozenset(), queued: set[str] = fr
 def _show(cat: Catalogue, rows: list[view.Row], height: int, width: int = 160) -> list[str]:
     console = Console(file=io.StringIO(), width=width, height=height, force_terminal=True,
                       color_system=None)
-    coordinator = SimpleNamespace(catalogue=cat, lock=threading.Lock(), engine=object())
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(table.view, "rows", lambda engine: rows)
-        console.print(table.render(coordinator, NOW, console))  # type: ignore[arg-type]
+    coordinator = SimpleNamespace(catalogue=cat, snapshot=lambda: SimpleNamespace(rows=rows))
+    console.print(table.render(coordinator, NOW, console))  # type: ignore[arg-type]
     text = console.file.getvalue()  # type: ignore[attr-defined]
     return str(text).splitlines()
 

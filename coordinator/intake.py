@@ -1,0 +1,158 @@
+"""What a turn does with each item of the inbox: worker reports, operator requests and node
+membership become engine calls; what cannot be taken is dead-lettered with its reason."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from coordinator import forms, metrics
+from coordinator.core.actions import Action, RefusedError
+from coordinator.core.engine import Engine
+from coordinator.core.node import Node
+from coordinator.inbox import Delivered, Source
+from coordinator.outbox import Outbox, Turn
+from protocol import (
+    ManualRunRequest,
+    NodeAnnouncement,
+    ProtocolError,
+    RunEvent,
+    RunRecord,
+    ServiceUpdate,
+    decode,
+    decode_as,
+)
+from protocol.schedule import Cron, FixedTimes, Periodic, Schedule, ScheduleError
+
+log = logging.getLogger("rota.leader")
+
+FINISHED = ("succeeded", "failed", "timed_out", "rejected")
+
+
+class UnknownRun(ValueError):
+    """A report about a run this cluster does not know (forged, or long forgotten)."""
+
+
+# -- membership ----------------------------------------------------------------------------
+def nodes_of(raw: Mapping[str, bytes]) -> dict[str, Node]:
+    """The live nodes of a membership view; announcements that do not decode are left out."""
+    fresh: dict[str, Node] = {}
+    for node_id, data in raw.items():
+        try:
+            ann = decode_as(data, NodeAnnouncement)
+        except ProtocolError as exc:
+            log.warning("ignoring node %s: %s", node_id, exc)
+            continue
+        fresh[node_id] = Node(node_id, frozenset(ann.roles), ann.capacity, ann.version,
+                              ann.incarnation)
+    return fresh
+
+
+def nodes_changed(engine: Engine, raw: Mapping[str, bytes], now: float) -> list[Action]:
+    fresh = nodes_of(raw)
+    for node_id, old in engine.nodes.items():
+        new = fresh.get(node_id)
+        if new is None:
+            log.info("node %s is gone; its runs are lost", node_id)
+        elif new.incarnation != old.incarnation:
+            log.info("node %s restarted; what it ran before is lost", node_id)
+    metrics.NODES.set(len(fresh))
+    return engine.set_nodes(fresh, now)
+
+
+# -- deliveries ------------------------------------------------------------------------------
+def delivered(engine: Engine, item: Delivered, now: float, turn: Turn, outbox: Outbox) -> None:
+    """Take one message from a queue; it is acknowledged once the turn is carried out."""
+    delivery, source = item.delivery, item.source
+    turn.acks.append(delivery)
+    if delivery.error is not None or delivery.payload is None:
+        outbox.dead_letter(source, delivery.raw, delivery.error or "empty", now,
+                           getattr(delivery.error, "reason", "garbage"))
+        return
+    try:
+        msg = decode(delivery.payload)
+        if source is Source.RESULTS:
+            if not isinstance(msg, RunEvent):
+                raise ProtocolError(
+                    "unknown_type", f"{source} takes RunEvent, got {type(msg).__name__}"
+                )
+            turn.actions += on_event(engine, msg, now, turn)
+        else:
+            turn.actions += on_request(engine, msg, now, turn)
+    except ProtocolError as exc:
+        outbox.dead_letter(source, delivery.payload, exc, now, exc.reason)
+    except UnknownRun as exc:
+        outbox.dead_letter(source, delivery.payload, str(exc), now, "unknown_run")
+
+
+def on_event(engine: Engine, ev: RunEvent, now: float, turn: Turn) -> list[Action]:
+    if ev.run_id.startswith("daemon:"):
+        return engine.daemon_event(
+            ev.service, ev.node, ev.state, now, epoch=ev.epoch, at=ev.at,
+            started_at=ev.started_at, error=ev.error, output_tail=ev.output_tail,
+        )
+    if ev.state == "rejected" and ev.run_id not in engine.runs:
+        # An order this leader never gave (forged, or from a deposed leader): show it.
+        log.warning("node %s refused order %s: %s", ev.node, ev.run_id, ev.reason)
+        turn.records.append(forms.refused_order_record(ev))
+        return []
+    if not engine.knows(ev.run_id):
+        # Checked before anything is counted: a forged report names any service it likes.
+        raise UnknownRun(f"unknown run {ev.run_id!r} (reported {ev.state} by {ev.node})")
+    if ev.state == "started":
+        return engine.run_started(ev.run_id, ev.node, ev.at, now)
+    if ev.state not in FINISHED:
+        return []
+    run = engine.runs.get(ev.run_id)
+    actions = engine.run_finished(
+        ev.run_id, ev.node, ev.state, now,
+        started_at=ev.started_at, finished_at=ev.finished_at, error=ev.error,
+        output_tail=ev.output_tail, reason=ev.reason, metrics=ev.metrics,
+    )
+    if run is not None and actions:  # counted once, under the run's own service
+        if ev.started_at is not None and ev.state != "rejected" and run.slot is not None:
+            metrics.LATENESS.observe(max(0.0, ev.started_at - run.slot))
+        metrics.RUNS.labels(run.service, ev.state).inc()
+    return actions
+
+
+def on_request(engine: Engine, msg: object, now: float, turn: Turn) -> list[Action]:
+    if isinstance(msg, ManualRunRequest):
+        try:
+            return engine.manual_run(msg.service, now, msg.request_id)
+        except RefusedError as exc:
+            turn.records.append(_refused(engine, msg.request_id, msg.service, str(exc), now))
+            return []
+    if isinstance(msg, ServiceUpdate):
+        try:
+            schedule = schedule_of_update(msg)
+            return engine.update_service(
+                msg.service, now, enabled=msg.enabled, schedule=schedule
+            )
+        except (RefusedError, ScheduleError) as exc:
+            turn.records.append(_refused(engine, msg.request_id, msg.service, str(exc), now))
+            return []
+    raise ProtocolError("unknown_type", f"{Source.REQUESTS} takes ManualRunRequest or "
+                        f"ServiceUpdate, got {type(msg).__name__}")
+
+
+def _refused(engine: Engine, request_id: str, service: str, reason: str,
+             now: float) -> RunRecord:
+    log.warning("refused request %s for %r: %s", request_id, service, reason)
+    return forms.refused_request_record(request_id, service, reason, now, engine.epoch)
+
+
+def schedule_of_update(msg: ServiceUpdate) -> Schedule | None:
+    """The new schedule an edit asks for, validated; None when the edit leaves it alone."""
+    given = [x for x in (msg.period, msg.run_at, msg.cron) if x is not None]
+    if not given:
+        if msg.align is not None:
+            raise ScheduleError("align needs a period")
+        return None
+    if len(given) > 1:
+        raise ScheduleError("give one of period, run_at or cron")
+    if msg.period is not None:
+        return Periodic(msg.period, msg.align or 0)
+    if msg.run_at is not None:
+        return FixedTimes.parse(msg.run_at)
+    return Cron(str(msg.cron))

@@ -1,0 +1,144 @@
+"""What a leader's turn sends out, in the one safe order: the ledger first, then the rest.
+
+A turn's ledger changes are written in one fenced batch; only then are its orders and daemon
+controls published (as one batch each, retried with back-off while RabbitMQ is unreachable),
+its records published on `rota.events` (and finished ones handed to the history sinks), and
+the messages it consumed acknowledged. A leader killed anywhere in between leaves a ledger
+from which the next one resumes. Every message the coordinator puts on a queue leaves here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import dramatiq
+
+from coordinator import forms, metrics
+from coordinator.adapters.events import EventBus
+from coordinator.backoff import Backoff
+from coordinator.core.actions import Action, Changes, Control, DaemonInterval, Dispatch, Record
+from coordinator.core.node import Node
+from coordinator.ledger import Ledger
+from protocol import ProtocolError, RunRecord, encode, transport
+from protocol.catalogue import Catalogue
+from protocol.coordination import Fenced, Term
+
+log = logging.getLogger("rota.leader")
+
+FaultHook = Callable[[str], None]
+HistorySink = Callable[[RunRecord], None]
+
+
+@dataclass
+class Turn:
+    """What one turn of the leader produced, to be carried out by `Outbox.finish`."""
+
+    actions: list[Action] = field(default_factory=list)
+    acks: list[transport.Delivery] = field(default_factory=list)
+    records: list[RunRecord] = field(default_factory=list)  # beside those of the actions
+
+
+class Outbox:
+    def __init__(
+        self,
+        broker: dramatiq.Broker,
+        events: EventBus,
+        history_sinks: list[HistorySink],
+        stopping: threading.Event,
+        fault: FaultHook | None = None,
+    ) -> None:
+        self.broker = broker
+        self.events = events
+        self.history_sinks = history_sinks
+        self.stopping = stopping
+        self.fault = fault
+        self._publisher = transport.Publisher(broker)
+
+    def finish(self, term: Term, ledger: Ledger, changes: Changes, turn: Turn,
+               catalogue: Catalogue, nodes: Mapping[str, Node], now: float) -> None:
+        """Carry out a turn: ledger, orders, controls, records, acknowledgements."""
+        if changes or changes.finished:
+            writes = ledger.writes(changes)
+            if writes:
+                term.commit(writes)  # raises Fenced when deposed: nothing below happens
+        dispatches = [a for a in turn.actions if isinstance(a, Dispatch)]
+        if log.isEnabledFor(logging.DEBUG) and (dispatches or changes):
+            log.debug("epoch %d turn: ledger runs %s cursors %s; orders %s; records %s",
+                      term.epoch,
+                      {k: (r.state.value if r else "-") for k, r in changes.runs.items()},
+                      changes.cursors, [a.run.run_id for a in dispatches],
+                      [f"{a.run.run_id}:{a.run.state.value}" for a in turn.actions
+                       if isinstance(a, Record)])
+        if self.fault and dispatches:
+            self.fault("after-ledger")
+        orders = [
+            (transport.node_queue(a.run.node or ""),
+             encode(forms.order_of(a.run, a.service, term.epoch, now,
+                                   forms.params_of(catalogue.params.get(a.service.name, {})))))
+            for a in dispatches
+        ]
+        self.send(orders, term)
+        if dispatches:
+            metrics.DISPATCHED.inc(len(dispatches))
+        if self.fault and dispatches:
+            self.fault("after-publish")
+        controls = []
+        for a in turn.actions:
+            if isinstance(a, Control):
+                node = nodes.get(a.node)
+                msg = forms.control_of(
+                    a, term.epoch, now, forms.params_of(catalogue.params.get(a.service.name, {})),
+                    node.incarnation if node else None)
+                controls.append((transport.node_queue(a.node), encode(msg)))
+        self.send(controls, term)
+        for action in turn.actions:
+            if isinstance(action, Record):
+                self.publish(forms.record_of(action.run))
+            elif isinstance(action, DaemonInterval):
+                self.publish(forms.interval_record(action))
+        for rec in turn.records:
+            self.publish(rec)
+        for d in turn.acks:
+            d.ack()
+
+    def send(self, items: list[tuple[str, bytes]], term: Term) -> None:
+        """Publish a batch in one AMQP transaction; while RabbitMQ is unreachable, retry.
+
+        Gives up only when leadership is lost: the orders are in the ledger, and the next
+        leader re-sends them.
+        """
+        backoff = Backoff(0.1, 2.0)
+        while items:
+            try:
+                self._publisher.send_many(items)
+                if backoff.failures:
+                    log.warning("RabbitMQ is reachable again")
+                return
+            except Exception as exc:
+                if not backoff.failures:
+                    log.warning("cannot publish %d message(s) (%s); retrying with backoff",
+                                len(items), exc)
+                if term.wait_lost(backoff.next()) or self.stopping.is_set():
+                    raise Fenced("leadership ended while RabbitMQ was unreachable") from exc
+
+    def publish(self, rec: RunRecord, history: bool = True) -> None:
+        """A record on `rota.events`; a final one also to the history sinks."""
+        self.events.publish(rec.routing_key, encode(rec))
+        if history and forms.is_final(rec):
+            for sink in self.history_sinks:
+                try:
+                    sink(rec)
+                except Exception:
+                    log.exception("history sink failed")
+
+    def request(self, payload: bytes) -> None:
+        """An operator request, to whichever coordinator leads."""
+        transport.send(self.broker, transport.REQUESTS, payload)
+
+    def dead_letter(self, source: str, payload: bytes, error: ProtocolError | str,
+                    now: float, reason: str) -> None:
+        transport.dead_letter(self.broker, source, payload, error, now)
+        metrics.DEAD_LETTERS.labels(source, reason).inc()
