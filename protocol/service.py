@@ -62,7 +62,3 @@ class Service:
     @property
     def is_daemon(self) -> bool:
         return self.kind is Kind.DAEMON
-
-    def conflicts_with(self, other: Service) -> bool:
-        """Different services whose run groups intersect never run at the same time."""
-        return self.name != other.name and not self.run_groups.isdisjoint(other.run_groups)

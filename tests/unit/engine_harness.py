@@ -345,7 +345,9 @@ class Harness:
             for b in ivs[i + 1:]:
                 if b.start >= (math.inf if a.end is None else a.end):
                     break
-                if by_name[a.service].conflicts_with(by_name[b.service]) and a.overlaps(b):
+                groups_a, groups_b = by_name[a.service].run_groups, by_name[b.service].run_groups
+                conflict = a.service != b.service and not groups_a.isdisjoint(groups_b)
+                if conflict and a.overlaps(b):
                     out.append((a, b))
         return out
 
