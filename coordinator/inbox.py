@@ -10,21 +10,21 @@ import queue
 from dataclasses import dataclass
 from enum import StrEnum
 
-from protocol import transport
 from protocol.catalogue import Catalogue
+from protocol.transport import REQUESTS, RESULTS, Delivery
 
 
 class Source(StrEnum):
     """The queues the leader reads."""
 
-    RESULTS = transport.RESULTS  # run and daemon events from the workers
-    REQUESTS = transport.REQUESTS  # operator requests
+    RESULTS = RESULTS  # run and daemon events from the workers
+    REQUESTS = REQUESTS  # operator requests
 
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
     source: Source
-    delivery: transport.Delivery
+    delivery: Delivery
 
 
 @dataclass(frozen=True, slots=True)

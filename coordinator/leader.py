@@ -21,8 +21,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import dramatiq
+from typing import TYPE_CHECKING
 
 from coordinator import forms, intake, metrics, view
 from coordinator.adapters.events import EventBus
@@ -32,10 +31,14 @@ from coordinator.inbox import Delivered, Inbox, NodesChanged, Reload, Source, Wa
 from coordinator.intake import schedule_of_update
 from coordinator.ledger import Ledger, LedgerError
 from coordinator.outbox import FaultHook, Outbox, Turn
-from protocol import ManualRunRequest, RunRecord, encode, transport
+from protocol import ManualRunRequest, RunRecord, encode
 from protocol.catalogue import Catalogue
 from protocol.clock import Clock
 from protocol.coordination import Coordination, Fenced, Term
+from protocol.transport import Consumer, Delivery, Transport
+
+if TYPE_CHECKING:
+    import dramatiq
 
 log = logging.getLogger("rota.leader")
 
@@ -59,7 +62,7 @@ class Coordinator:
         identifier: str,
         catalogue: Catalogue,
         coordination: Coordination,
-        broker: dramatiq.Broker,
+        transport: Transport | dramatiq.Broker,
         events: EventBus,
         clock: Clock,
         *,
@@ -69,7 +72,7 @@ class Coordinator:
         self.identifier = identifier
         self.catalogue = catalogue
         self.coordination = coordination
-        self.broker = broker
+        self.transport = _transport_of(transport)
         self.events = events
         self.clock = clock
         self.options = options or LeaderOptions()
@@ -80,7 +83,7 @@ class Coordinator:
         self._snapshot: view.Snapshot | None = None
         self._failed_terms = Backoff(self.options.failed_term_pause, 60.0)
         self.ledger = Ledger()
-        self.outbox = Outbox(broker, events, list(history_sinks or []), self._stopping,
+        self.outbox = Outbox(self.transport, events, list(history_sinks or []), self._stopping,
                              self.options.fault)
 
     # -- process lifecycle -------------------------------------------------------------
@@ -127,7 +130,7 @@ class Coordinator:
         log.info("%s leads with epoch %d", self.identifier, term.epoch)
         metrics.LEADER.set(1)
         metrics.EPOCH.set(term.epoch)
-        readers: list[transport.QueueReader] = []
+        readers: list[Consumer] = []
         failed = False
         try:
             while True:
@@ -136,8 +139,7 @@ class Coordinator:
                 if not readers:
                     self.leading.set()
                     readers = [
-                        transport.QueueReader(self.broker, source.value,
-                                              self._reader_of(source)).start()
+                        self.transport.consume(source.value, self._reader_of(source))
                         for source in (Source.RESULTS, Source.REQUESTS)
                     ]
                 if not self._loop(term, engine):
@@ -174,8 +176,8 @@ class Coordinator:
                         self.identifier, self._failed_terms.failures, pause)
             term.wait_lost(pause)
 
-    def _reader_of(self, source: Source) -> Callable[[transport.Delivery], None]:
-        def put(delivery: transport.Delivery) -> None:
+    def _reader_of(self, source: Source) -> Callable[[Delivery], None]:
+        def put(delivery: Delivery) -> None:
             self._inbox.put(Delivered(source, delivery))
 
         return put
@@ -238,6 +240,17 @@ class Coordinator:
         self.outbox.finish(term, self.ledger, engine.drain_changes(), turn, self.catalogue,
                            engine.nodes, self.clock.now())
         self._snapshot = view.snapshot(engine)
+
+
+def _transport_of(given: Transport | dramatiq.Broker) -> Transport:
+    """The transport to use: given, or the one under a broker made by `make_broker` (callers
+    that still hold a dramatiq broker)."""
+    if isinstance(given, Transport):
+        return given
+    found = getattr(given, "rota_transport", None)
+    if not isinstance(found, Transport):
+        raise TypeError("give a Transport, or a broker made by protocol.transport.make_broker")
+    return found
 
 
 def fault_from_spec(spec: str | None) -> FaultHook | None:

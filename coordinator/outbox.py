@@ -14,17 +14,16 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import dramatiq
-
 from coordinator import forms, metrics
 from coordinator.adapters.events import EventBus
 from coordinator.backoff import Backoff
 from coordinator.core.actions import Action, Changes, Control, DaemonInterval, Dispatch, Record
 from coordinator.core.node import Node
 from coordinator.ledger import Ledger
-from protocol import ProtocolError, RunRecord, encode, transport
+from protocol import ProtocolError, RunRecord, encode
 from protocol.catalogue import Catalogue
 from protocol.coordination import Fenced, Term
+from protocol.transport import REQUESTS, Delivery, Transport, node_queue
 
 log = logging.getLogger("rota.leader")
 
@@ -37,25 +36,24 @@ class Turn:
     """What one turn of the leader produced, to be carried out by `Outbox.finish`."""
 
     actions: list[Action] = field(default_factory=list)
-    acks: list[transport.Delivery] = field(default_factory=list)
+    acks: list[Delivery] = field(default_factory=list)
     records: list[RunRecord] = field(default_factory=list)  # beside those of the actions
 
 
 class Outbox:
     def __init__(
         self,
-        broker: dramatiq.Broker,
+        transport: Transport,
         events: EventBus,
         history_sinks: list[HistorySink],
         stopping: threading.Event,
         fault: FaultHook | None = None,
     ) -> None:
-        self.broker = broker
+        self.transport = transport
         self.events = events
         self.history_sinks = history_sinks
         self.stopping = stopping
         self.fault = fault
-        self._publisher = transport.Publisher(broker)
 
     def finish(self, term: Term, ledger: Ledger, changes: Changes, turn: Turn,
                catalogue: Catalogue, nodes: Mapping[str, Node], now: float) -> None:
@@ -75,7 +73,7 @@ class Outbox:
         if self.fault and dispatches:
             self.fault("after-ledger")
         orders = [
-            (transport.node_queue(a.run.node or ""),
+            (node_queue(a.run.node or ""),
              encode(forms.order_of(a.run, a.service, term.epoch, now,
                                    forms.params_of(catalogue.params.get(a.service.name, {})))))
             for a in dispatches
@@ -92,7 +90,7 @@ class Outbox:
                 msg = forms.control_of(
                     a, term.epoch, now, forms.params_of(catalogue.params.get(a.service.name, {})),
                     node.incarnation if node else None)
-                controls.append((transport.node_queue(a.node), encode(msg)))
+                controls.append((node_queue(a.node), encode(msg)))
         self.send(controls, term)
         for action in turn.actions:
             if isinstance(action, Record):
@@ -113,7 +111,7 @@ class Outbox:
         backoff = Backoff(0.1, 2.0)
         while items:
             try:
-                self._publisher.send_many(items)
+                self.transport.publish(items)
                 if backoff.failures:
                     log.warning("RabbitMQ is reachable again")
                 return
@@ -136,9 +134,9 @@ class Outbox:
 
     def request(self, payload: bytes) -> None:
         """An operator request, to whichever coordinator leads."""
-        transport.send(self.broker, transport.REQUESTS, payload)
+        self.transport.send(REQUESTS, payload)
 
     def dead_letter(self, source: str, payload: bytes, error: ProtocolError | str,
                     now: float, reason: str) -> None:
-        transport.dead_letter(self.broker, source, payload, error, now)
+        self.transport.dead_letter(source, payload, error, now)
         metrics.DEAD_LETTERS.labels(source, reason).inc()
