@@ -8,7 +8,6 @@
     forms.py      a run as order, daemon control, event record and ledger entry
     ledger.py     the keys of the fenced store, and restoring engine state from them
     view.py       the service table rows (from the engine's computations) and the snapshot
-    backoff.py    the doubling delay the leader retries with
     metrics.py    Prometheus metrics
     audit.py      checks a run history against the contract
     core/         the pure engine (no broker, ZooKeeper or metrics): see core/engine.py

@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING
 
 from coordinator import forms, intake, metrics, view
 from coordinator.adapters.events import EventBus
-from coordinator.backoff import Backoff
 from coordinator.core.engine import Engine
 from coordinator.inbox import Delivered, Inbox, NodesChanged, Reload, Source, Wake
 from coordinator.intake import schedule_of_update
 from coordinator.ledger import Ledger, LedgerError
 from coordinator.outbox import FaultHook, Outbox, Turn
 from protocol import ManualRunRequest, RunRecord, encode
+from protocol.backoff import Backoff
 from protocol.catalogue import Catalogue
 from protocol.clock import Clock
 from protocol.coordination import Coordination, Fenced, Term
@@ -82,6 +82,7 @@ class Coordinator:
         self._in_term = False  # membership changes go to the inbox only while leading
         self._snapshot: view.Snapshot | None = None
         self._failed_terms = Backoff(self.options.failed_term_pause, 60.0)
+        self._failed_in_a_row = 0
         self.ledger = Ledger()
         self.outbox = Outbox(self.transport, events, list(history_sinks or []), self._stopping,
                              self.options.fault)
@@ -136,6 +137,7 @@ class Coordinator:
             while True:
                 engine = self._build(term)
                 self._failed_terms.reset()
+                self._failed_in_a_row = 0
                 if not readers:
                     self.leading.set()
                     readers = [
@@ -172,8 +174,9 @@ class Coordinator:
             # Pause before stepping down, longer after each failed term in a row: a fault
             # that fails every term (a bad ledger value) must not spin elections.
             pause = self._failed_terms.next()
+            self._failed_in_a_row += 1
             log.warning("%s steps down after %d failed term(s) in a row; pausing %.1f s",
-                        self.identifier, self._failed_terms.failures, pause)
+                        self.identifier, self._failed_in_a_row, pause)
             term.wait_lost(pause)
 
     def _reader_of(self, source: Source) -> Callable[[Delivery], None]:

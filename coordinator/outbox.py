@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 from coordinator import forms, metrics
 from coordinator.adapters.events import EventBus
-from coordinator.backoff import Backoff
 from coordinator.core.actions import Action, Changes, Control, DaemonInterval, Dispatch, Record
 from coordinator.core.node import Node
 from coordinator.ledger import Ledger
 from protocol import ProtocolError, RunRecord, encode
+from protocol.backoff import Backoff
 from protocol.catalogue import Catalogue
 from protocol.coordination import Fenced, Term
 from protocol.transport import REQUESTS, Delivery, Transport, node_queue
@@ -109,16 +109,18 @@ class Outbox:
         leader re-sends them.
         """
         backoff = Backoff(0.1, 2.0)
+        failed = False
         while items:
             try:
                 self.transport.publish(items)
-                if backoff.failures:
+                if failed:
                     log.warning("RabbitMQ is reachable again")
                 return
             except Exception as exc:
-                if not backoff.failures:
+                if not failed:
                     log.warning("cannot publish %d message(s) (%s); retrying with backoff",
                                 len(items), exc)
+                    failed = True
                 if term.wait_lost(backoff.next()) or self.stopping.is_set():
                     raise Fenced("leadership ended while RabbitMQ was unreachable") from exc
 
