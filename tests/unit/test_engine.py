@@ -1278,3 +1278,33 @@ def test_the_report_backstop_survives_failover() -> None:
     assert not h.finished("Stuck", "lost")
     h.advance(at(0, 21, 1))
     assert [r.slot for r in h.finished("Stuck", "lost")] == [at(0, 10)]
+
+
+# == daemon intervals ==========================================================================
+def test_daemon_intervals_open_close_and_end_lost_with_their_node() -> None:
+    eng = Engine([service("Calculator", None)])
+    eng.node_up(MASTER, T0)
+    eng.start(T0, epoch=2)
+    (opened,) = [a for a in eng.daemon_event("Calculator", "m1", "started", T0 + 1, epoch=2,
+                                             at=T0 + 0.5) if isinstance(a, DaemonInterval)]
+    assert (opened.began, opened.finished, opened.state) == (T0 + 0.5, None, "running")
+    assert opened.run_id == f"daemon:Calculator@m1#{T0 + 0.5:.3f}"
+    (ended,) = [a for a in eng.node_down("m1", T0 + 9) if isinstance(a, DaemonInterval)]
+    assert (ended.began, ended.finished, ended.state) == (T0 + 0.5, T0 + 9, "lost")
+    assert ended.reason == "node m1 died"
+    assert not eng.intervals
+
+
+def test_a_fresh_start_while_an_interval_is_open_ends_the_old_one_lost() -> None:
+    eng = Engine([service("Calculator", None)])
+    eng.node_up(MASTER, T0)
+    eng.start(T0)
+    eng.daemon_event("Calculator", "m1", "started", T0 + 1, at=T0 + 1)
+    out = [a for a in eng.daemon_event("Calculator", "m1", "started", T0 + 5, at=T0 + 5)
+           if isinstance(a, DaemonInterval)]
+    assert [(a.began, a.state, a.reason) for a in out] == [
+        (T0 + 1, "lost", "its worker restarted"), (T0 + 5, "running", "started")]
+    (closed,) = [a for a in eng.daemon_event("Calculator", "m1", "exited", T0 + 7, at=T0 + 7,
+                                             started_at=T0 + 5, error="boom")
+                 if isinstance(a, DaemonInterval)]
+    assert (closed.finished, closed.state, closed.error) == (T0 + 7, "failed", "boom")
