@@ -53,7 +53,7 @@ def schedule_text(svc: Service) -> str:
 
 def rows(engine: Engine) -> list[Row]:
     """One row per service, in display order. In Queue is the engine's own computation
-    (`Engine.in_queue_since`): runs waiting for their first attempt, and daemons waiting
+    (`Engine.in_queue`): runs waiting for their first attempt, and daemons waiting
     for their run groups; retries in their delay do not count."""
     running: dict[str, int] = {}
     for run in engine.runs.values():
@@ -62,6 +62,7 @@ def rows(engine: Engine) -> list[Row]:
     for d in engine.daemons.values():
         if d.state in (DaemonState.STARTING, DaemonState.RUNNING, DaemonState.PAUSING):
             running[d.service] = running.get(d.service, 0) + 1
+    queued = engine.in_queue()
     out: list[Row] = []
     for kind in GROUP_ORDER:
         for svc in engine.services.values():
@@ -76,7 +77,7 @@ def rows(engine: Engine) -> list[Row]:
                     allowed_nodes=sorted(svc.allowed_roles),
                     run_groups=sorted(svc.run_groups),
                     last_run=engine.last_run.get(svc.name),
-                    in_queue=engine.in_queue_since(svc.name),
+                    in_queue=queued.get(svc.name),
                     running=running.get(svc.name, 0),
                     description=svc.description,
                 )

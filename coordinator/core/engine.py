@@ -105,17 +105,22 @@ class Engine(Admission, Recovery, Daemons, Membership, Overrides):
         return actions
 
     def in_queue_since(self, service: str) -> float | None:
-        times = [
-            r.queued_at for r in self.runs.values()
-            if r.service == service
-            and r.state is RunState.QUEUED
-            and r.attempt == 1  # not retries (of scheduled or manual runs) in their delay
+        return self.in_queue().get(service)
+
+    def in_queue(self) -> dict[str, float]:
+        """In Queue, per service: since when its oldest run has waited for its first attempt
+        (retries in their delay do not count, of scheduled or manual runs), or its daemon for
+        its run groups. Services with nothing waiting are left out."""
+        out: dict[str, float] = {}
+        waiting = [
+            (r.service, r.queued_at) for r in self.runs.values()
+            if r.state is RunState.QUEUED and r.attempt == 1
         ]
-        times += [
-            c.since for c in self.locks.waiting()
-            if c.service == service and c.key.startswith("daemon:")
-        ]
-        return min(times) if times else None
+        waiting += [(c.service, c.since) for c in self.locks.waiting()
+                    if c.key.startswith("daemon:")]
+        for service, since in waiting:
+            out[service] = min(out.get(service, since), since)
+        return out
 
     def drain_changes(self) -> Changes:
         out, self._changes = self._changes, Changes()
