@@ -65,14 +65,18 @@ class Inbox:
             pass
         return items
 
-    def clear(self) -> None:
+    def clear(self) -> Catalogue | None:
         """Forget what waits: deliveries never acknowledged are redelivered by RabbitMQ,
-        and a new term reads membership afresh."""
+        and a new term reads membership afresh. Returns the last catalogue reload among
+        them, which must not be forgotten."""
+        reload: Catalogue | None = None
         while True:
             try:
-                self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
-                return
+                return reload
+            if isinstance(item, Reload):
+                reload = item.catalogue
 
     def empty(self) -> bool:
         return self._queue.empty()

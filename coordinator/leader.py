@@ -126,7 +126,7 @@ class Coordinator:
     def _lead(self, term: Term) -> None:
         if self._stopping.is_set():
             return
-        self._inbox.clear()
+        self._clear_inbox()
         self._in_term = True
         log.info("%s leads with epoch %d", self.identifier, term.epoch)
         metrics.LEADER.set(1)
@@ -169,7 +169,7 @@ class Coordinator:
                 r.stop()
             self._snapshot = None
             # Deliveries still in the inbox were never acknowledged: RabbitMQ redelivers them.
-            self._inbox.clear()
+            self._clear_inbox()
         if failed:
             # Pause before stepping down, longer after each failed term in a row: a fault
             # that fails every term (a bad ledger value) must not spin elections.
@@ -178,6 +178,11 @@ class Coordinator:
             log.warning("%s steps down after %d failed term(s) in a row; pausing %.1f s",
                         self.identifier, self._failed_in_a_row, pause)
             term.wait_lost(pause)
+
+    def _clear_inbox(self) -> None:
+        reload = self._inbox.clear()
+        if reload is not None:  # a reload asked while following is used by the next term
+            self.catalogue = reload
 
     def _reader_of(self, source: Source) -> Callable[[Delivery], None]:
         def put(delivery: Delivery) -> None:

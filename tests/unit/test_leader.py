@@ -122,3 +122,19 @@ def test_the_leader_publishes_a_snapshot_each_turn_and_none_after_its_term(
     r.coordinator.stop()
     r.thread.join(5)
     assert r.coordinator.snapshot() is None
+
+
+def test_a_catalogue_reloaded_while_following_is_used_when_leading() -> None:
+    r = Running(MemoryCoordination())
+    bigger = Catalogue(timezone="UTC", roles=("Master",), services={
+        **CATALOGUE.services, "Cache Manager": service("Cache Manager", Periodic(5))})
+    r.coordinator.reload(bigger)
+    r.thread.start()
+    try:
+        wait_for(lambda: r.coordinator.snapshot() is not None)
+        snap = r.coordinator.snapshot()
+        assert snap is not None
+        assert sorted(row.name for row in snap.rows) == ["Cache Manager", "Mail Manager"]
+    finally:
+        r.coordinator.stop()
+        r.thread.join(5)
