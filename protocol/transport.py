@@ -29,8 +29,6 @@ from protocol import DeadLetter, ProtocolError, encode
 if TYPE_CHECKING:
     import dramatiq
 
-    from protocol.transport_dramatiq import BatchPublisher, DramatiqTransport
-
 log = logging.getLogger("rota.transport")
 
 RESULTS = "rota.results"
@@ -141,8 +139,9 @@ def make_transport(amqp_url: str | None) -> Transport:
     return MemoryTransport()
 
 
-# -- kept for the coordinator until it moves to Transport ----------------------------------------
-# The leader still holds a dramatiq broker; these thin wrappers find the broker's transport.
+# -- for callers that still hold a dramatiq broker ----------------------------------------------
+# The coordinator takes a Transport (or a broker made by `make_broker`); some tests publish
+# through a broker. These thin wrappers find the broker's transport.
 
 
 def actor_name_for(queue: str) -> str:
@@ -158,13 +157,13 @@ def payload_of(message: Any) -> bytes:
 
 
 def broker_of(transport: Transport) -> dramatiq.Broker:
-    """The dramatiq broker under `transport`, for the coordinator's constructor."""
+    """The dramatiq broker under `transport`."""
     broker: dramatiq.Broker = transport.broker  # type: ignore[attr-defined]
     return broker
 
 
-def _of(broker: dramatiq.Broker) -> DramatiqTransport:
-    found: DramatiqTransport | None = getattr(broker, "rota_transport", None)
+def _of(broker: dramatiq.Broker) -> Transport:
+    found: Transport | None = getattr(broker, "rota_transport", None)
     if found is None:
         raise TypeError("not a broker made by make_broker or make_transport")
     return found
@@ -177,53 +176,6 @@ def make_broker(amqp_url: str | None) -> dramatiq.Broker:
 
 def send(broker: dramatiq.Broker, queue: str, payload: bytes) -> None:
     _of(broker).send(queue, payload)
-
-
-def dead_letter(
-    broker: dramatiq.Broker, source: str, original: bytes, error: ProtocolError | str, at: float
-) -> None:
-    _of(broker).dead_letter(source, original, error, at)
-
-
-class Publisher:
-    """Publishes batches from one thread (see `Transport.publish`), on a channel of its own."""
-
-    def __init__(self, broker: dramatiq.Broker) -> None:
-        self.broker = broker
-        self._batches: BatchPublisher = _of(broker).batch_publisher()
-
-    def send_many(self, items: list[tuple[str, bytes]]) -> None:
-        self._batches.publish(items)
-
-    def close(self) -> None:
-        self._batches.close()
-
-
-class QueueReader:
-    """`Transport.consume` on a thread started by `start()`."""
-
-    def __init__(
-        self,
-        broker: dramatiq.Broker,
-        queue: str,
-        handler: Callable[[Delivery], None],
-        *,
-        prefetch: int = 500,
-    ) -> None:
-        self.broker = broker
-        self.queue = queue
-        self.handler = handler
-        self.prefetch = prefetch
-        self._consumer: Consumer | None = None
-
-    def start(self) -> QueueReader:
-        self._consumer = _of(self.broker).consume(self.queue, self.handler,
-                                                  prefetch=self.prefetch)
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self._consumer is not None:
-            self._consumer.stop(timeout)
 
 
 _DRAMATIQ_NAMES = {"REFUSED", "MsgpackEncoder", "RefuseFlagged", "install_encoder"}

@@ -283,13 +283,13 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     ident = args.id or f"{os.uname().nodename}-{os.getpid()}"
     coordination = ZkCoordination(args.zk, session_timeout=args.session_timeout,
                                   identifier=ident)
-    broker = transport.make_broker(args.amqp)
+    leader_transport = transport.make_transport(args.amqp)
     events = RabbitEventBus(args.amqp)
     try:
         fault = fault_from_spec(os.environ.get("ROTA_FAULT"))
     except ValueError as exc:
         sys.exit(f"rota coordinator: ROTA_FAULT: {exc}")
-    coord = Coordinator(ident, catalogue, coordination, broker, events, SystemClock(),
+    coord = Coordinator(ident, catalogue, coordination, leader_transport, events, SystemClock(),
                         options=LeaderOptions(fault=fault))
 
     def reload(signum, frame):  # type: ignore[no-untyped-def]

@@ -141,8 +141,7 @@ class Cluster:
         self.amqp_url = amqp_url
         self.zk_hosts = zk_hosts
         self.transport = transport.make_transport(amqp_url)
-        # kept for the coordinator until it moves to Transport
-        self.broker = transport.broker_of(self.transport)
+        self.broker = transport.broker_of(self.transport)  # for callers that hold a broker
         self.events: EventBus = RabbitEventBus(amqp_url) if amqp_url else MemoryEventBus()
         self.history = HistoryFile(history, catalogue.timezone) if history else None
         self.finished = FinishedRuns(keep_finished)
@@ -151,7 +150,7 @@ class Cluster:
             sinks.append(self.history)
         self._coord_root = self._coordination("coordinator")
         self.coordinator = Coordinator(
-            "embedded", catalogue, self._coord_root, self.broker, self.events, clock,
+            "embedded", catalogue, self._coord_root, self.transport, self.events, clock,
             options=options, history_sinks=sinks,
         )
         self.workers = [
