@@ -302,9 +302,9 @@ class _Parser:
                 continue
             name = entry.get("name")
             duplicate = isinstance(name, str) and name in first_at
-            where = f"{_where(name)} (#{index})" if duplicate else None
+            where = f"{_where(name)} (#{index})" if isinstance(name, str) and duplicate else None
             parsed = self.parse_service(index, entry, roles, catch_up, where)
-            if duplicate:
+            if duplicate and isinstance(name, str):
                 self.error(where or "", "name", f"duplicate name: service #{first_at[name]} "
                            "has it already")
                 continue

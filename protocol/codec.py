@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Final, TypeVar, cast
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 
 from protocol.errors import (
     BAD_VALUE,

@@ -134,6 +134,7 @@ class Periodic(Schedule):
         # otherwise carry an instant just before a whole minute onto that minute.
         local = _local(math.floor(instant), tz)
         offset = local.utcoffset()
+        assert offset is not None  # an aware local time always has an offset
         # Smallest whole local minute strictly after `instant`.
         base = local.replace(second=0, microsecond=0)
         minute = base.hour * 60 + base.minute + 1
@@ -266,9 +267,15 @@ def schedule_from_dict(data: dict[str, object]) -> Schedule | None:
     """Rebuild a schedule from `to_dict` output (overrides stored in coordination)."""
     kind = data.get("kind")
     if kind == "periodic":
-        return Periodic(int(data["period"]), int(data.get("align", 0)))  # type: ignore[arg-type]
+        period, align = data["period"], data.get("align", 0)
+        if not isinstance(period, int) or not isinstance(align, int):
+            raise ScheduleError(f"stored periodic schedule is malformed: {data!r}")
+        return Periodic(period, align)
     if kind == "fixed":
-        return FixedTimes.parse(list(data["run_at"]))  # type: ignore[arg-type]
+        run_at = data["run_at"]
+        if not isinstance(run_at, list | tuple):
+            raise ScheduleError(f"stored fixed-time schedule is malformed: {data!r}")
+        return FixedTimes.parse([str(t) for t in run_at])
     if kind == "cron":
         return Cron(str(data["cron"]))
     if kind == "daemon":

@@ -99,6 +99,7 @@ def decode_name(name: str) -> str:
 
 
 def _sequence(name: str) -> str | None:
+    """The sequence number of an election znode name, or None if it has none."""
     head, sep, seq = name.rpartition("-n_")
     return seq if sep and head and seq.lstrip("-").isdigit() else None
 
@@ -469,7 +470,10 @@ class ZkCoordination:
                         mine = created.rsplit("/", 1)[1]
                         continue
                     session = self._session_id()
-                ordered = sorted((c for c in children if _sequence(c) is not None), key=_sequence)
+                ordered = sorted(
+                    (c for c in children if _sequence(c) is not None),
+                    key=lambda c: _sequence(c) or "",
+                )
                 at = ordered.index(mine)
                 if at == 0:
                     if self._stopped.is_set():
@@ -541,7 +545,8 @@ class ZkCoordination:
     def leader(self) -> str | None:
         try:
             children = self.client.get_children_async(ELECTION).get(timeout=1.0)
-            for name in sorted((c for c in children if _sequence(c)), key=_sequence):
+            candidates = (c for c in children if _sequence(c))
+            for name in sorted(candidates, key=lambda c: _sequence(c) or ""):
                 try:
                     data, _stat = self.client.get_async(f"{ELECTION}/{name}").get(timeout=1.0)
                 except NoNodeError:

@@ -180,7 +180,7 @@ def _logging(verbose: int) -> None:
         logging.getLogger("dramatiq").setLevel(logging.ERROR)
 
 
-def _load(path: str):  # type: ignore[no-untyped-def]
+def _load(path: str):
     from protocol.catalogue import CatalogueError, load_catalogue
 
     try:
@@ -190,7 +190,7 @@ def _load(path: str):  # type: ignore[no-untyped-def]
 
 
 def _install_stop(stop: threading.Event) -> None:
-    def handler(signum, frame):  # type: ignore[no-untyped-def]
+    def handler(signum, frame):
         stop.set()
 
     signal.signal(signal.SIGINT, handler)
@@ -292,7 +292,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     coord = Coordinator(ident, catalogue, coordination, leader_transport, events, SystemClock(),
                         options=LeaderOptions(fault=fault))
 
-    def reload(signum, frame):  # type: ignore[no-untyped-def]
+    def reload(signum, frame):
         from protocol.catalogue import CatalogueError, load_catalogue
 
         try:
@@ -353,7 +353,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     node = WorkerNode(args.node, roles, worker_transport, coordination, SystemClock(),
                       capacity=args.capacity, metrics_url=metrics_url, journal=args.journal,
                       catalogue=_load(args.catalogue))
-    def reload(signum, frame):  # type: ignore[no-untyped-def]
+    def reload(signum, frame):
         from protocol.catalogue import CatalogueError, load_catalogue
 
         try:
@@ -374,7 +374,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _publish_request(amqp: str, msg) -> None:  # type: ignore[no-untyped-def]
+def _publish_request(amqp: str, msg) -> None:
     from urllib.parse import urlsplit
 
     from protocol import encode, transport

@@ -161,7 +161,7 @@ class Cluster:
         self._thread = threading.Thread(target=self.coordinator.run, name="coordinator",
                                         daemon=True)
 
-    def _coordination(self, identifier: str):  # type: ignore[no-untyped-def]
+    def _coordination(self, identifier: str):
         if self.zk_hosts:
             from protocol.zk import ZkCoordination
 

@@ -31,11 +31,11 @@ class _Quiet(WSGIRequestHandler):
 class _ThreadingServer(WSGIServer):
     daemon_threads = True
 
-    def process_request(self, request, client_address):  # type: ignore[no-untyped-def]
+    def process_request(self, request, client_address):
         t = threading.Thread(target=self._handle, args=(request, client_address), daemon=True)
         t.start()
 
-    def _handle(self, request, client_address):  # type: ignore[no-untyped-def]
+    def _handle(self, request, client_address):
         try:
             self.finish_request(request, client_address)
         except Exception:
@@ -44,14 +44,14 @@ class _ThreadingServer(WSGIServer):
             self.shutdown_request(request)
 
 
-def _json(start_response, status: str, body: object):  # type: ignore[no-untyped-def]
+def _json(start_response, status: str, body: object):
     data = json.dumps(body).encode()
     start_response(status, [("Content-Type", "application/json"),
                             ("Content-Length", str(len(data)))])
     return [data]
 
 
-def make_app(coordinator: Coordinator):  # type: ignore[no-untyped-def]
+def make_app(coordinator: Coordinator):
     metrics_app = make_wsgi_app()
 
     def rows_json() -> list[dict[str, object]] | None:
@@ -60,7 +60,7 @@ def make_app(coordinator: Coordinator):  # type: ignore[no-untyped-def]
             return None
         return [r.__dict__ for r in snap.rows]
 
-    def app(environ, start_response):  # type: ignore[no-untyped-def]
+    def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
         method = environ.get("REQUEST_METHOD", "GET")
         if path == "/metrics":
