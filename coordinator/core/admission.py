@@ -28,26 +28,18 @@ class Admission(EngineBase):
             return self._skip(svc, slot, "", now, "no live node holds an allowed role")
         actions: list[Action] = []
         for target in tg:
-            run = Run(
-                run_id=run_id_for(svc.name, slot, target or None),
-                service=svc.name,
-                trigger=Trigger.SCHEDULED,
-                slot=slot,
-                queued_at=now,
-                run_groups=svc.run_groups,
-                node=target or None,
-                target=target,
-                epoch=self.epoch,
-            )
+            run = self._slot_run(svc, slot, target, now)
             if run.run_id in self.runs:
                 continue  # already created for this slot (recovery overlap)
             actions += self._admit(run, now)
         return actions
 
-    def _skip(
-        self, svc: Service, slot: float, target: str, now: float, reason: str
-    ) -> list[Action]:
-        run = Run(
+    def _slot_run(
+        self, svc: Service, slot: float, target: str, now: float,
+        state: RunState = RunState.QUEUED, reason: str | None = None,
+    ) -> Run:
+        """The run of `svc`'s `slot` on `target` ("" when not yet placed)."""
+        return Run(
             run_id=run_id_for(svc.name, slot, target or None),
             service=svc.name,
             trigger=Trigger.SCHEDULED,
@@ -56,10 +48,15 @@ class Admission(EngineBase):
             run_groups=svc.run_groups,
             node=target or None,
             target=target,
-            state=RunState.SKIPPED,
+            state=state,
             reason=reason,
             epoch=self.epoch,
         )
+
+    def _skip(
+        self, svc: Service, slot: float, target: str, now: float, reason: str
+    ) -> list[Action]:
+        run = self._slot_run(svc, slot, target, now, state=RunState.SKIPPED, reason=reason)
         return self._finish_record(run)
 
     def _admit(self, run: Run, now: float) -> list[Action]:
