@@ -814,13 +814,6 @@ class DeadLetter(Message):
         "at": _TIME,
     }
 
-    @classmethod
-    def from_error(
-        cls, original: bytes, error: ProtocolError, *, source: str, at: float
-    ) -> DeadLetter:
-        """The dead letter for a payload refused with `error`."""
-        return cls(original=original, reason=error.reason, detail=str(error), source=source, at=at)
-
 
 def run_id_for(service: str, slot: float, node: str | None, attempt: int = 1) -> str:
     """Deterministic run id: the same service, slot, node and attempt give the same id.

@@ -816,11 +816,12 @@ def test_json_dict_is_strict_about_fields() -> None:
 # --- dead letters ---------------------------------------------------------------------------
 
 
-def test_dead_letter_from_error() -> None:
+def test_dead_letter_names_the_error() -> None:
     body = b"\xc1"
     with pytest.raises(ProtocolError) as caught:
         decode(body)
-    letter = DeadLetter.from_error(body, caught.value, source="rota.orders.node-1", at=T0)
+    letter = DeadLetter(original=body, reason=caught.value.reason, detail=str(caught.value),
+                        source="rota.orders.node-1", at=T0)
     assert letter.reason == "garbage" and letter.detail == str(caught.value)
     assert decode_as(encode(letter), DeadLetter) == letter
 
@@ -829,7 +830,8 @@ def test_dead_letter_of_an_oversized_message_fits() -> None:
     body = b"\x00" * (MAX_MESSAGE_BYTES + 1)
     with pytest.raises(ProtocolError) as caught:
         decode(body)
-    letter = DeadLetter.from_error(body, caught.value, source="q", at=T0)
+    letter = DeadLetter(original=body, reason=caught.value.reason, detail=str(caught.value),
+                        source="q", at=T0)
     assert len(encode(letter)) < MAX_DEAD_LETTER_BYTES + 1024
 
 
