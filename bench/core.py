@@ -16,7 +16,7 @@ from coordinator.core.engine import Dispatch, Engine
 from coordinator.core.node import Node
 from coordinator.core.rungroup import Claim, LockBook
 from coordinator.core.slot import Timeline
-from protocol.schedule import Cron, FixedTimes, Periodic, zone
+from protocol.schedule import Cron, FixedTimes, Periodic, Schedule, zone
 from protocol.service import Kind, Service, Utility
 
 T0 = datetime(2026, 11, 22, tzinfo=UTC).timestamp()
@@ -28,6 +28,7 @@ def make_services(n: int, seed: int = 1) -> list[Service]:
     out = []
     for i in range(n):
         r = rnd.random()
+        sched: Schedule
         if r < 0.8:
             period = rnd.choice((1, 2, 5, 6, 10, 15, 16, 30, 60))
             kind, sched = Kind.PERIODIC, Periodic(period, rnd.randrange(period))
