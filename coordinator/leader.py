@@ -28,7 +28,7 @@ from coordinator.adapters.events import EventBus
 from coordinator.core.engine import Engine
 from coordinator.inbox import Delivered, Inbox, NodesChanged, Reload, Source, Wake
 from coordinator.intake import schedule_of_update
-from coordinator.ledger import Ledger, LedgerError
+from coordinator.ledger import REPUBLISH_WINDOW, Ledger, LedgerError
 from coordinator.outbox import FaultHook, Outbox, Turn
 from protocol import ManualRunRequest, RunRecord, encode
 from protocol.backoff import Backoff
@@ -41,8 +41,6 @@ if TYPE_CHECKING:
     import dramatiq
 
 log = logging.getLogger("rota.leader")
-
-REPUBLISH_WINDOW = 300.0  # seconds of finished runs a new leader publishes again
 
 
 @dataclass
@@ -245,8 +243,13 @@ class Coordinator:
         return False
 
     def _finish_turn(self, term: Term, engine: Engine, turn: Turn) -> None:
-        self.outbox.finish(term, self.ledger, engine.drain_changes(), turn, self.catalogue,
-                           engine.nodes, self.clock.now())
+        transactions, ops = term.transactions, term.ops
+        try:
+            self.outbox.finish(term, self.ledger, engine.drain_changes(), turn, self.catalogue,
+                               engine.nodes, self.clock.now())
+        finally:
+            metrics.LEDGER_TRANSACTIONS.inc(term.transactions - transactions)
+            metrics.LEDGER_WRITES.inc(term.ops - ops)
         self._snapshot = view.snapshot(engine)
 
 
@@ -284,4 +287,6 @@ def fault_from_spec(spec: str | None) -> FaultHook | None:
     return hook
 
 
-__all__ = ["Coordinator", "LeaderOptions", "fault_from_spec", "schedule_of_update"]
+__all__ = [
+    "REPUBLISH_WINDOW", "Coordinator", "LeaderOptions", "fault_from_spec", "schedule_of_update",
+]

@@ -1,17 +1,25 @@
 """The run ledger: what a leader persists so that the next one resumes exactly.
 
-Keys in the fenced key/value store of the coordination adapter:
+Keys in the fenced key/value store of the coordination adapter (which packs them into a
+bounded number of ZooKeeper znodes, see `protocol/zk.py`):
 - `run/<run id>`: an active run (queued, dispatched or running), a `protocol.LedgerRun`;
 - `cursor/<service>`: the last slot of the service that was handled (ran, skipped, missed);
 - `override/<service>`: operator edits (status, schedule), msgpack map;
 - `lastrun/<service>`: when its last run was initiated;
-- `history/<service>`: its most recent finished runs, newest last.
-Service names are percent-encoded in keys.
+- `log/ended/<ms>-<id>`: the runs one turn ended (finished, missed, skipped, refused), a
+  msgpack list of `LedgerRun`s, written once. A successor publishes again those of the last
+  `REPUBLISH_WINDOW` seconds (their events may never have gone out) and ignores late
+  reports of them. Trimmed by age, and to at most `ENDED_MAX_RUNS` runs and
+  `ENDED_MAX_BYTES`: the full history of runs lives on `rota.events` and in history files.
+Service names are percent-encoded in keys. The format-1 key `history/<service>` (the last 20
+runs of a service, rewritten whole at each finish) is read once and then deleted.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+import uuid
+from collections import deque
+from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 import msgpack
@@ -21,11 +29,28 @@ from coordinator.core.run import Run
 from coordinator.forms import run_from_message, run_to_message
 from protocol import LedgerRun, decode_as, encode
 
-HISTORY_PER_SERVICE = 20
+REPUBLISH_WINDOW = 300.0  # seconds of ended runs a new leader publishes again
+ENDED = "log/ended/"
+ENDED_MAX_RUNS = 10_000
+ENDED_MAX_BYTES = 4_000_000
+ENDED_KEY_BYTES = 200_000  # one turn's ended runs are split into values of about this size
 
 
 def _k(prefix: str, name: str) -> str:
     return f"{prefix}/{quote(name, safe='')}"
+
+
+def _name(raw: str) -> str:
+    """`unquote`, fast for the usual service names (plain, or with spaces only)."""
+    if "%" not in raw:
+        return raw
+    spaced = raw.replace("%20", " ")
+    return spaced if "%" not in spaced else unquote(raw)
+
+
+def _moment(run: Run | LedgerRun) -> float:
+    """When a run ended; missed and skipped ones never started: when they were recorded."""
+    return run.finished_at if run.finished_at is not None else run.queued_at
 
 
 class LedgerError(ValueError):
@@ -36,13 +61,24 @@ class LedgerError(ValueError):
         self.key = key
 
 
+@dataclass
+class _Ended:
+    key: str
+    newest: float
+    entries: list[bytes]
+    size: int
+
+
 class Ledger:
     """Turns engine changes into store writes, and a store snapshot back into engine state."""
 
     def __init__(self) -> None:
-        self.history: dict[str, deque[bytes]] = defaultdict(
-            lambda: deque(maxlen=HISTORY_PER_SERVICE)
-        )
+        self._ended: deque[_Ended] = deque()
+        self._ended_runs = 0
+        self._ended_bytes = 0
+        self._newest = float("-inf")
+        self._legacy: list[str] = []  # format-1 keys to delete with the next writes
+        self._legacy_ended: list[bytes] = []
 
     def writes(self, changes: Changes) -> dict[str, bytes | None]:
         out: dict[str, bytes | None] = {}
@@ -55,13 +91,49 @@ class Ledger:
             out[_k("override", name)] = msgpack.packb(ov)
         for name, at in changes.last_runs.items():
             out[_k("lastrun", name)] = msgpack.packb(at)
-        touched: set[str] = set()
-        for run in changes.finished:
-            self.history[run.service].append(encode(run_to_message(run)))
-            touched.add(run.service)
-        for name in touched:
-            out[_k("history", name)] = msgpack.packb(list(self.history[name]))
+        for key in self._legacy:
+            out[key] = None
+        self._legacy.clear()
+        if changes.finished:
+            group: list[bytes] = []
+            size = 0
+            newest = max(_moment(r) for r in changes.finished)
+            for run in changes.finished:
+                entry = encode(run_to_message(run))
+                if group and size + len(entry) > ENDED_KEY_BYTES:
+                    out.update(self._keep(group, size, newest))
+                    group, size = [], 0
+                group.append(entry)
+                size += len(entry)
+            out.update(self._keep(group, size, newest))
+        for gone in self._trim():
+            out[gone] = None
         return out
+
+    def _keep(self, entries: list[bytes], size: int, newest: float) -> dict[str, bytes]:
+        key = f"{ENDED}{max(0, int(newest * 1000)):015d}-{uuid.uuid4().hex[:12]}"
+        self._add(_Ended(key, newest, entries, size))
+        return {key: msgpack.packb(entries)}
+
+    def _add(self, ended: _Ended) -> None:
+        self._ended.append(ended)
+        self._ended_runs += len(ended.entries)
+        self._ended_bytes += ended.size
+        self._newest = max(self._newest, ended.newest)
+
+    def _trim(self) -> list[str]:
+        """Keys of ended runs past the window or over the bounds, oldest first."""
+        gone = []
+        while len(self._ended) > 1 and (
+            self._ended[0].newest < self._newest - REPUBLISH_WINDOW
+            or self._ended_runs > ENDED_MAX_RUNS
+            or self._ended_bytes > ENDED_MAX_BYTES
+        ):
+            old = self._ended.popleft()
+            self._ended_runs -= len(old.entries)
+            self._ended_bytes -= old.size
+            gone.append(old.key)
+        return gone
 
     def restore(self, snapshot: dict[str, bytes]) -> State:
         state = State()
@@ -70,11 +142,19 @@ class Ledger:
                 self._restore_one(state, key, value)
             except Exception as exc:
                 raise LedgerError(key, exc) from exc
+        self._ended = deque(sorted(self._ended, key=lambda e: e.key))  # oldest first
         return state
 
     def _restore_one(self, state: State, key: str, value: bytes) -> None:
+        if key.startswith(ENDED):
+            entries = [bytes(e) for e in msgpack.unpackb(value)]
+            # decoded now, so that a bad one is named by its key
+            runs = [decode_as(e, LedgerRun) for e in entries]
+            newest = max((_moment(r) for r in runs), default=float("-inf"))
+            self._add(_Ended(key, newest, entries, sum(map(len, entries))))
+            return
         prefix, _, raw = key.partition("/")
-        name = unquote(raw)
+        name = _name(raw)
         if prefix == "run":
             state.runs.append(run_from_message(decode_as(value, LedgerRun)))
         elif prefix == "cursor":
@@ -83,21 +163,18 @@ class Ledger:
             state.overrides[name] = dict(msgpack.unpackb(value))
         elif prefix == "lastrun":
             state.last_runs[name] = float(msgpack.unpackb(value))
-        elif prefix == "history":
-            entries = list(msgpack.unpackb(value))
-            for entry in entries:  # decoded now, so that a bad one is named by its key
+        elif prefix == "history":  # format 1: read once, deleted by the next writes
+            entries = [bytes(e) for e in msgpack.unpackb(value)]
+            for entry in entries:
                 decode_as(entry, LedgerRun)
-            self.history[name] = deque(entries, maxlen=HISTORY_PER_SERVICE)
+            self._legacy_ended += entries
+            self._legacy.append(key)
 
     def recent_all(self, since: float) -> list[Run]:
-        """Finished runs of every service kept in the ledger that ended at `since` or later.
+        """Ended runs kept in the ledger that ended at `since` or later, oldest first.
 
         Missed and skipped records never started, so their moment is when they were recorded.
         """
-        out = []
-        for name in list(self.history):
-            out += [r for r in self.recent(name) if (r.finished_at or r.queued_at) >= since]
-        return out
-
-    def recent(self, service: str) -> list[Run]:
-        return [run_from_message(decode_as(b, LedgerRun)) for b in self.history.get(service, ())]
+        entries = [*self._legacy_ended, *(e for ended in self._ended for e in ended.entries)]
+        runs = [run_from_message(decode_as(e, LedgerRun)) for e in entries]
+        return [r for r in runs if _moment(r) >= since]

@@ -7,6 +7,12 @@ from prometheus_client import Counter, Gauge, Histogram
 LEADER = Gauge("rota_leader", "1 while this coordinator is the leader")
 EPOCH = Gauge("rota_epoch", "Fencing epoch of the current leadership term")
 NODES = Gauge("rota_nodes_live", "Worker nodes with a live session")
+LEDGER_TRANSACTIONS = Counter(
+    "rota_ledger_transactions_total", "Ledger transactions committed (ZooKeeper multi-ops)"
+)
+LEDGER_WRITES = Counter(
+    "rota_ledger_writes_total", "Writes in ledger transactions (znodes created, set, deleted)"
+)
 DISPATCHED = Counter("rota_orders_dispatched_total", "Run orders published to node queues")
 RUNS = Counter("rota_runs_total", "Finished runs by service and outcome", ["service", "outcome"])
 DEAD_LETTERS = Counter(

@@ -7,7 +7,10 @@ cluster and `MemoryCoordination` here for the embedded one.
   calls `lead(term)`; `lead` returns when `term.lost()` turns true or when it is done.
   Winning bumps the epoch; the term carries it.
 - The ledger is a key/value store whose writes (`term.commit`) succeed only while the
-  term's epoch is still the newest: a deposed leader's write raises `Fenced`.
+  term's epoch is still the newest: a deposed leader's write raises `Fenced`. A commit is
+  all or nothing for whoever loads the ledger next, and costs one transaction unless it is
+  over ZooKeeper's request size. Keys starting with `log/` are written once and deleted
+  later (ZooKeeper keeps each apart, so adding one rewrites nothing else).
 - Nodes announce themselves with an ephemeral entry that vanishes when their session
   ends; `watch_nodes` reports the current set on every change. The announcement is made
   by a function, called again each time the entry is created in a new session, so a node
@@ -26,8 +29,15 @@ class Fenced(RuntimeError):
     """A write from a leader whose epoch is no longer the newest."""
 
 
+class LedgerFormatError(RuntimeError):
+    """A ledger stored in a format (or a part of it so damaged) that this code cannot read;
+    the message says what to do."""
+
+
 class Term(Protocol):
     epoch: int
+    transactions: int  # ledger transactions this term committed
+    ops: int  # writes in them (znodes on ZooKeeper, keys in memory)
 
     def lost(self) -> bool: ...
 
@@ -97,6 +107,8 @@ class _MemoryTerm:
         self.store = store
         self.epoch = epoch
         self.owner = owner
+        self.transactions = 0
+        self.ops = 0
 
     def lost(self) -> bool:
         return self.owner._stopped.is_set() or self.store.epoch != self.epoch
@@ -121,6 +133,9 @@ class _MemoryTerm:
                     self.store.ledger.pop(key, None)
                 else:
                     self.store.ledger[key] = value
+            if writes:
+                self.transactions += 1
+                self.ops += len(writes)
 
 
 class MemoryCoordination:

@@ -9,19 +9,28 @@ Znodes, under the chroot given in `hosts` (e.g. "zk1:2181,zk2:2181/rota-prod"):
   so only the holder of the election can bump it; the version after the set is the term's
   epoch. 0 means no leader was ever elected.
 - `/rota/nodes/<node id>`: ephemeral, data = the node's announcement bytes.
-- `/rota/ledger/<key>`: one flat child per ledger key; the key is percent-encoded with no safe
-  characters, so "run/abc" is stored as `run%2Fabc` ("" "." ".." become "%" "%2E" "%2E%2E").
-  A flat layout keeps `load()` to one listing plus pipelined gets.
+- The ledger (format 2), a key/value map packed into a bounded number of znodes:
+  - `/rota/buckets/<nnnn>`: `BUCKET_COUNT` buckets, each a msgpack map of the keys whose
+    CRC-32 (stable across processes, unlike `hash()`) modulo the count is its number. A
+    commit rewrites only the buckets it touches.
+  - `/rota/log/<key>`: keys starting with `log/` (written once, deleted later: finished runs
+    kept for a successor) are a znode each, so adding one rewrites nothing else.
+  - `/rota/ledger/<FORMAT_KEY encoded>`: the format marker, msgpack `{"format": 2,
+    "buckets": N}`. `/rota/ledger` held format 1, one znode per key; a leader meeting it
+    migrates it once (see `ZkTerm._migrate`); a coordinator of format 1 reads the marker as an
+    undecodable run and refuses the ledger, naming the marker.
+  - `/rota/journal/<epoch>-<seq>-<part>-<parts>`: a commit too large for one transaction.
 
-Commits: `term.commit(writes)` becomes one or more kazoo transactions, each at most 400 ops and
-about 700 KB (ZooKeeper refuses requests over `jute.maxbuffer`, 1 MB by default), each starting
-with `check(/rota/epoch, version=term.epoch)`. A chunk is atomic; a commit split into several
-chunks (sent pipelined) and fenced half-way has applied a prefix of its chunks, in the order
-of `writes`.
-Create/set/delete is chosen from the keys the term knows to exist (from `load()`); a delete of
-an absent key is dropped; if the ledger disagrees with that knowledge the keys are re-read and
-the chunk retried. A failed check, or any connection error, raises `Fenced`. One value may
-be at most 1,000,000 bytes (`ValueError` before anything is written).
+Commits: `term.commit(writes)` is one transaction, `check(/rota/epoch, version=term.epoch)`
+then the touched buckets and log keys, as long as it fits ZooKeeper's request limit
+(`jute.maxbuffer`, 1 MB by default; at most `MAX_OPS` ops and about `MAX_BYTES`). A larger
+commit is journaled (`ZkTerm._journaled`) so that a successor sees all of it or none of it.
+A failed epoch check, or any connection error, raises `Fenced`. One value may be at most
+`MAX_VALUE` bytes, and so may a bucket (`ValueError` before anything is written).
+`term.transactions` and `term.ops` count the transactions and znode writes committed.
+
+Loads: the marker, every bucket, log key and journal part are read with pipelined
+asynchronous gets, so a successor's load is a few round trips whatever the ledger's size.
 
 Terms end when the client's connection leaves CONNECTED (SUSPENDED counts, as in Curator), when
 the epoch znode's version moves past the term's, or on `stop()`. Connection state listeners only
@@ -48,11 +57,13 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
+import msgpack
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
     BadVersionError,
@@ -66,7 +77,13 @@ from kazoo.exceptions import (
 )
 from kazoo.retry import KazooRetry
 
-from protocol.coordination import Announcement, Fenced, Term, announcement
+from protocol.coordination import (
+    Announcement,
+    Fenced,
+    LedgerFormatError,
+    Term,
+    announcement,
+)
 
 log = logging.getLogger("rota.zk")
 
@@ -74,11 +91,19 @@ ROOT = "/rota"
 ELECTION = f"{ROOT}/election"
 EPOCH = f"{ROOT}/epoch"
 NODES = f"{ROOT}/nodes"
-LEDGER = f"{ROOT}/ledger"
+LEDGER = f"{ROOT}/ledger"  # format 1's keys, and the format marker
+BUCKETS = f"{ROOT}/buckets"
+LOG = f"{ROOT}/log"
+JOURNAL = f"{ROOT}/journal"
 
+LEDGER_FORMAT = 2
+BUCKET_COUNT = 256  # of a new ledger; a ledger keeps the count it was made with
+LOG_PREFIX = "log/"
+FORMAT_KEY = "run/LEDGER FORMAT 2 (written by a newer Rota: upgrade this coordinator)"
 MAX_OPS = 400  # operations per transaction, the epoch check included
 MAX_BYTES = 700_000  # estimated request size per transaction
-MAX_VALUE = 1_000_000  # largest single ledger value
+MAX_VALUE = 1_000_000  # largest single ledger value, and largest bucket
+CLEANUP_PER_COMMIT = 100  # leftover format-1 znodes deleted along with each commit
 _OP_OVERHEAD = 64  # per-op bytes besides path and data (header, version, ACL)
 _LOAD_WINDOW = 2_000  # gets in flight while loading the ledger
 FAILED_LEAD_PAUSE = 1.0  # seconds before contending again after `lead` raised
@@ -96,6 +121,22 @@ def encode_name(text: str) -> str:
 
 def decode_name(name: str) -> str:
     return _UNSPECIAL[name] if name in _UNSPECIAL else unquote(name)
+
+
+MARKER = f"{LEDGER}/{encode_name(FORMAT_KEY)}"
+
+
+def bucket_of(key: str, count: int) -> int:
+    """The bucket holding `key`: the same in every process and Python version."""
+    return zlib.crc32(key.encode("utf-8")) % count
+
+
+def bucket_path(index: int) -> str:
+    return f"{BUCKETS}/{index:04d}"
+
+
+def log_path(key: str) -> str:
+    return f"{LOG}/{encode_name(key[len(LOG_PREFIX):])}"
 
 
 def _sequence(name: str) -> str | None:
@@ -131,12 +172,8 @@ class _Serial:
 @dataclass(frozen=True)
 class _Op:
     kind: str  # "create", "set" or "delete"
-    key: str
-    value: bytes | None
-
-    @property
-    def path(self) -> str:
-        return f"{LEDGER}/{encode_name(self.key)}"
+    path: str
+    value: bytes | None = None
 
     @property
     def size(self) -> int:
@@ -144,7 +181,65 @@ class _Op:
 
 
 class _Stale(Exception):
-    """The ledger's keys differ from what the term believed (create of an existing key...)."""
+    """The ledger's znodes differ from what the term believed (create of an existing one...)."""
+
+
+@dataclass
+class _Layout:
+    """What a term knows of the ledger in ZooKeeper: the contents it wrote or read."""
+
+    count: int
+    buckets: list[dict[str, bytes]]
+    logs: dict[str, bytes] = field(default_factory=dict)
+    existing: set[str] = field(default_factory=set)  # bucket, log and marker paths
+    marker: bool = False
+    carry: dict[str, bytes | None] = field(default_factory=dict)  # a replayed journal
+    journals: list[str] = field(default_factory=list)  # journal parts to delete
+    legacy: list[str] = field(default_factory=list)  # format-1 znodes to delete
+
+    @classmethod
+    def empty(cls, count: int) -> _Layout:
+        return cls(count, [{} for _ in range(count)])
+
+    def apply(self, writes: Mapping[str, bytes | None]) -> None:
+        for key, value in writes.items():
+            if key.startswith(LOG_PREFIX):
+                target = self.logs
+            else:
+                target = self.buckets[bucket_of(key, self.count)]
+            if value is None:
+                target.pop(key, None)
+            else:
+                target[key] = value
+
+    def view(self) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for bucket in self.buckets:
+            out.update(bucket)
+        out.update(self.logs)
+        return out
+
+
+def _journal_name(epoch: int, seq: int, part: int, parts: int) -> str:
+    return f"{epoch:010d}-{seq:06d}-{part:04d}-{parts:04d}"
+
+
+def _complete_journals(names: list[str]) -> list[list[str]]:
+    """Journals all of whose parts exist, oldest first, each its part names in order."""
+    groups: dict[tuple[str, str], dict[int, str]] = {}
+    sizes: dict[tuple[str, str], int] = {}
+    for name in names:
+        bits = name.split("-")
+        if len(bits) != 4 or not all(b.isdigit() for b in bits):
+            continue
+        group = (bits[0], bits[1])
+        groups.setdefault(group, {})[int(bits[2])] = name
+        sizes[group] = int(bits[3])
+    return [
+        [parts[i] for i in range(sizes[g])]
+        for g, parts in sorted(groups.items())
+        if set(parts) == set(range(sizes[g]))
+    ]
 
 
 class ZkTerm:
@@ -154,9 +249,16 @@ class ZkTerm:
         self.epoch = epoch
         self._client = owner.client
         self._lost = threading.Event()
-        self._known: set[str] | None = None  # ledger keys that exist
+        self._layout: _Layout | None = None
         self._commit_lock = threading.Lock()
-        self.transactions = 0  # transactions committed by this term
+        self._journal_seq = 0
+        self.transactions = 0  # ledger transactions committed by this term
+        self.ops = 0  # znode writes (create, set, delete) in them
+        self.max_ops = MAX_OPS  # limits per transaction; tests make them tiny
+        self.max_bytes = MAX_BYTES
+        # Test-only: called after each transaction of a journaled commit with "journal <i>"
+        # or "apply <i>"; a test makes the term deposed there.
+        self.fault: Callable[[str], None] | None = None
 
     def lost(self) -> bool:
         return self._lost.is_set()
@@ -176,36 +278,124 @@ class ZkTerm:
     # -- reads --------------------------------------------------------------------------
     def load(self) -> dict[str, bytes]:
         """The whole ledger. Reads follow this session's epoch bump, so no older state shows."""
-        out = self._read_all(LEDGER, "loading the ledger")
         with self._commit_lock:
-            self._known = set(out)
-        return out
+            if self._lost.is_set():
+                raise Fenced(f"epoch {self.epoch}: the term has ended")
+            try:
+                self._layout = self._read_layout()
+            except _CONNECTION_ERRORS as exc:
+                raise self._fenced("connection lost while loading the ledger") from exc
+            return self._layout.view()
 
     def nodes(self) -> dict[str, bytes]:
-        return self._read_all(NODES, "reading the nodes")
-
-    def _read_all(self, parent: str, doing: str) -> dict[str, bytes]:
-        """Every child of `parent` with its data, read in windows of pipelined requests."""
         if self._lost.is_set():
             raise Fenced(f"epoch {self.epoch}: the term has ended")
         try:
-            names = self._reply(self._client.get_children_async(parent))
-            out: dict[str, bytes] = {}
-            for start in range(0, len(names), _LOAD_WINDOW):
-                batch = names[start : start + _LOAD_WINDOW]
-                pending = [(n, self._client.get_async(f"{parent}/{n}")) for n in batch]
-                for name, result in pending:
-                    try:
-                        data, _stat = self._reply(result)
-                    except NoNodeError:
-                        continue
-                    out[decode_name(name)] = data or b""
-            return out
+            names = self._reply(self._client.get_children_async(NODES))
+            found = self._get_many([f"{NODES}/{n}" for n in names])
+            return {decode_name(path.rsplit("/", 1)[1]): data for path, data in found.items()}
         except _CONNECTION_ERRORS as exc:
-            raise self._fenced(f"connection lost while {doing}") from exc
+            raise self._fenced("connection lost while reading the nodes") from exc
 
-    def _list_keys(self) -> set[str]:
-        return {decode_name(n) for n in self._reply(self._client.get_children_async(LEDGER))}
+    def _children(self, *parents: str) -> list[list[str]]:
+        pending = [self._client.get_children_async(p) for p in parents]
+        return [list(self._reply(r)) for r in pending]
+
+    def _get_many(self, paths: list[str]) -> dict[str, bytes]:
+        """The data of every path that exists, read in windows of pipelined requests."""
+        out: dict[str, bytes] = {}
+        for start in range(0, len(paths), _LOAD_WINDOW):
+            batch = paths[start : start + _LOAD_WINDOW]
+            pending = [(p, self._client.get_async(p)) for p in batch]
+            for path, result in pending:
+                try:
+                    data, _stat = self._reply(result)
+                except NoNodeError:
+                    continue
+                out[path] = data or b""
+        return out
+
+    def _read_layout(self) -> _Layout:
+        """Read the ledger; migrate format 1 once; replay a complete journal in memory."""
+        names, buckets, logs, journals = self._children(LEDGER, BUCKETS, LOG, JOURNAL)
+        marker_name = MARKER.rsplit("/", 1)[1]
+        legacy = [f"{LEDGER}/{n}" for n in names if n != marker_name]
+        if marker_name not in names and legacy:
+            return self._migrate(legacy, buckets, logs, journals)
+        count = BUCKET_COUNT
+        paths = [bucket_path(int(n)) for n in buckets if n.isdigit()]
+        paths += [f"{LOG}/{n}" for n in logs]
+        complete = _complete_journals(journals)
+        paths += [f"{JOURNAL}/{n}" for parts in complete for n in parts]
+        if marker_name in names:
+            paths.append(MARKER)
+        found = self._get_many(paths)
+        if marker_name in names:
+            count = _format_of(found.get(MARKER, b""))
+        layout = _Layout.empty(count)
+        layout.marker = marker_name in names
+        layout.legacy = legacy
+        layout.journals = [f"{JOURNAL}/{n}" for n in journals]
+        for path, data in found.items():
+            if path.startswith(BUCKETS + "/"):
+                index = int(path.rsplit("/", 1)[1])
+                if index >= count:
+                    raise LedgerFormatError(f"ledger bucket {path} is beyond the ledger's "
+                                            f"{count} buckets: repair or delete it")
+                layout.buckets[index] = _decode_map(path, data)
+                layout.existing.add(path)
+            elif path.startswith(LOG + "/"):
+                key = LOG_PREFIX + decode_name(path.rsplit("/", 1)[1])
+                layout.logs[key] = data
+                layout.existing.add(path)
+        if layout.marker:
+            layout.existing.add(MARKER)
+        for parts in complete:
+            for name in parts:
+                writes = _decode_map(f"{JOURNAL}/{name}", found[f"{JOURNAL}/{name}"])
+                layout.carry.update(writes)
+        if layout.carry:
+            log.warning("term %d replays a journaled commit of %d key(s) left by a deposed "
+                        "leader", self.epoch, len(layout.carry))
+            layout.apply(layout.carry)
+        return layout
+
+    def _migrate(self, legacy: list[str], buckets: list[str], logs: list[str],
+                 journals: list[str]) -> _Layout:
+        """Move a format-1 ledger (one znode per key) into buckets, once, fenced.
+
+        Every bucket is written (leftovers of an interrupted migration are overwritten), then,
+        in the last transaction, the format marker is created. Until the marker exists the
+        format-1 znodes, which are never changed, are the ledger, so a leader deposed half-way
+        leaves nothing a successor would read: it migrates again. Once the marker exists the
+        format-1 znodes are leftovers, deleted a few at a time by later commits.
+        """
+        found = self._get_many(legacy)
+        values = {decode_name(p.rsplit("/", 1)[1]): v for p, v in found.items()}
+        layout = _Layout.empty(BUCKET_COUNT)
+        layout.existing = {bucket_path(int(n)) for n in buckets if n.isdigit()}
+        layout.apply(values)
+        ops = []
+        for index, bucket in enumerate(layout.buckets):
+            path = bucket_path(index)
+            if bucket or path in layout.existing:
+                ops.append(self._put(layout, path, msgpack.packb(bucket)))
+        for key, value in layout.logs.items():
+            ops.append(self._put(layout, log_path(key), value))
+        ops += [_Op("delete", f"{LOG}/{n}") for n in logs
+                if LOG_PREFIX + decode_name(n) not in layout.logs]
+        ops += [_Op("delete", f"{JOURNAL}/{n}") for n in journals]
+        ops.append(_Op("create", MARKER, _marker(BUCKET_COUNT)))
+        for i, chunk in enumerate(self._plan(ops)):
+            self._transaction(chunk, journaled=True)
+            if self.fault:
+                self.fault(f"migrate {i}")
+        self._installed(layout, ops)
+        layout.legacy = legacy
+        log.warning("term %d migrated the ledger from format 1 (%d keys, one znode each) to "
+                    "format %d (%d buckets)", self.epoch, len(values), LEDGER_FORMAT,
+                    BUCKET_COUNT)
+        return layout
 
     def _reply(self, result: Any) -> Any:
         """Wait for a ZooKeeper reply, but no longer than the term: a request sent as the
@@ -216,16 +406,6 @@ class ZkTerm:
             if not result.ready() and self._lost.is_set():
                 raise Fenced(f"epoch {self.epoch}: the term ended while waiting for ZooKeeper")
         return result.get()
-
-    def _refresh(self, keys: Iterable[str]) -> None:
-        assert self._known is not None
-        keys = list(keys)
-        pending = [(k, self._client.exists_async(f"{LEDGER}/{encode_name(k)}")) for k in keys]
-        for key, result in pending:
-            if self._reply(result) is None:
-                self._known.discard(key)
-            else:
-                self._known.add(key)
 
     # -- writes -------------------------------------------------------------------------
     def commit(self, writes: Mapping[str, bytes | None]) -> None:
@@ -241,33 +421,133 @@ class ZkTerm:
             if self._lost.is_set():
                 raise Fenced(f"epoch {self.epoch}: the term has ended")
             try:
-                if self._known is None:
-                    self._known = self._list_keys()
-                pending = dict(writes)
+                if self._layout is None:
+                    self._layout = self._read_layout()
                 for _attempt in range(3):
                     try:
-                        self._write(pending)
+                        self._commit(self._layout, dict(writes))
                         return
                     except _Stale as stale:
-                        log.warning("ledger keys changed under term %d: %s", self.epoch, stale)
-                        self._refresh(pending)
+                        log.warning("ledger znodes changed under term %d: %s", self.epoch,
+                                    stale)
+                        self._resync(self._layout)
             except _CONNECTION_ERRORS as exc:
                 raise self._fenced("connection lost during a commit") from exc
-            raise self._fenced("ledger keys keep changing under this leader")
+            raise self._fenced("ledger znodes keep changing under this leader")
 
-    def _plan(self, writes: Mapping[str, bytes | None]) -> list[list[_Op]]:
-        assert self._known is not None
+    def _put(self, layout: _Layout, path: str, value: bytes) -> _Op:
+        return _Op("set" if path in layout.existing else "create", path, value)
+
+    def _commit(self, layout: _Layout, writes: dict[str, bytes | None]) -> None:
+        logical = {**layout.carry, **writes}
+        touched: dict[int, dict[str, bytes]] = {}
+        logs: dict[str, bytes | None] = {}
+        for key, value in logical.items():
+            if key.startswith(LOG_PREFIX):
+                logs[key] = value
+                continue
+            index = bucket_of(key, layout.count)
+            bucket = touched.get(index)
+            if bucket is None:
+                bucket = touched[index] = dict(layout.buckets[index])
+            if value is None:
+                bucket.pop(key, None)
+            else:
+                bucket[key] = value
+        ops: list[_Op] = []
+        if not layout.marker:
+            ops.append(_Op("create", MARKER, _marker(layout.count)))
+        # A replayed journal's buckets are rewritten even if they look unchanged in memory:
+        # ZooKeeper may hold them as they were before that commit.
+        forced = {bucket_of(k, layout.count) for k in layout.carry if not k.startswith(LOG_PREFIX)}
+        for index in sorted(touched):
+            path = bucket_path(index)
+            if index not in forced and touched[index] == layout.buckets[index]:
+                continue
+            data = msgpack.packb(touched[index])
+            if len(data) > MAX_VALUE:
+                raise ValueError(f"ledger bucket {path} would hold {len(data)} bytes, over "
+                                 f"the {MAX_VALUE}-byte limit")
+            ops.append(self._put(layout, path, data))
+        for key, value in logs.items():
+            path = log_path(key)
+            if value is not None:
+                ops.append(self._put(layout, path, value))
+            elif path in layout.existing:
+                ops.append(_Op("delete", path))
+        journals = [_Op("delete", p) for p in layout.journals]
+        chunks = self._plan(ops + journals)
+        cleanup: list[_Op] = []
+        if len(chunks) <= 1:
+            # Leftover format-1 znodes go along, a few at a time, where there is room.
+            room = min(CLEANUP_PER_COMMIT, self.max_ops - 1 - len(ops) - len(journals))
+            cleanup = [_Op("delete", p) for p in layout.legacy[: max(0, room)]]
+            if chunks or cleanup:
+                self._transaction([*ops, *journals, *cleanup])
+        else:
+            self._journaled(logical, ops, journals)
+        layout.buckets[:] = [touched.get(i, b) for i, b in enumerate(layout.buckets)]
+        for key, value in logs.items():
+            if value is None:
+                layout.logs.pop(key, None)
+            else:
+                layout.logs[key] = value
+        self._installed(layout, ops)
+        layout.legacy = layout.legacy[len(cleanup):]
+        layout.carry = {}
+        layout.journals = []
+
+    def _journaled(self, logical: dict[str, bytes | None], ops: list[_Op],
+                   old_journals: list[_Op]) -> None:
+        """A commit larger than one transaction, made all-or-nothing for a successor.
+
+        1. The commit's key writes are stored as a journal: parts under `/rota/journal`, each
+           created by a transaction of its own, every one checking the epoch; the last part's
+           transaction also deletes any older journal. A journal is complete when all its
+           parts exist.
+        2. Only then are the buckets and log keys written, chunk by chunk, each chunk checking
+           the epoch; the last one also deletes this journal.
+
+        A leader deposed (or killed) during step 1 leaves an incomplete journal and untouched
+        buckets: the successor ignores the journal (and deletes it) and reads the ledger as it
+        was before the commit. Deposed during step 2, it leaves a complete journal and some
+        buckets rewritten: the successor applies the journal's writes over the buckets when it
+        loads (they set or delete keys, so applying them again is harmless), carries them into
+        its own first commit, and deletes the journal in that commit's transaction. Either way
+        the successor resumes from the ledger before the commit or after all of it; and since
+        an older journal is deleted only in the transaction completing the newer (which carries
+        its writes), there is never a moment with a complete journal missing.
+        """
+        self._journal_seq += 1
+        parts: list[dict[str, bytes | None]] = [{}]
+        size = 0
+        for key, value in logical.items():
+            item = len(key) + len(value or b"") + 16
+            if parts[-1] and size + item > self.max_bytes:
+                parts.append({})
+                size = 0
+            parts[-1][key] = value
+            size += item
+        names = [f"{JOURNAL}/{_journal_name(self.epoch, self._journal_seq, i, len(parts))}"
+                 for i in range(len(parts))]
+        for i, (name, part) in enumerate(zip(names, parts, strict=True)):
+            last = i == len(parts) - 1
+            self._transaction([_Op("create", name, msgpack.packb(part)),
+                               *(old_journals if last else [])], journaled=True)
+            if self.fault:
+                self.fault(f"journal {i}")
+        for i, chunk in enumerate(self._plan([*ops, *(_Op("delete", n) for n in names)])):
+            self._transaction(chunk, journaled=True)
+            if self.fault:
+                self.fault(f"apply {i}")
+
+    def _plan(self, ops: list[_Op]) -> list[list[_Op]]:
+        """Ops in order, cut into transactions within the op and byte limits."""
         chunks: list[list[_Op]] = []
         current: list[_Op] = []
         size = len(EPOCH) + _OP_OVERHEAD
-        for key, value in writes.items():
-            if value is None:
-                if key not in self._known:
-                    continue
-                op = _Op("delete", key, None)
-            else:
-                op = _Op("set" if key in self._known else "create", key, value)
-            if current and (len(current) + 2 > MAX_OPS or size + op.size > MAX_BYTES):
+        for op in ops:
+            if current and (len(current) + 2 > self.max_ops or size + op.size > self.max_bytes):
                 chunks.append(current)
                 current, size = [], len(EPOCH) + _OP_OVERHEAD
             current.append(op)
@@ -276,49 +556,82 @@ class ZkTerm:
             chunks.append(current)
         return chunks
 
-    def _write(self, pending: dict[str, bytes | None]) -> None:
-        """Commit `pending`, removing each key once its chunk is applied.
-
-        The chunks are pipelined: ZooKeeper applies one session's requests in order, and once
-        the epoch has moved every later chunk fails its check as well.
-        """
-        assert self._known is not None
-        sent = []
-        for chunk in self._plan(pending):
-            txn = self._client.transaction()
-            txn.check(EPOCH, self.epoch)
-            for op in chunk:
-                if op.kind == "create":
-                    txn.create(op.path, op.value)
-                elif op.kind == "set":
-                    txn.set_data(op.path, op.value)
-                else:
-                    txn.delete(op.path)
-            sent.append((chunk, txn.commit_async()))
-        error: Exception | None = None
-        for chunk, reply in sent:
-            results = self._reply(reply)
+    def _transaction(self, ops: list[_Op], *, journaled: bool = False) -> None:
+        """One fenced transaction. A refused one raises `Fenced` (the epoch moved; or, in a
+        journaled commit, anything at all: the successor sorts it out) or `_Stale`."""
+        txn = self._client.transaction()
+        txn.check(EPOCH, self.epoch)
+        for op in ops:
+            if op.kind == "create":
+                txn.create(op.path, op.value)
+            elif op.kind == "set":
+                txn.set_data(op.path, op.value)
+            else:
+                txn.delete(op.path)
+        results = self._reply(txn.commit_async())
+        failures = [r for r in results if isinstance(r, Exception)]
+        if not failures:
             self.transactions += 1
-            failures = [r for r in results if isinstance(r, Exception)]
-            if failures:
-                if isinstance(results[0], BadVersionError | NoNodeError):
-                    error = error or self._fenced(f"the epoch moved past {self.epoch}")
-                    continue
-                culprit = next(
-                    (f for f in failures if not isinstance(f, RolledBackError)), failures[0]
-                )
-                stale = isinstance(culprit, NodeExistsError | NoNodeError)
-                error = error or (_Stale(type(culprit).__name__) if stale else culprit)
-                continue
-            for op in chunk:
-                if op.kind == "delete":
-                    self._known.discard(op.key)
-                else:
-                    self._known.add(op.key)
-                pending.pop(op.key, None)
-        if error is not None:
-            raise error
-        pending.clear()  # what is left are deletes of absent keys
+            self.ops += len(ops)
+            return
+        if isinstance(results[0], BadVersionError | NoNodeError):
+            raise self._fenced(f"the epoch moved past {self.epoch}")
+        culprit = next((f for f in failures if not isinstance(f, RolledBackError)), failures[0])
+        if journaled:
+            raise self._fenced(f"a journaled commit was refused: {type(culprit).__name__}")
+        if isinstance(culprit, NodeExistsError | NoNodeError):
+            raise _Stale(type(culprit).__name__)
+        raise culprit
+
+    def _installed(self, layout: _Layout, ops: list[_Op]) -> None:
+        for op in ops:
+            if op.kind == "delete":
+                layout.existing.discard(op.path)
+            else:
+                layout.existing.add(op.path)
+        if any(op.path == MARKER for op in ops):
+            layout.marker = True
+
+    def _resync(self, layout: _Layout) -> None:
+        """Learn again which ledger znodes exist; the contents this term wrote stay."""
+        names, buckets, logs, journals = self._children(LEDGER, BUCKETS, LOG, JOURNAL)
+        layout.marker = MARKER.rsplit("/", 1)[1] in names
+        layout.existing = {bucket_path(int(n)) for n in buckets if n.isdigit()}
+        layout.existing |= {f"{LOG}/{n}" for n in logs}
+        if layout.marker:
+            layout.existing.add(MARKER)
+        present = {f"{LEDGER}/{n}" for n in names} | {f"{JOURNAL}/{n}" for n in journals}
+        layout.legacy = [p for p in layout.legacy if p in present]
+        layout.journals = [p for p in layout.journals if p in present]
+
+
+def _marker(count: int) -> bytes:
+    return msgpack.packb({"format": LEDGER_FORMAT, "buckets": count})
+
+
+def _format_of(data: bytes) -> int:
+    """The bucket count of a format-2 marker; refuses any other format."""
+    try:
+        info = msgpack.unpackb(data)
+        fmt, count = int(info["format"]), int(info["buckets"])
+    except Exception as exc:
+        raise LedgerFormatError(f"the ledger format marker {MARKER} cannot be read ({exc}): "
+                                f"repair it from a backup") from exc
+    if fmt != LEDGER_FORMAT or count < 1:
+        raise LedgerFormatError(
+            f"the ledger is in format {fmt}, which this coordinator (format {LEDGER_FORMAT}) "
+            f"does not know: run a coordinator of the Rota version that wrote it")
+    return count
+
+
+def _decode_map(path: str, data: bytes) -> dict[str, Any]:
+    try:
+        value = msgpack.unpackb(data)
+    except Exception as exc:
+        raise LedgerFormatError(f"ledger znode {path} cannot be decoded: {exc}") from exc
+    if not isinstance(value, dict):
+        raise LedgerFormatError(f"ledger znode {path} is not a map")
+    return value
 
 
 class ZkCoordination:
@@ -369,7 +682,7 @@ class ZkCoordination:
         if not self._connected.wait(connect_timeout):
             self._shutdown()
             raise ConnectionError(f"no ZooKeeper session with {hosts} in {connect_timeout}s")
-        for path in (ELECTION, NODES, LEDGER, EPOCH):
+        for path in (ELECTION, NODES, LEDGER, BUCKETS, LOG, JOURNAL, EPOCH):
             self.client.retry(self.client.ensure_path, path)
         self.client.DataWatch(EPOCH, self._on_epoch)
 
@@ -728,4 +1041,4 @@ class ZkCoordination:
             serial.close()
 
 
-__all__ = ["ZkCoordination", "ZkTerm", "decode_name", "encode_name"]
+__all__ = ["ZkCoordination", "ZkTerm", "bucket_of", "decode_name", "encode_name"]

@@ -18,20 +18,40 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import msgpack
 import pytest
 from kazoo.client import KazooClient
 from kazoo.protocol.connection import _CONNECTION_DROP
 
+from coordinator.core.actions import Changes
+from coordinator.core.run import Run, RunState, Trigger
+from coordinator.forms import run_to_message
+from coordinator.ledger import Ledger
 from ops import localservers
-from protocol.coordination import Coordination, Fenced, MemoryCoordination, Term
+from protocol import encode
+from protocol.coordination import (
+    Coordination,
+    Fenced,
+    LedgerFormatError,
+    MemoryCoordination,
+    Term,
+)
 from protocol.zk import (
+    BUCKET_COUNT,
+    BUCKETS,
     ELECTION,
     EPOCH,
+    JOURNAL,
     LEDGER,
+    LOG,
+    MARKER,
     MAX_BYTES,
     MAX_OPS,
     ZkCoordination,
     ZkTerm,
+    _Op,
+    bucket_of,
+    encode_name,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -256,6 +276,8 @@ def test_ledger_round_trip_across_chunks(backend: Backend) -> None:
         f"run/{i:04d}": bytes([i % 251]) * (600 + i % 7) for i in range(1000)
     }
     expected.update({k: k.encode() or b"empty" for k in ODD_KEYS})
+    if isinstance(term, ZkTerm):
+        term.max_bytes = 50_000  # over one transaction's worth: journaled, in chunks
     term.commit(expected)
     if isinstance(term, ZkTerm):
         assert term.transactions >= 3, "1,012 writes take at least three transactions"
@@ -484,13 +506,13 @@ def test_zk_commit_recovers_when_keys_change_behind_its_back(zk: Backend) -> Non
     term.commit({"run/a": b"1", "run/b": b"2"})
     term.load()
 
-    def meddle(client: KazooClient) -> None:
-        client.create(LEDGER + "/run%2Fsurprise", b"planted")
-        client.delete(LEDGER + "/run%2Fa")
+    def meddle(client: KazooClient) -> None:  # a znode the term thinks absent, and the reverse
+        client.create(f"{LOG}/surprise", b"planted")
+        client.delete(f"{BUCKETS}/{bucket_of('run/b', BUCKET_COUNT):04d}")
 
     raw_zk(zk.hosts or "", meddle)
-    term.commit({"run/surprise": b"mine", "run/a": None, "run/b": b"3"})
-    assert term.load() == {"run/b": b"3", "run/surprise": b"mine"}
+    term.commit({"log/surprise": b"mine", "run/a": None, "run/b": b"3"})
+    assert term.load() == {"run/b": b"3", "log/surprise": b"mine"}
     assert not term.lost()
     done.set()
     racer.stop()
@@ -515,15 +537,11 @@ def test_zk_contend_survives_a_failing_lead(zk: Backend) -> None:
 
 def test_zk_commit_chunks_respect_op_and_byte_limits() -> None:
     term = ZkTerm(SimpleNamespace(client=None), 1)  # type: ignore[arg-type]
-    term._known = {"run/old-0", "run/old-1"}
-    writes: dict[str, bytes | None] = {f"run/{i}": b"x" * 100 for i in range(900)}
-    writes.update({f"big/{i}": b"y" * 300_000 for i in range(5)})
-    writes.update({"run/old-0": b"z", "run/old-1": None, "run/absent": None})
-    chunks = term._plan(writes)
-    kinds = {op.key: op.kind for chunk in chunks for op in chunk}
-    assert kinds["run/0"] == "create" and kinds["run/old-0"] == "set"
-    assert kinds["run/old-1"] == "delete" and "run/absent" not in kinds
-    assert [op.key for chunk in chunks for op in chunk] == [k for k in writes if k in kinds]
+    ops = [_Op("set", f"{LEDGER}/small-{i}", b"x" * 100) for i in range(900)]
+    ops += [_Op("create", f"{LEDGER}/big-{i}", b"y" * 300_000) for i in range(5)]
+    ops += [_Op("delete", f"{LEDGER}/gone-{i}") for i in range(10)]
+    chunks = term._plan(ops)
+    assert [op for chunk in chunks for op in chunk] == ops, "every op, in order"
     for chunk in chunks:
         assert len(chunk) + 1 <= MAX_OPS
         assert sum(op.size for op in chunk) <= MAX_BYTES
@@ -566,3 +584,276 @@ def test_zk_survives_a_zookeeper_restart(
         print(f"\n[zk] ZooKeeper restart -> leading again after {took:.1f} s")
     done.set()
     racer.stop()
+
+
+# -- the compact ledger ------------------------------------------------------------------
+def test_one_transaction_per_commit(backend: Backend) -> None:
+    racer = Contender(backend.new("a"), "a")
+    term, done = racer.next_term()
+    term.load()
+    before = term.transactions
+    writes: dict[str, bytes | None] = {f"run/{i}": b"r" * 100 for i in range(1000)}
+    writes.update({f"cursor/svc-{i}": b"c" for i in range(1000)})
+    writes.update({f"log/ended/{i}": b"e" for i in range(10)})
+    term.commit(writes)
+    assert term.transactions - before == 1, "2,010 writes, one transaction"
+    assert term.ops > 0
+    done.set()
+    racer.stop()
+
+
+def _zk_read(hosts: str, action: Callable[[KazooClient], object]) -> object:
+    got: list[object] = []
+    raw_zk(hosts, lambda client: got.append(action(client)))
+    return got[0]
+
+
+def _buckets_of(client: KazooClient) -> dict[int, dict[str, bytes]]:
+    return {int(n): msgpack.unpackb(client.get(f"{BUCKETS}/{n}")[0])
+            for n in client.get_children(BUCKETS)}
+
+
+def test_zk_ledger_is_packed_into_buckets(zk: Backend) -> None:
+    hosts = zk.hosts or ""
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    assert isinstance(term, ZkTerm)
+    assert term.load() == {}
+    writes: dict[str, bytes | None] = {f"cursor/svc-{i}": b"c%d" % i for i in range(2000)}
+    writes.update({f"log/ended/{i}": b"e" for i in range(3)})
+    term.commit(writes)
+    touched = {bucket_of(k, BUCKET_COUNT) for k in writes if k.startswith("cursor/")}
+    assert (term.transactions, term.ops) == (1, len(touched) + 3 + 1)  # + logs + marker
+
+    def layout(client: KazooClient) -> tuple[dict[int, dict[str, bytes]], list[str], list[str]]:
+        return _buckets_of(client), client.get_children(LOG), client.get_children(LEDGER)
+
+    buckets, logs, ledger = _zk_read(hosts, layout)  # type: ignore[misc]
+    assert set(buckets) == touched and len(buckets) <= BUCKET_COUNT
+    for index, content in buckets.items():
+        assert all(bucket_of(k, BUCKET_COUNT) == index for k in content)
+    assert sum(len(c) for c in buckets.values()) == 2000
+    assert sorted(logs) == [encode_name(f"ended/{i}") for i in range(3)]
+    assert ledger == [MARKER.rsplit("/", 1)[1]], "no znode per key any more"
+
+    ops = term.ops
+    term.commit({"cursor/svc-7": b"moved"})
+    assert (term.transactions, term.ops - ops) == (2, 1), "one bucket rewritten"
+    ops = term.ops
+    term.commit({"log/ended/0": None, "cursor/never-written": None})
+    assert (term.transactions, term.ops - ops) == (3, 1), "one log key deleted, nothing else"
+    done.set()
+    newer, done2 = racer.next_term()
+    expected = {k: v for k, v in writes.items() if v is not None and k != "log/ended/0"}
+    expected["cursor/svc-7"] = b"moved"
+    assert newer.load() == expected
+    done2.set()
+    racer.stop()
+
+
+def _applied(base: dict[str, bytes], writes: dict[str, bytes | None]) -> dict[str, bytes]:
+    out = dict(base)
+    for key, value in writes.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+def _fence_at(zk: Backend, term: Term, where: str) -> None:
+    """Make `term` deposed (a newer epoch) right after the named step of a chunked commit."""
+    assert isinstance(term, ZkTerm)
+    term.fault = lambda step: zk.bump_epoch() if step == where else None
+
+
+def test_zk_leader_deposed_mid_chunked_commit_resumes_exactly(zk: Backend) -> None:
+    hosts = zk.hosts or ""
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    assert isinstance(term, ZkTerm)
+    before: dict[str, bytes] = {f"run/{i:04d}": b"old" for i in range(300)}
+    before["log/ended/a"] = b"kept"
+    term.commit(before)
+    change: dict[str, bytes | None] = {
+        f"run/{i:04d}": None if i % 3 == 0 else b"new" * 100 for i in range(300)}
+    change.update({"log/ended/a": None, "log/ended/b": b"added", "cursor/x": b"1"})
+    after = _applied(before, change)
+
+    # Deposed after the journal, with only the first chunk of buckets written.
+    term.max_bytes = 5_000
+    _fence_at(zk, term, "apply 0")
+    with pytest.raises(Fenced):
+        term.commit(change)
+    assert term.transactions >= 3  # journal parts, then one chunk
+    half = _zk_read(hosts, lambda c: {k: v for b in _buckets_of(c).values()
+                                      for k, v in b.items()})
+    assert half != {k: v for k, v in after.items() if not k.startswith("log/")}, \
+        "the buckets are half written"
+    assert _zk_read(hosts, lambda c: c.get_children(JOURNAL))
+    done.set()
+
+    # The successor sees all of the commit; its own first commit, chunked too and deposed
+    # before its journal is complete, loses nothing either.
+    second, done2 = racer.next_term()
+    assert isinstance(second, ZkTerm)
+    assert second.load() == after
+    second.max_bytes = 5_000
+    _fence_at(zk, second, "journal 0")
+    with pytest.raises(Fenced):
+        second.commit({"cursor/y": b"2", **{f"run/{i:04d}": b"z" * 200 for i in range(1, 50)}})
+    done2.set()
+
+    third, done3 = racer.next_term()
+    assert third.load() == after
+    third.commit({"cursor/z": b"3"})  # one transaction: the journal's keys, and it is deleted
+    assert _zk_read(hosts, lambda c: c.get_children(JOURNAL)) == []
+    done3.set()
+    fourth, done4 = racer.next_term()
+    assert fourth.load() == {**after, "cursor/z": b"3"}
+    done4.set()
+    racer.stop()
+
+
+def test_zk_leader_deposed_mid_journal_leaves_the_ledger_as_before(zk: Backend) -> None:
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    assert isinstance(term, ZkTerm)
+    before = {f"run/{i:04d}": b"old" for i in range(300)}
+    term.commit(before)
+    term.max_bytes = 3_000
+    _fence_at(zk, term, "journal 0")
+    with pytest.raises(Fenced):
+        term.commit({f"run/{i:04d}": b"new" * 50 for i in range(300)})
+    done.set()
+    newer, done2 = racer.next_term()
+    assert newer.load() == before
+    newer.commit({"run/0000": b"after"})
+    assert _zk_read(zk.hosts or "", lambda c: c.get_children(JOURNAL)) == []
+    done2.set()
+    racer.stop()
+
+
+def _format_1(hosts: str, values: dict[str, bytes]) -> None:
+    """A ledger as Rota's format 1 stored it: one znode per key under /rota/ledger."""
+    def plant(client: KazooClient) -> None:
+        for key, value in values.items():
+            client.create(f"{LEDGER}/{encode_name(key)}", value, makepath=True)
+
+    raw_zk(hosts, plant)
+
+
+def _legacy_ledger() -> dict[str, bytes]:
+    def run(run_id: str, state: RunState) -> bytes:
+        done = state != RunState.RUNNING
+        return encode(run_to_message(Run(
+            run_id=run_id, service="Tick", trigger=Trigger.SCHEDULED, slot=1e9,
+            queued_at=1e9, run_groups=frozenset(), node="n1", state=state,
+            finished_at=1e9 + 1 if done else None, output_tail="tail" if done else "")))
+
+    return {
+        "run/tick-2": run("tick-2", RunState.RUNNING),
+        "cursor/Tick": msgpack.packb(1e9),
+        "lastrun/Tick": msgpack.packb(1e9),
+        "override/Tick%2FB": msgpack.packb({"enabled": False}),
+        "history/Tick": msgpack.packb([run("tick-1", RunState.SUCCEEDED)]),
+    }
+
+
+def test_zk_format_1_ledger_is_migrated_once(zk: Backend) -> None:
+    hosts = zk.hosts or ""
+    legacy = _legacy_ledger()
+    _format_1(hosts, legacy)
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    assert term.load() == legacy
+    assert _zk_read(hosts, lambda c: c.exists(MARKER)) is not None
+    ledger = Ledger()
+    state = ledger.restore(term.load())
+    assert [r.run_id for r in state.runs] == ["tick-2"]
+    assert state.overrides == {"Tick/B": {"enabled": False}}
+    assert [r.run_id for r in ledger.recent_all(float("-inf"))] == ["tick-1"]
+    writes = ledger.writes(Changes(cursors={"Tick": 2e9}))
+    assert writes["history/Tick"] is None, "format 1's history is dropped once read"
+    term.commit(writes)
+    assert _zk_read(hosts, lambda c: c.get_children(LEDGER)) == [MARKER.rsplit("/", 1)[1]]
+    done.set()
+
+    _format_1(hosts, {"cursor/Planted": msgpack.packb(5.0)})  # a format-1 writer, too late
+    newer, done2 = racer.next_term()
+    expected = {k: v for k, v in legacy.items() if k != "history/Tick"}
+    expected["cursor/Tick"] = msgpack.packb(2e9)
+    assert newer.load() == expected, "migrated once: later format-1 keys are ignored"
+    done2.set()
+    racer.stop()
+
+
+def test_zk_migration_deposed_half_way_is_done_again(zk: Backend) -> None:
+    hosts = zk.hosts or ""
+    legacy = {f"run/r{i:03d}": b"x" * 400 for i in range(200)}
+    _format_1(hosts, legacy)
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    assert isinstance(term, ZkTerm)
+    term.max_bytes = 5_000
+    _fence_at(zk, term, "migrate 0")
+    with pytest.raises(Fenced):
+        term.load()
+    assert _zk_read(hosts, lambda c: c.exists(MARKER)) is None
+    assert _zk_read(hosts, lambda c: c.get_children(BUCKETS)), "some buckets were written"
+    done.set()
+    newer, done2 = racer.next_term()
+    assert newer.load() == legacy
+    done2.set()
+    racer.stop()
+
+
+def test_zk_newer_ledger_format_is_refused(zk: Backend) -> None:
+    raw_zk(zk.hosts or "", lambda c: c.create(
+        MARKER, msgpack.packb({"format": 3, "buckets": 64}), makepath=True))
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    with pytest.raises(LedgerFormatError, match="format 3.*Rota version that wrote it"):
+        term.load()
+    with pytest.raises(LedgerFormatError):
+        term.commit({"run/x": b"1"})
+    done.set()
+    racer.stop()
+
+
+def test_zk_load_time_of_a_large_ledger(zk: Backend, capsys: pytest.CaptureFixture[str]) -> None:
+    """100,000 services (cursor and last run each), 10% with overrides, 1,000 active runs:
+    the successor's load and restore times are printed (a measurement, not a bound)."""
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    assert isinstance(term, ZkTerm)
+    term.load()
+    names = [f"Service {i:06d}" for i in range(100_000)]
+    changes = Changes(
+        cursors={n: 1.8e9 for n in names}, last_runs={n: 1.8e9 - 5 for n in names},
+        overrides={n: {"enabled": False, "period": 7} for n in names[::10]},
+        runs={f"run-{i}": Run(
+            run_id=f"run-{i}", service=names[i * 100], trigger=Trigger.SCHEDULED, slot=1.8e9,
+            queued_at=1.8e9, run_groups=frozenset({"g"}), node="n1", state=RunState.RUNNING)
+            for i in range(1000)})
+    writes = Ledger().writes(changes)
+    began = time.perf_counter()
+    term.commit(writes)
+    wrote = time.perf_counter() - began
+    done.set()
+    newer, done2 = racer.next_term()
+    began = time.perf_counter()
+    loaded = newer.load()
+    loaded_in = time.perf_counter() - began
+    state = Ledger().restore(loaded)
+    restored_in = time.perf_counter() - began
+    done2.set()
+    racer.stop()
+    assert len(state.cursors) == 100_000 and len(state.runs) == 1000
+    assert len(state.overrides) == 10_000
+    with capsys.disabled():
+        print(f"\n[zk] ledger of 100,000 services, 10,000 overrides, 1,000 active runs "
+              f"({sum(len(v or b'') for v in writes.values()) / 1e6:.1f} MB of values): "
+              f"written in {wrote:.2f} s ({term.transactions} transactions); "
+              f"successor load {loaded_in * 1000:.0f} ms, load + restore "
+              f"{restored_in * 1000:.0f} ms")

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import msgpack
+import pytest
+
+from coordinator import ledger as ledger_module
 from coordinator.core.engine import Changes
 from coordinator.core.run import Run, RunState, Trigger
-from coordinator.ledger import Ledger
+from coordinator.forms import run_to_message
+from coordinator.ledger import ENDED, Ledger, LedgerError
+from protocol import encode
+from protocol.zk import FORMAT_KEY, bucket_of
 
 T = 1_800_000_000.0
 
@@ -45,3 +52,80 @@ def test_recent_records_include_missed_and_skipped_slots() -> None:
     fresh, snapshot = _roundtrip(Changes(finished=[old, done, missed, skipped]))
     fresh.restore(snapshot)
     assert [r.run_id for r in fresh.recent_all(since=T - 300)] == ["tick-1", "tick-2", "tick-3"]
+
+
+def _ended_keys(writes: dict[str, bytes | None]) -> tuple[list[str], list[str]]:
+    kept = [k for k, v in writes.items() if k.startswith(ENDED) and v is not None]
+    gone = [k for k, v in writes.items() if k.startswith(ENDED) and v is None]
+    return kept, gone
+
+
+def test_ended_runs_are_written_once_and_trimmed_by_age() -> None:
+    ledger = Ledger()
+    first = ledger.writes(Changes(finished=[
+        _run("a", RunState.SUCCEEDED, queued_at=T, finished_at=T + 1)]))
+    (a_key,), gone = _ended_keys(first)
+    assert gone == [] and not any(k.startswith("history/") for k in first)
+    second = ledger.writes(Changes(finished=[
+        _run("b", RunState.FAILED, queued_at=T + 100, finished_at=T + 101)]))
+    (b_key,), gone = _ended_keys(second)
+    assert a_key not in second, "an ended run is written once, never rewritten"
+    assert gone == []
+    third = ledger.writes(Changes(finished=[
+        _run("c", RunState.SUCCEEDED, queued_at=T + 350, finished_at=T + 360)]))
+    (c_key,), gone = _ended_keys(third)
+    assert gone == [a_key], "older than the republish window"
+    snapshot = {k: v for w in (first, second, third) for k, v in w.items() if v is not None}
+    del snapshot[a_key]
+    fresh = Ledger()
+    fresh.restore(snapshot)
+    assert [r.run_id for r in fresh.recent_all(float("-inf"))] == ["b", "c"]
+    later = fresh.writes(Changes(finished=[
+        _run("d", RunState.SUCCEEDED, queued_at=T + 420, finished_at=T + 420)]))
+    assert _ended_keys(later)[1] == [b_key], "a successor goes on trimming"
+
+
+def test_ended_runs_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ledger_module, "ENDED_MAX_RUNS", 10)
+    ledger = Ledger()
+    keys = []
+    for i in range(8):
+        runs = [_run(f"r{i}-{j}", RunState.SUCCEEDED, queued_at=T + i, finished_at=T + i)
+                for j in range(3)]
+        kept, gone = _ended_keys(ledger.writes(Changes(finished=runs)))
+        keys += kept
+        for key in gone:
+            keys.remove(key)
+    assert len(keys) == 3, "at most 10 runs: the three newest turns of three"
+    monkeypatch.undo()
+    # One turn of big outputs is split into values far below ZooKeeper's 1 MB limit.
+    big = [_run(f"big-{j}", RunState.SUCCEEDED, queued_at=T, finished_at=T) for j in range(300)]
+    for run in big:
+        run.output_tail = "x" * 8000
+    kept, _gone = _ended_keys(writes := Ledger().writes(Changes(finished=big)))
+    assert len(kept) >= 10
+    assert all(len(writes[k] or b"") < 300_000 for k in kept)
+
+
+def test_format_1_history_is_read_once_then_deleted() -> None:
+    entries = [encode(run_to_message(_run(f"h{i}", RunState.SUCCEEDED, queued_at=T,
+                                          finished_at=T + i))) for i in range(3)]
+    ledger = Ledger()
+    ledger.restore({"history/Tick": msgpack.packb(entries), "cursor/Tick": msgpack.packb(T)})
+    assert [r.run_id for r in ledger.recent_all(T + 1)] == ["h1", "h2"]
+    assert ledger.writes(Changes(cursors={"Tick": T + 60}))["history/Tick"] is None
+    assert "history/Tick" not in ledger.writes(Changes(cursors={"Tick": T + 120}))
+
+
+def test_a_format_1_coordinator_refuses_a_format_2_ledger() -> None:
+    # The format marker reads, to a coordinator that knows only format 1, as an undecodable
+    # run: it refuses the ledger and names the key, which says what to do.
+    marker = msgpack.packb({"format": 2, "buckets": 256})
+    with pytest.raises(LedgerError) as refused:
+        Ledger().restore({FORMAT_KEY: marker})
+    assert "upgrade this coordinator" in refused.value.key
+
+
+def test_bucket_of_is_stable() -> None:
+    # Fixed values (CRC-32): the same in every process, whatever PYTHONHASHSEED.
+    assert [bucket_of(k, 256) for k in ("cursor/Tick", "run/abc", "")] == [212, 154, 0]
