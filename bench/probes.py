@@ -68,6 +68,32 @@ def zk_zxid(hosts: str, timeout: float = 5.0) -> int | None:
     return None
 
 
+def zk_version_sum(client: Any, root: str = "/") -> int:
+    """Sum of every znode's data version and children version (cversion) under ``root``.
+
+    A set bumps its znode's version, a create or delete its parent's cversion, inside a
+    multi-op transaction as outside one; so the growth of this sum over a window counts the
+    znode writes, except the sets on znodes deleted before the window ends: a lower bound.
+    Reads level by level with pipelined calls on ``client`` (a started KazooClient, kept
+    open so that its session adds no transaction to the window).
+    """
+    total = 0
+    level = [root]
+    while level:
+        pending = [(path, client.get_children_async(path, include_data=True))
+                   for path in level]
+        level = []
+        for path, result in pending:
+            try:
+                children, stat = result.get(timeout=30)
+            except Exception:  # deleted meanwhile
+                continue
+            total += stat.version + stat.cversion
+            base = path.rstrip("/")
+            level.extend(f"{base}/{c}" for c in children)
+    return total
+
+
 # -- RabbitMQ ----------------------------------------------------------------------------------
 _RECEIVED = re.compile(r"messages_received_total\s*=>\s*(\d+)")
 _DELIVERED = re.compile(r"messages_delivered_total\s*=>\s*(\d+)")
@@ -155,6 +181,7 @@ class Snapshot:
     zxid: int | None
     broker: BrokerCounts | None
     metrics: dict[str, float] = field(default_factory=dict)
+    zk_versions: int | None = None
 
 
 def take(
@@ -163,8 +190,11 @@ def take(
     zk_hosts: str,
     servers: localservers.Servers | None,
     metrics_port: int | None,
+    zk_client: Any = None,
 ) -> Snapshot:
-    """Read every counter; the broker first, since rabbitmqctl takes about a second."""
+    """Read every counter; the broker first, since rabbitmqctl takes about a second.
+
+    With ``zk_client`` (started on the scenario's chroot), also the znode version sum."""
     broker = rabbit_counts(servers)
     metrics: dict[str, float] = {}
     if metrics_port:
@@ -177,6 +207,7 @@ def take(
         zxid=zk_zxid(zk_hosts),
         broker=broker,
         metrics=metrics,
+        zk_versions=None if zk_client is None else zk_version_sum(zk_client),
     )
 
 
@@ -189,6 +220,7 @@ class Costs:
     coordinator_cpu: float
     workers_cpu: float
     zk_transactions: int | None
+    zk_writes_at_least: int | None
     broker_received: int | None
     broker_delivered: int | None
     ledger: dict[str, float]
@@ -204,6 +236,12 @@ class Costs:
         if self.zk_transactions is None or not self.runs:
             return None
         return self.zk_transactions / self.runs
+
+    @property
+    def zk_writes_at_least_per_run(self) -> float | None:
+        if self.zk_writes_at_least is None or not self.runs:
+            return None
+        return self.zk_writes_at_least / self.runs
 
     @property
     def ledger_writes_per_run(self) -> float | None:
@@ -235,6 +273,8 @@ def costs(before: Snapshot, after: Snapshot, runs: int, coordinator_pid: int) ->
         coordinator_cpu=after.coordinator_cpu - before.coordinator_cpu,
         workers_cpu=after.workers_cpu - before.workers_cpu,
         zk_transactions=zk,
+        zk_writes_at_least=(None if before.zk_versions is None or after.zk_versions is None
+                            else after.zk_versions - before.zk_versions),
         broker_received=received,
         broker_delivered=delivered,
         ledger={k: v - ledger0.get(k, 0.0) for k, v in ledger1.items()},
