@@ -92,27 +92,32 @@ class Outbox:
                     node.incarnation if node else None)
                 controls.append((node_queue(a.node), encode(msg)))
         self.send(controls, term)
+        records: list[RunRecord] = []
         for action in turn.actions:
             if isinstance(action, Record):
-                self.publish(forms.record_of(action.run))
+                records.append(forms.record_of(action.run))
             elif isinstance(action, DaemonInterval):
-                self.publish(forms.interval_record(action))
-        for rec in turn.records:
-            self.publish(rec)
+                records.append(forms.interval_record(action))
+        records += turn.records
+        self.publish_all(records)
         for d in turn.acks:
             d.ack()
 
     def send(self, items: list[tuple[str, bytes]], term: Term) -> None:
-        """Publish a batch in one AMQP transaction; while RabbitMQ is unreachable, retry.
+        """Publish a batch, all stored or none; while RabbitMQ is unreachable, retry it as
+        it was encoded the first time.
 
         Gives up only when leadership is lost: the orders are in the ledger, and the next
         leader re-sends them.
         """
+        if not items:
+            return
+        batch = self.transport.prepare(items)
         backoff = Backoff(0.1, 2.0)
         failed = False
-        while items:
+        while True:
             try:
-                self.transport.publish(items)
+                self.transport.publish(batch)
                 if failed:
                     log.warning("RabbitMQ is reachable again")
                 return
@@ -126,13 +131,22 @@ class Outbox:
 
     def publish(self, rec: RunRecord, history: bool = True) -> None:
         """A record on `rota.events`; a final one also to the history sinks."""
-        self.events.publish(rec.routing_key, encode(rec))
-        if history and forms.is_final(rec):
-            for sink in self.history_sinks:
-                try:
-                    sink(rec)
-                except Exception:
-                    log.exception("history sink failed")
+        self.publish_all([rec], history)
+
+    def publish_all(self, recs: list[RunRecord], history: bool = True) -> None:
+        """Records on `rota.events` as one batch; final ones also to the history sinks."""
+        if not recs:
+            return
+        self.events.publish_batch([(rec.routing_key, encode(rec)) for rec in recs])
+        if not history or not self.history_sinks:
+            return
+        for rec in recs:
+            if forms.is_final(rec):
+                for sink in self.history_sinks:
+                    try:
+                        sink(rec)
+                    except Exception:
+                        log.exception("history sink failed")
 
     def request(self, payload: bytes) -> None:
         """An operator request, to whichever coordinator leads."""

@@ -18,6 +18,7 @@ Beside each, `<queue>.XQ` keeps envelopes the transport could not decode, byte f
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -37,8 +38,20 @@ DEAD = "rota.deadletter"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
+@functools.lru_cache(maxsize=4096)
 def node_queue(node_id: str) -> str:
     return "rota.node." + _SAFE.sub("_", node_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Messages encoded for the wire once (`Transport.prepare`): published again as they are
+    after a failure, never encoded twice."""
+
+    items: tuple[tuple[str, bytes], ...]  # (queue, the transport's wire bytes)
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 @dataclass
@@ -74,10 +87,15 @@ class Transport(abc.ABC):
         """Make sure `queue` exists (durable on RabbitMQ)."""
 
     @abc.abstractmethod
-    def publish(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Publish (queue, payload) pairs as one batch: when this returns every one is stored;
-        when it raises, maybe none is, and the caller publishes the batch again. Thread-safe:
-        each publishing thread has a channel of its own."""
+    def prepare(self, items: Sequence[tuple[str, bytes]]) -> Batch:
+        """(queue, payload) pairs encoded once for the wire, to `publish` (again if need be)."""
+
+    @abc.abstractmethod
+    def publish(self, items: Sequence[tuple[str, bytes]] | Batch) -> None:
+        """Publish (queue, payload) pairs, or a prepared `Batch`, as one batch: when this
+        returns every one is stored; when it raises, maybe none is, and the caller publishes
+        the batch again (prepare it first to encode it once). Thread-safe: each publishing
+        thread has a channel of its own."""
 
     @abc.abstractmethod
     def send(self, queue: str, payload: bytes) -> None:

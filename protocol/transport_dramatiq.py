@@ -10,9 +10,11 @@ unacknowledged in memory, and a few would fill its prefetch window and stall its
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +26,15 @@ from dramatiq.middleware import Middleware, SkipMessage
 
 from protocol import ProtocolError
 from protocol.backoff import Backoff
-from protocol.transport import DEAD, REQUESTS, RESULTS, Consumer, Delivery, Transport
+from protocol.transport import (
+    DEAD,
+    REQUESTS,
+    RESULTS,
+    Batch,
+    Consumer,
+    Delivery,
+    Transport,
+)
 
 log = logging.getLogger("rota.transport")
 
@@ -32,6 +42,7 @@ REFUSED = "rota_refused"
 """Envelope option set by the decoder on an envelope Rota refuses, with the reason."""
 
 
+@functools.lru_cache(maxsize=4096)
 def actor_name_for(queue: str) -> str:
     return "rota_" + queue.replace(".", "_").replace("-", "_")
 
@@ -42,6 +53,16 @@ def envelope(queue: str, payload: bytes) -> dramatiq.Message:
         queue_name=queue, actor_name=actor_name_for(queue), args=(payload,), kwargs={},
         options={},
     )
+
+
+def wire(queue: str, payload: bytes) -> bytes:
+    """The encoded envelope of `payload` on `queue`: what `envelope(queue, payload).encode()`
+    gives with `MsgpackEncoder`, made without building a dramatiq `Message`."""
+    return msgpack.packb({
+        "queue_name": queue, "actor_name": actor_name_for(queue), "args": [payload],
+        "kwargs": {}, "options": {}, "message_id": str(uuid.uuid4()),
+        "message_timestamp": int(time.time() * 1000),
+    }, use_bin_type=True)
 
 
 class MsgpackEncoder(Encoder):
@@ -188,10 +209,10 @@ class _Served(Consumer):
 
 
 class BatchPublisher(abc.ABC):
-    """Publishes batches from one thread: all of a batch is stored, or none is."""
+    """Publishes prepared batches from one thread: all of a batch is stored, or none is."""
 
     @abc.abstractmethod
-    def publish(self, items: Sequence[tuple[str, bytes]]) -> None: ...
+    def publish(self, batch: Batch) -> None: ...
 
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         pass
@@ -219,15 +240,19 @@ class DramatiqTransport(Transport):
     def declare(self, queue: str) -> None:
         self.broker.declare_queue(queue)
 
-    def publish(self, items: Sequence[tuple[str, bytes]]) -> None:
+    def prepare(self, items: Sequence[tuple[str, bytes]]) -> Batch:
+        return Batch(tuple((queue, wire(queue, payload)) for queue, payload in items))
+
+    def publish(self, items: Sequence[tuple[str, bytes]] | Batch) -> None:
         if not items:
             return
+        batch = items if isinstance(items, Batch) else self.prepare(items)
         publisher: BatchPublisher | None = getattr(self._publishers, "one", None)
         if publisher is None:
             publisher = self._publishers.one = self.batch_publisher()
             with self._publish_lock:
                 self._all_publishers.append(publisher)
-        publisher.publish(items)
+        publisher.publish(batch)
 
     def send(self, queue: str, payload: bytes) -> None:
         self.broker.declare_queue(queue)

@@ -1,15 +1,14 @@
 """The in-memory transport: dramatiq's `StubBroker`, for the embedded cluster and tests.
 
-Queues live in this process; a batch is simply enqueued message by message (nothing can fail
-half-way), and nothing survives the process.
+Queues live in this process; a batch is simply put on its queues envelope by envelope (nothing
+can fail half-way), and nothing survives the process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from dramatiq.brokers.stub import StubBroker
 
+from protocol.transport import Batch
 from protocol.transport_dramatiq import BatchPublisher, DramatiqTransport, install_encoder
 
 
@@ -17,9 +16,14 @@ class _Enqueue(BatchPublisher):
     def __init__(self, transport: MemoryTransport) -> None:
         self.transport = transport
 
-    def publish(self, items: Sequence[tuple[str, bytes]]) -> None:
-        for queue, payload in items:
-            self.transport.send(queue, payload)
+    def publish(self, batch: Batch) -> None:
+        stub = self.transport.stub
+        for queue, data in batch.items:
+            q = stub.queues.get(queue)
+            if q is None:
+                stub.declare_queue(queue)
+                q = stub.queues[queue]
+            q.put(data)  # what StubBroker.enqueue puts there: the encoded envelope
 
 
 class MemoryTransport(DramatiqTransport):

@@ -1,72 +1,52 @@
-"""The RabbitMQ transport: dramatiq's `RabbitmqBroker` (pika), with batches in AMQP transactions.
+"""The RabbitMQ transport: dramatiq's `RabbitmqBroker` (pika), with batches confirmed as a whole.
 
-Single messages (`send`) go through dramatiq with publisher confirms. A batch (`publish`) goes
-out on a channel of its own inside one AMQP transaction: every message of it is persisted when
-`tx_commit` returns, or none is, and the caller retries the whole batch (receivers ignore a run
-id they have already seen).
+Single messages (`send`) go through dramatiq with publisher confirms. A batch (`publish`) is
+streamed on a connection of its own in confirm mode and waited for once
+(`protocol.amqp.ConfirmPublisher`): every message of it is persisted when the call returns;
+otherwise it raises and the caller publishes the whole batch again (receivers ignore a run id
+they have already seen). Messages are mandatory: one that no queue takes fails its batch.
+`bench/publish_modes.py` measures this against an AMQP transaction per batch.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
 
 import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-from protocol.transport import DEAD, REQUESTS, RESULTS
-from protocol.transport_dramatiq import (
-    BatchPublisher,
-    DramatiqTransport,
-    envelope,
-    install_encoder,
-)
+from protocol.amqp import ConfirmPublisher
+from protocol.transport import DEAD, REQUESTS, RESULTS, Batch
+from protocol.transport_dramatiq import BatchPublisher, DramatiqTransport, install_encoder
 
 log = logging.getLogger("rota.transport")
 
+_PERSISTENT = pika.BasicProperties(delivery_mode=2)
 
-class _Transaction(BatchPublisher):
-    """A connection and transactional channel of its own; reopened after any failure."""
+
+class _Confirmed(BatchPublisher):
+    """A confirm-mode connection of its own; queues declared once, again after a failure."""
 
     def __init__(self, transport: RabbitmqTransport) -> None:
         self.transport = transport
-        self._conn: Any = None
-        self._channel: Any = None
+        self.publisher = ConfirmPublisher(transport.rabbit.parameters, name="amqp-batches")
         self._declared: set[str] = set()
 
-    def publish(self, items: Sequence[tuple[str, bytes]]) -> None:
-        if not items:
+    def publish(self, batch: Batch) -> None:
+        if not batch.items:
             return
         try:
-            for queue in {q for q, _ in items} - self._declared:
+            for queue in {q for q, _ in batch.items} - self._declared:
                 self.transport.rabbit.declare_queue(queue, ensure=True)
                 self._declared.add(queue)
-            ch = self._open()
-            props = pika.BasicProperties(delivery_mode=2)
-            for queue, payload in items:
-                ch.basic_publish("", queue, envelope(queue, payload).encode(), props)
-            ch.tx_commit()
+            self.publisher.publish([("", q, data) for q, data in batch.items], _PERSISTENT,
+                                   mandatory=True)
         except Exception:
-            self.close()
             self._declared.clear()
             raise
 
-    def _open(self) -> Any:
-        if self._channel is None or not self._channel.is_open:
-            self.close()
-            self._conn = pika.BlockingConnection(self.transport.rabbit.parameters)
-            self._channel = self._conn.channel()
-            self._channel.tx_select()
-        return self._channel
-
     def close(self) -> None:
-        conn, self._conn, self._channel = self._conn, None, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
+        self.publisher.close()
 
 
 class RabbitmqTransport(DramatiqTransport):
@@ -81,7 +61,7 @@ class RabbitmqTransport(DramatiqTransport):
             log.warning("RabbitMQ not reachable yet (%s); queues will be declared on use", exc)
 
     def batch_publisher(self) -> BatchPublisher:
-        return _Transaction(self)
+        return _Confirmed(self)
 
     def pending(self, queue: str) -> int:
         count: int = self.rabbit.get_queue_message_counts(queue)[0]

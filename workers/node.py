@@ -16,7 +16,9 @@ RabbitMQ is unreachable the reporter retries with backoff and keeps every event;
 outbox holds `OUTBOX_LIMIT` events, whoever reports waits for room: consumer threads stop
 taking orders (RabbitMQ keeps them in the queue), finished runs wait to be reported. No event
 is dropped. A run whose report carries a value that cannot be sent (a NaN metric, text that is
-not UTF-8) is reported `failed` with an error naming the value.
+not UTF-8) is reported `failed` with an error naming the value. A run that ends while its
+`started` report is still in the outbox is reported once: its final report (which carries
+`started_at`) takes the place of the `started` one.
 
 Given a coordination that tells of session trouble (ZooKeeper's does), the node stops every run
 and daemon holding run groups as soon as its session is in doubt, before it can expire and
@@ -65,6 +67,9 @@ OUTBOX_LIMIT = 10_000
 """Run events the outbox holds while RabbitMQ is unreachable; reporters wait beyond it."""
 REPORT_BATCH = 500
 """Most run events published in one batch."""
+REPORT_LINGER = 0.005
+"""Seconds the reporter waits before sending a `started` report that heads the outbox, so that
+a run ending within it is reported once (its final report replaces the `started` one)."""
 
 
 class WorkerNode:
@@ -114,7 +119,7 @@ class WorkerNode:
         self._journal_lock = threading.Lock()
         self._daemon_groups: dict[str, list[str]] = {}
         self._daemon_since: dict[str, float] = {}  # service -> start of its current interval
-        self._outbox: queue.Queue[bytes | None] = queue.Queue(OUTBOX_LIMIT)
+        self._outbox = _Outbox(OUTBOX_LIMIT)
         self._reporter_thread = threading.Thread(
             target=self._reporter, name=f"report:{node_id}", daemon=True
         )
@@ -280,7 +285,7 @@ class WorkerNode:
             self._report(RunEvent(
                 run_id=order.run_id, service=order.service, node=self.node_id,
                 state="started", at=at, epoch=order.epoch, started_at=at,
-            ))
+            ), foldable=True)
 
         try:
             out = self.executor.run(
@@ -294,7 +299,7 @@ class WorkerNode:
                 state=out.outcome, at=out.finished_at, epoch=order.epoch,
                 started_at=out.started_at, finished_at=out.finished_at,
                 exit_status=out.exit_status, error=out.error, output_tail=out.output_tail,
-                metrics=out.metrics,
+                metrics=out.metrics, fold=True,
             )
         except Exception:
             log.exception("run %s of %s crashed the executor", order.run_id, order.service)
@@ -386,13 +391,14 @@ class WorkerNode:
             output_tail=ev.output_tail or "", started_at=since,
         )
 
-    def _report_event(self, **fields: Any) -> None:
+    def _report_event(self, *, fold: bool = False, **fields: Any) -> None:
         """Report a run event built from `fields`; one carrying a value that cannot be sent
         (a NaN or infinite metric, text that is not UTF-8, too much of it) is reported
         instead without that value, `failed` if it said `succeeded`, with an error naming
-        the value: a run must end, whatever its utility reported."""
+        the value: a run must end, whatever its utility reported. `fold`: a run's final
+        report, which replaces its `started` report if that is still queued."""
         try:
-            self._report(RunEvent(**fields))
+            self._report(RunEvent(**fields), fold=fold)
             return
         except ProtocolError as exc:
             problem = f"the utility reported a value that cannot be sent: {exc}"
@@ -410,24 +416,28 @@ class WorkerNode:
         fields["output_tail"] = tail.encode("utf-8", "replace").decode("utf-8")[
             -MAX_OUTPUT_TAIL_CHARS:]
         try:
-            self._report(RunEvent(**fields))
+            self._report(RunEvent(**fields), fold=fold)
         except ProtocolError:  # still not sendable: the run's end, its error, nothing else
             keep = ("run_id", "service", "node", "state", "at", "epoch", "started_at",
                     "finished_at")
             self._report(RunEvent(**{k: fields[k] for k in keep if k in fields},
-                                  error=_clip(problem, MAX_ERROR_CHARS)))
+                                  error=_clip(problem, MAX_ERROR_CHARS)), fold=fold)
 
-    def _report(self, ev: RunEvent) -> None:
+    def _report(self, ev: RunEvent, *, foldable: bool = False, fold: bool = False) -> None:
         """Queue a run event for the reporter thread (which keeps them in order); waits for
-        room while the outbox is full."""
+        room while the outbox is full. `foldable`: a run's `started` report, which its final
+        report (`fold`) replaces while both are unsent."""
         data = encode(ev)
+        if fold and self._outbox.fold(ev.run_id, data):
+            return
+        report = _Report(data, ev.run_id if foldable else None)
         try:
-            self._outbox.put_nowait(data)
+            self._outbox.put_nowait(report)
         except queue.Full:
             metrics.OUTBOX_FULL.inc()
             log.warning("outbox full (%d run events not yet published): waiting for RabbitMQ",
                         self._outbox.maxsize)
-            self._outbox.put(data)
+            self._outbox.put(report)
         metrics.OUTBOX.set(self._outbox.qsize())
 
     def _reporter(self) -> None:
@@ -437,19 +447,24 @@ class WorkerNode:
         closing = False
         backoff = Backoff()
         while not closing:
+            if self._outbox.wait_head() and REPORT_LINGER > 0:
+                time.sleep(REPORT_LINGER)
             item = self._outbox.get()
-            batch: list[tuple[str, bytes]] = []
+            items: list[tuple[str, bytes]] = []
             while True:
                 if item is None:
                     closing = True
                     break
-                batch.append((RESULTS, item))
-                if len(batch) >= REPORT_BATCH:
+                items.append((RESULTS, item.data))
+                if len(items) >= REPORT_BATCH:
                     break
                 try:
                     item = self._outbox.get_nowait()
                 except queue.Empty:
                     break
+            if not items:
+                continue
+            batch = self.transport.prepare(items)  # encoded once, however often it is retried
             while True:
                 try:
                     self.transport.publish(batch)
@@ -461,6 +476,55 @@ class WorkerNode:
                                 len(batch), exc, wait)
                     time.sleep(wait)
             metrics.OUTBOX.set(self._outbox.qsize())
+
+
+class _Report:
+    """One queued run event; `run_id` is set while it is a `started` report that the run's
+    final report may still replace."""
+
+    __slots__ = ("data", "run_id")
+
+    def __init__(self, data: bytes, run_id: str | None = None) -> None:
+        self.data = data
+        self.run_id = run_id
+
+
+class _Outbox(queue.Queue["_Report | None"]):
+    """The reporter's bounded queue, which knows the `started` reports it still holds."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self._started: dict[str, _Report] = {}
+
+    def _put(self, item: _Report | None) -> None:
+        super()._put(item)
+        if item is not None and item.run_id is not None:
+            self._started[item.run_id] = item
+
+    def _get(self) -> _Report | None:
+        item: _Report | None = super()._get()
+        if item is not None and item.run_id is not None:
+            self._started.pop(item.run_id, None)
+        return item
+
+    def fold(self, run_id: str, data: bytes) -> bool:
+        """Put `data` (the final report of `run_id`) in place of its `started` report, if
+        that is still queued; False when it was already taken."""
+        with self.mutex:
+            report = self._started.pop(run_id, None)
+            if report is None:
+                return False
+            report.data, report.run_id = data, None
+            return True
+
+    def wait_head(self) -> bool:
+        """Wait until something is queued; whether the first item is a `started` report
+        that may still be folded."""
+        with self.not_empty:
+            while not self._qsize():
+                self.not_empty.wait()
+            head = self.queue[0]
+            return head is not None and head.run_id is not None
 
 
 def _clip(text: str, limit: int) -> str:

@@ -1,23 +1,25 @@
 """Run lifecycle events for integrations: the `rota.events` topic exchange.
 
 Every run state change is published with routing key `run.<state>` and a msgpack
-`protocol.RunRecord` body. `RabbitEventBus` publishes from its own thread in AMQP
-transactions (one commit per batch: every event of it is persisted, or none is and the batch
-is published again) and reconnects with backoff; `MemoryEventBus` calls subscribers in process.
+`protocol.RunRecord` body. The leader hands each turn's records over as one batch
+(`publish_batch`). `RabbitEventBus` publishes from its own thread, a turn's batch (or several
+waiting ones) at a time with publisher confirms waited for once (every event of it is
+persisted, or the batch is published again), and reconnects with backoff; `MemoryEventBus`
+calls subscribers in process.
 
 While RabbitMQ is unreachable, `RabbitEventBus` keeps up to `max_pending` events; beyond that
-`publish` waits for room (the caller is held up, no event is dropped), logs a warning and
-counts each wait in `waits_full`. Only `close()` gives up on what is still pending, and says
-how many.
+`publish_batch` waits for room (the caller is held up, no event is dropped), logs a warning and
+counts each wait in `waits_full`. A batch larger than the bound is taken alone once nothing
+else is pending. Only `close()` gives up on what is still pending, and says how many.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-import queue
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from protocol.backoff import Backoff
@@ -28,11 +30,16 @@ EXCHANGE = "rota.events"
 MAX_PENDING = 100_000
 """Events `RabbitEventBus` keeps while RabbitMQ is unreachable before `publish` waits."""
 BATCH = 1000
-"""Most events committed in one transaction."""
+"""Most events confirmed in one round, unless a single turn's batch is larger."""
+
+Event = tuple[str, bytes]
+"""(routing key, body)."""
 
 
 class EventBus(Protocol):
     def publish(self, routing_key: str, payload: bytes) -> None: ...
+
+    def publish_batch(self, events: Sequence[Event]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -57,6 +64,10 @@ class MemoryEventBus:
                 except Exception:
                     log.exception("event subscriber failed")
 
+    def publish_batch(self, events: Sequence[Event]) -> None:
+        for key, payload in events:
+            self.publish(key, payload)
+
     def close(self) -> None:
         pass
 
@@ -66,78 +77,112 @@ class RabbitEventBus:
 
     def __init__(self, amqp_url: str, max_pending: int = MAX_PENDING) -> None:
         self.amqp_url = amqp_url
-        self.waits_full = 0  # times `publish` had to wait for room
-        self._q: queue.Queue[tuple[str, bytes] | None] = queue.Queue(max_pending)
+        self.max_pending = max_pending
+        self.waits_full = 0  # times a publisher had to wait for room
+        self._pending: deque[list[Event]] = deque()
+        self._count = 0  # events in `_pending`
+        self._cond = threading.Condition()
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
-        self._stop = threading.Event()
         self._thread.start()
 
     def publish(self, routing_key: str, payload: bytes) -> None:
         """Queue an event for publishing; waits while `max_pending` events are pending."""
-        try:
-            self._q.put_nowait((routing_key, payload))
+        self.publish_batch([(routing_key, payload)])
+
+    def publish_batch(self, events: Sequence[Event]) -> None:
+        """Queue a batch, published in one confirm round; waits while there is no room."""
+        batch = list(events)
+        if not batch:
             return
-        except queue.Full:
-            self.waits_full += 1
-            log.warning("event queue full (%d events pending): %s waits for RabbitMQ",
-                        self._q.maxsize, routing_key)
-        while not self._stop.is_set():
-            try:
-                self._q.put((routing_key, payload), timeout=1.0)
-                return
-            except queue.Full:
-                continue
-        log.error("event bus closed with its queue full: %s not published", routing_key)
+        with self._cond:
+            if not self._room(len(batch)):
+                self.waits_full += 1
+                log.warning("event queue full (%d events pending): %d event(s) wait for "
+                            "RabbitMQ", self._count, len(batch))
+                while not self._room(len(batch)) and not self._closing:
+                    self._cond.wait(1.0)
+                if self._closing and not self._room(len(batch)):
+                    log.error("event bus closed with its queue full: %d event(s) not "
+                              "published", len(batch))
+                    return
+            self._pending.append(batch)
+            self._count += len(batch)
+            self._cond.notify_all()
+
+    def _room(self, n: int) -> bool:
+        return self._count == 0 or self._count + n <= self.max_pending
 
     def close(self) -> None:
-        self._stop.set()
-        try:
-            self._q.put(None, timeout=1)
-        except queue.Full:
-            log.error("event bus closing with %d events not published (RabbitMQ unreachable)",
-                      self._q.qsize())
+        """Publish what is pending if RabbitMQ is there (waiting up to 5 s), then stop."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
         self._thread.join(5)
+        with self._cond:
+            if self._count:
+                log.error("event bus closing with %d events not published (RabbitMQ "
+                          "unreachable)", self._count)
+
+    def _take(self) -> list[Event] | None:
+        """Wait for pending batches and take whole ones, up to `BATCH` events (at least one
+        batch); None once closing with nothing pending."""
+        with self._cond:
+            while not self._pending and not self._closing:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            taken = list(self._pending[0])
+            n = 1
+            while n < len(self._pending) and len(taken) + len(self._pending[n]) <= BATCH:
+                taken += self._pending[n]
+                n += 1
+            return taken
+
+    def _done(self, taken: int) -> None:
+        """The first `taken` pending events are confirmed: make room."""
+        with self._cond:
+            while taken > 0 and self._pending:
+                first = self._pending.popleft()
+                taken -= len(first)
+                self._count -= len(first)
+            self._cond.notify_all()
 
     def _run(self) -> None:
         import pika
 
+        from protocol.amqp import ConfirmPublisher
+
+        props = pika.BasicProperties(delivery_mode=2, content_type="application/msgpack")
         backoff = Backoff()
-        batch: list[tuple[str, bytes]] = []
-        closing = False
+        publisher: ConfirmPublisher | None = None
         while True:
+            batch = self._take()
+            if batch is None:
+                break
             try:
-                conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
-                ch = conn.channel()
-                ch.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
-                ch.tx_select()  # one commit per batch: every event in it is persisted, or none
-                props = pika.BasicProperties(delivery_mode=2, content_type="application/msgpack")
-                backoff.reset()
-                while True:
-                    if not batch:
-                        closing = self._take(batch)
-                    for key, body in batch:
-                        ch.basic_publish(EXCHANGE, key, body, props)
-                    ch.tx_commit()
-                    batch = []
-                    if closing:
+                if publisher is None:
+                    params = pika.URLParameters(self.amqp_url)
+                    conn = pika.BlockingConnection(params)
+                    try:
+                        conn.channel().exchange_declare(EXCHANGE, exchange_type="topic",
+                                                        durable=True)
+                    finally:
                         conn.close()
-                        return
+                    publisher = ConfirmPublisher(params, name="events-publisher")
+                publisher.publish([(EXCHANGE, key, body) for key, body in batch], props)
+                backoff.reset()
+                self._done(len(batch))
             except Exception as exc:
-                if closing or (self._stop.is_set() and not batch):
-                    return
+                if publisher is not None:
+                    publisher.close()
+                    publisher = None
+                if self._closing:
+                    break
                 wait = backoff.next()
                 log.warning("event publisher lost RabbitMQ (%s); retrying in %.1fs", exc, wait)
-                self._stop.wait(wait)
-
-    def _take(self, batch: list[tuple[str, bytes]], limit: int = BATCH) -> bool:
-        """Block for one event, then take what else is waiting. True: close after this."""
-        item = self._q.get()
-        while item is not None:
-            batch.append(item)
-            if len(batch) >= limit:
-                return False
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                return False
-        return True
+                with self._cond:
+                    if not self._closing:
+                        self._cond.wait(wait)
+        if publisher is not None:
+            publisher.close()

@@ -32,3 +32,59 @@ def test_publish_waits_at_the_bound_instead_of_dropping_an_event() -> None:
     fourth.join(5)
     assert not fourth.is_alive(), "closing the bus left a publisher waiting"
     assert time.monotonic() - began < 15
+
+
+def test_a_batch_waits_for_room_as_a_whole_and_one_over_the_bound_goes_alone() -> None:
+    bus = RabbitEventBus(f"amqp://guest:guest@127.0.0.1:{_closed_port()}/%2F", max_pending=3)
+    try:
+        bus.publish_batch([("run.queued", b"0"), ("run.queued", b"1")])
+        second = threading.Thread(target=bus.publish_batch,
+                                  args=([("run.failed", b"2"), ("run.failed", b"3")],),
+                                  daemon=True)
+        second.start()
+        second.join(1.0)
+        assert second.is_alive(), "a batch that does not fit was not kept waiting"
+        assert bus.waits_full == 1
+        assert bus._count == 2, "part of a batch was taken while it waited for room"
+    finally:
+        bus.close()
+    second.join(5)
+    assert not second.is_alive()
+    alone = RabbitEventBus(f"amqp://guest:guest@127.0.0.1:{_closed_port()}/%2F", max_pending=3)
+    try:
+        alone.publish_batch([("run.queued", b"%d" % i) for i in range(5)])  # nothing pending
+        assert alone.waits_full == 0 and alone._count == 5
+    finally:
+        alone.close()
+
+
+def test_the_outbox_hands_a_turns_records_to_the_bus_as_one_batch() -> None:
+    from coordinator.adapters.events import Event
+    from coordinator.core.actions import Changes, Record
+    from coordinator.core.run import Run, Trigger
+    from coordinator.outbox import Outbox, Turn
+    from protocol.catalogue import Catalogue
+    from protocol.transport import make_transport
+
+    class Bus:
+        def __init__(self) -> None:
+            self.batches: list[list[Event]] = []
+
+        def publish(self, routing_key: str, payload: bytes) -> None:
+            self.batches.append([(routing_key, payload)])
+
+        def publish_batch(self, events: list[Event]) -> None:
+            self.batches.append(list(events))
+
+        def close(self) -> None:
+            pass
+
+    bus = Bus()
+    outbox = Outbox(make_transport(None), bus, [], threading.Event())
+    turn = Turn(actions=[Record(Run(run_id=f"r{i}", service="S", trigger=Trigger.SCHEDULED,
+                                    slot=0.0, queued_at=0.0, run_groups=frozenset()))
+                         for i in range(50)])
+    catalogue = Catalogue(timezone="UTC", roles=("Master",), services={})
+    outbox.finish(None, None, Changes(), turn, catalogue, {}, 0.0)  # type: ignore[arg-type]
+    assert len(bus.batches) == 1 and len(bus.batches[0]) == 50
+    assert {key for key, _ in bus.batches[0]} == {"run.queued"}
