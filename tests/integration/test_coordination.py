@@ -857,3 +857,54 @@ def test_zk_load_time_of_a_large_ledger(zk: Backend, capsys: pytest.CaptureFixtu
               f"written in {wrote:.2f} s ({term.transactions} transactions); "
               f"successor load {loaded_in * 1000:.0f} ms, load + restore "
               f"{restored_in * 1000:.0f} ms")
+
+
+def test_zk_load_time_against_format_1(zk: Backend, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same ledger (10,000 services, 10% with overrides, 100 active runs) loaded from
+    format 1 (one znode per key: what the migration reads) and from format 2, in one run:
+    printed, not bounded."""
+    hosts = zk.hosts or ""
+    names = [f"Service {i:05d}" for i in range(10_000)]
+    changes = Changes(
+        cursors={n: 1.8e9 for n in names}, last_runs={n: 1.8e9 - 5 for n in names},
+        overrides={n: {"enabled": False} for n in names[::10]},
+        runs={f"run-{i}": Run(
+            run_id=f"run-{i}", service=names[i * 100], trigger=Trigger.SCHEDULED, slot=1.8e9,
+            queued_at=1.8e9, run_groups=frozenset({"g"}), node="n1", state=RunState.RUNNING)
+            for i in range(100)})
+    values = {k: v for k, v in Ledger().writes(changes).items() if v is not None}
+
+    def plant(client: KazooClient) -> None:
+        client.ensure_path(LEDGER)
+        items = list(values.items())
+        pending = []
+        for start in range(0, len(items), 300):
+            txn = client.transaction()
+            for key, value in items[start : start + 300]:
+                txn.create(f"{LEDGER}/{encode_name(key)}", value)
+            pending.append(txn.commit_async())
+        for reply in pending:
+            assert not any(isinstance(r, Exception) for r in reply.get())
+
+    raw_zk(hosts, plant)
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    assert isinstance(term, ZkTerm)
+    began = time.perf_counter()
+    names_1 = term._children(LEDGER)[0]
+    old = term._get_many([f"{LEDGER}/{n}" for n in names_1])
+    format_1 = time.perf_counter() - began
+    assert len(old) == len(values)
+    assert term.load() == values  # migrates
+    done.set()
+    newer, done2 = racer.next_term()
+    began = time.perf_counter()
+    loaded = newer.load()
+    format_2 = time.perf_counter() - began
+    assert loaded == values
+    done2.set()
+    racer.stop()
+    with capsys.disabled():
+        print(f"\n[zk] {len(values):,} ledger keys: format 1 (a znode each) read in "
+              f"{format_1 * 1000:.0f} ms; format 2 ({BUCKET_COUNT} buckets) loaded in "
+              f"{format_2 * 1000:.0f} ms")
