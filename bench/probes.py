@@ -68,15 +68,17 @@ def zk_zxid(hosts: str, timeout: float = 5.0) -> int | None:
     return None
 
 
-def zk_version_sum(client: Any, root: str = "/") -> int:
+def zk_version_sum(client: Any, root: str = "/") -> int | None:
     """Sum of every znode's data version and children version (cversion) under ``root``.
 
     A set bumps its znode's version, a create or delete its parent's cversion, inside a
     multi-op transaction as outside one; so the growth of this sum over a window counts the
     znode writes, except the sets on znodes deleted before the window ends: a lower bound.
     Reads level by level with pipelined calls on ``client`` (a started KazooClient, kept
-    open so that its session adds no transaction to the window).
+    open so that its session adds no transaction to the window). None if ZooKeeper fails.
     """
+    from kazoo.exceptions import NoNodeError
+
     total = 0
     level = [root]
     while level:
@@ -86,8 +88,10 @@ def zk_version_sum(client: Any, root: str = "/") -> int:
         for path, result in pending:
             try:
                 children, stat = result.get(timeout=30)
-            except Exception:  # deleted meanwhile
+            except NoNodeError:  # deleted meanwhile
                 continue
+            except Exception:
+                return None
             total += stat.version + stat.cversion
             base = path.rstrip("/")
             level.extend(f"{base}/{c}" for c in children)
@@ -239,7 +243,7 @@ class Costs:
 
     @property
     def zk_writes_at_least_per_run(self) -> float | None:
-        if self.zk_writes_at_least is None or not self.runs:
+        if self.zk_writes_at_least is None or self.zk_writes_at_least < 0 or not self.runs:
             return None
         return self.zk_writes_at_least / self.runs
 
