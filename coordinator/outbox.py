@@ -54,6 +54,8 @@ class Outbox:
         self.history_sinks = history_sinks
         self.stopping = stopping
         self.fault = fault
+        self._params_catalogue: Catalogue | None = None
+        self._params: dict[str, forms.Params] = {}
 
     def finish(self, term: Term, ledger: Ledger, changes: Changes, turn: Turn,
                catalogue: Catalogue, nodes: Mapping[str, Node], now: float) -> None:
@@ -62,20 +64,29 @@ class Outbox:
             writes = ledger.writes(changes)
             if writes:
                 term.commit(writes)  # raises Fenced when deposed: nothing below happens
-        dispatches = [a for a in turn.actions if isinstance(a, Dispatch)]
+        dispatches: list[Dispatch] = []
+        controls_due: list[Control] = []
+        recorded: list[Record | DaemonInterval] = []
+        for a in turn.actions:  # one pass: a busy turn has thousands of actions
+            if isinstance(a, Record | DaemonInterval):
+                recorded.append(a)
+            elif isinstance(a, Dispatch):
+                dispatches.append(a)
+            elif isinstance(a, Control):
+                controls_due.append(a)
         if log.isEnabledFor(logging.DEBUG) and (dispatches or changes):
             log.debug("epoch %d turn: ledger runs %s cursors %s; orders %s; records %s",
                       term.epoch,
                       {k: (r.state.value if r else "-") for k, r in changes.runs.items()},
                       changes.cursors, [a.run.run_id for a in dispatches],
-                      [f"{a.run.run_id}:{a.run.state.value}" for a in turn.actions
+                      [f"{a.run.run_id}:{a.run.state.value}" for a in recorded
                        if isinstance(a, Record)])
         if self.fault and dispatches:
             self.fault("after-ledger")
+        params = self._params_of(catalogue)
         orders = [
             (node_queue(a.run.node or ""),
-             encode(forms.order_of(a.run, a.service, term.epoch, now,
-                                   forms.params_of(catalogue.params.get(a.service.name, {})))))
+             encode(forms.order_of(a.run, a.service, term.epoch, now, params(a.service.name))))
             for a in dispatches
         ]
         self.send(orders, term)
@@ -84,24 +95,32 @@ class Outbox:
         if self.fault and dispatches:
             self.fault("after-publish")
         controls = []
-        for a in turn.actions:
-            if isinstance(a, Control):
-                node = nodes.get(a.node)
-                msg = forms.control_of(
-                    a, term.epoch, now, forms.params_of(catalogue.params.get(a.service.name, {})),
-                    node.incarnation if node else None)
-                controls.append((node_queue(a.node), encode(msg)))
+        for c in controls_due:
+            node = nodes.get(c.node)
+            msg = forms.control_of(c, term.epoch, now, params(c.service.name),
+                                   node.incarnation if node else None)
+            controls.append((node_queue(c.node), encode(msg)))
         self.send(controls, term)
-        records: list[RunRecord] = []
-        for action in turn.actions:
-            if isinstance(action, Record):
-                records.append(forms.record_of(action.run))
-            elif isinstance(action, DaemonInterval):
-                records.append(forms.interval_record(action))
+        records = [forms.record_of(a.run) if isinstance(a, Record) else forms.interval_record(a)
+                   for a in recorded]
         records += turn.records
         self.publish_all(records)
         for d in turn.acks:
             d.ack()
+
+    def _params_of(self, catalogue: Catalogue) -> Callable[[str], forms.Params]:
+        """A service's order parameters, worked out once per catalogue."""
+        if catalogue is not self._params_catalogue:
+            self._params_catalogue, self._params = catalogue, {}
+        cache = self._params
+
+        def of(name: str) -> forms.Params:
+            found = cache.get(name)
+            if found is None:
+                found = cache[name] = forms.params_of(catalogue.params.get(name, {}))
+            return found
+
+        return of
 
     def send(self, items: list[tuple[str, bytes]], term: Term) -> None:
         """Publish a batch, all stored or none; while RabbitMQ is unreachable, retry it as
