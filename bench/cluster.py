@@ -657,7 +657,8 @@ def bench_spread(ctx: Context) -> None:
         p99, top = quantile(v, 0.99), v[-1]
         ctx.row(f"spread: {n // 10} slots due each second, start lateness p99 / max "
                 "(processes)", f"p50 {ms(quantile(v, 0.5))}, p99 {ms(p99)}, max {ms(top)}",
-                "≤ 10 ms / ≤ 50 ms", p99 <= 0.010 and top <= 0.050)
+                "≤ 10 ms / ≤ 50 ms", p99 <= 0.010 and top <= 0.050,
+                baseline=ctx.raw_path(n // 10))
     else:
         ctx.row(f"spread: {n // 10} slots due each second (processes)",
                 f"{len(v):,} of {expected:,} slots started", "≤ 10 ms / ≤ 50 ms", False,
