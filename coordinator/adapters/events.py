@@ -5,7 +5,8 @@ Every run state change is published with routing key `run.<state>` and a msgpack
 (`publish_batch`). `RabbitEventBus` publishes from its own thread, a turn's batch (or several
 waiting ones) at a time with publisher confirms waited for once (every event of it is
 persisted, or the batch is published again), and reconnects with backoff; `MemoryEventBus`
-calls subscribers in process.
+calls subscribers in process. The records that end runs are kept by RabbitMQ in the
+`rota.history` stream bound to the exchange (`coordinator/adapters/history.py`).
 
 While RabbitMQ is unreachable, `RabbitEventBus` keeps up to `max_pending` events; beyond that
 `publish_batch` waits for room (the caller is held up, no event is dropped), logs a warning and
@@ -22,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from coordinator.adapters.history import declare_history
 from protocol.backoff import Backoff
 
 log = logging.getLogger("rota.events")
@@ -164,9 +166,8 @@ class RabbitEventBus:
                 if publisher is None:
                     params = pika.URLParameters(self.amqp_url)
                     conn = pika.BlockingConnection(params)
-                    try:
-                        conn.channel().exchange_declare(EXCHANGE, exchange_type="topic",
-                                                        durable=True)
+                    try:  # the exchange, and the history stream bound to it
+                        declare_history(conn.channel())
                     finally:
                         conn.close()
                     publisher = ConfirmPublisher(params, name="events-publisher")

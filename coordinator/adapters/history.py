@@ -1,0 +1,127 @@
+"""Run history on RabbitMQ: the `rota.history` stream, fed by the `rota.events` exchange.
+
+The leader publishes every run record on `rota.events` once; the stream queue `rota.history`
+is bound to the routing keys of the records that end a run (and of daemon intervals), so
+RabbitMQ itself keeps the history: an append-only log that survives leader failover, retained
+by size and age, and readable from the first record or from a point in time. No ZooKeeper
+write and no extra publish is spent on it.
+
+`declare_history(channel)` creates and binds the stream (idempotent; the event bus calls it when
+it connects). `read_history(url, since=..., limit=...)` reads it back as `RunRecord`s, oldest
+first. Records that fail to decode are skipped and counted, never raised: the stream carries
+what the exchange received.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from protocol import ProtocolError, RunRecord, decode_as
+
+log = logging.getLogger("rota.history")
+
+STREAM = "rota.history"
+EXCHANGE = "rota.events"
+MAX_BYTES = 1024**3
+"""Retention by size: the oldest segments go once the stream is larger (1 GiB)."""
+MAX_AGE = "30D"
+"""Retention by age (RabbitMQ's `x-max-age` syntax)."""
+SEGMENT_BYTES = 16 * 1024**2
+"""Segment size; retention drops whole segments, so it must be well below `MAX_BYTES`."""
+ENDING_STATES = ("succeeded", "failed", "timed_out", "lost", "expired", "rejected", "skipped",
+                 "missed", "stopped", "exited", "paused")
+"""States whose record ends a run or a daemon interval: the stream keeps these."""
+
+
+def stream_arguments(max_bytes: int = MAX_BYTES, max_age: str = MAX_AGE,
+                     segment_bytes: int = SEGMENT_BYTES) -> dict[str, Any]:
+    return {
+        "x-queue-type": "stream",
+        "x-max-length-bytes": max_bytes,
+        "x-max-age": max_age,
+        "x-stream-max-segment-size-bytes": min(segment_bytes, max_bytes),
+    }
+
+
+def declare_history(channel: Any, **retention: Any) -> None:
+    """Declare the exchange and the history stream, bound to every ending state."""
+    channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
+    channel.queue_declare(STREAM, durable=True, arguments=stream_arguments(**retention))
+    for state in ENDING_STATES:
+        channel.queue_bind(STREAM, EXCHANGE, routing_key=f"run.{state}")
+
+
+@dataclass
+class History:
+    records: list[RunRecord]
+    undecodable: int = 0
+
+
+def read_history(
+    amqp_url: str,
+    *,
+    since: float | None = None,
+    limit: int | None = None,
+    keep: Callable[[RunRecord], bool] | None = None,
+    idle: float = 0.5,
+    timeout: float = 30.0,
+) -> History:
+    """The stream's records, oldest first: all, or those that ended at or after `since`.
+
+    Reading starts at the stream's first record, or at the chunk holding `since` (RabbitMQ
+    seeks by timestamp to a chunk, so earlier records are filtered out here). It stops when no
+    record arrives for `idle` seconds, or after `timeout`. With `limit`, the newest `limit`
+    records that pass `keep` are returned.
+    """
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    out: list[RunRecord] = []
+    bad = 0
+    try:
+        ch = conn.channel()
+        ch.basic_qos(prefetch_count=1000)  # a stream consumer must set a prefetch
+        offset: Any = "first" if since is None else _offset_at(since)
+        deadline = time.monotonic() + timeout
+        consumer = ch.consume(STREAM, inactivity_timeout=idle,
+                              arguments={"x-stream-offset": offset})
+        for method, _props, body in consumer:
+            if method is None or time.monotonic() > deadline:
+                break
+            ch.basic_ack(method.delivery_tag)
+            try:
+                rec = decode_as(body, RunRecord)
+            except ProtocolError as exc:
+                bad += 1
+                log.warning("history record skipped: %s", exc)
+                continue
+            if since is not None and (rec.finished_at or rec.queued_at or 0.0) < since:
+                continue
+            if keep is not None and not keep(rec):
+                continue
+            out.append(rec)
+            if limit is not None and len(out) > 4 * limit:
+                del out[: len(out) - limit]
+        ch.cancel()
+    finally:
+        conn.close()
+    if limit is not None:
+        out = out[-limit:] if limit else []
+    return History(out, bad)
+
+
+def _offset_at(since: float) -> Any:
+    from datetime import UTC, datetime
+
+    # pika sends a datetime as an AMQP timestamp (whole seconds): start a second early.
+    return datetime.fromtimestamp(int(since) - 1, UTC)
+
+
+def of_service(names: Iterable[str]) -> Callable[[RunRecord], bool]:
+    """A `keep` filter: records of these services."""
+    wanted = set(names)
+    return lambda rec: rec.service in wanted
