@@ -1,0 +1,138 @@
+"""A leader SIGKILLed in the middle of a 1,000-slot burst, on real servers and processes.
+
+1,000 services are due at the same instant; the leader is killed as soon as the burst's first
+orders show on `rota.events`. The successor must resume from the ledger so that every slot of
+the burst ends with exactly one final record (a run, or a slot recorded skipped, missed, lost or
+expired with its reason), run groups never overlap and nothing runs on a node without an
+allowed role. The audit reads both `rota.events` and the workers' own journals.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from coordinator.audit import NOT_RUN, RAN, audit, audit_journal
+from protocol.catalogue import load_catalogue
+from tests.harness import THREE_NODES, THREE_NODES_ROLES, Cluster, EventRecorder, Proc
+
+BURST = 1000
+CAPACITY = 400
+GROUPED = 10
+"""Burst services sharing one run group: they must run one after another."""
+ROLE_SETS = (["Master", "Processing"], ["Redundancy", "Reporting"], ["Master"],
+             ["Processing", "Calculation", "Reporting"])
+LEAD = 30.0
+"""Seconds from writing the catalogue to the burst's slot: room for the cluster to come up."""
+SETTLE = 90.0
+"""Seconds allowed after the slot for every burst slot's final record."""
+
+
+class BurstCluster(Cluster):
+    """The harness's cluster, with workers wide enough to take the whole burst at once."""
+
+    def worker(self, node: str, roles: str, session_timeout: float = 2.0) -> Proc:
+        journal = self.workdir / f"{node}.journal"
+        return self._spawn(node, [
+            "worker", "--node", node, "--roles", roles, "--zk", self.zk_hosts,
+            "--amqp", self.amqp_url, "--session-timeout", str(session_timeout),
+            "--journal", str(journal), "--catalogue", str(self.catalogue),
+            "--capacity", str(CAPACITY),
+        ], journal=journal)
+
+
+def _burst_catalogue(path: Path, slot: float) -> Path:
+    """BURST cron services due once a day, at `slot` (UTC), plus a 2-second tick."""
+    t = time.gmtime(slot)
+    cron = f"{t.tm_min} {t.tm_hour} * * * {t.tm_sec}"
+    out = ['[system]', 'timezone = "UTC"',
+           'roles = ["Master", "Redundancy", "Reporting", "Processing", "Calculation"]',
+           "catch_up = 60", "",
+           "[[service]]", 'name = "Tick"', 'kind = "cron"', 'cron = "* * * * * */2"',
+           'allowed_roles = ["Master", "Processing"]', 'utility = "workers.demo:noop"',
+           "timeout = 10", ""]
+    for i in range(BURST):
+        roles = ", ".join(f'"{r}"' for r in ROLE_SETS[i % len(ROLE_SETS)])
+        out += ["[[service]]", f'name = "burst-{i:04d}"', 'kind = "cron"', f'cron = "{cron}"',
+                f"allowed_roles = [{roles}]", 'utility = "workers.demo:noop"', "timeout = 30"]
+        if i < GROUPED:
+            out.append('run_groups = ["burst_group"]')
+        out.append("")
+    path.write_text("\n".join(out), encoding="utf-8")
+    return path
+
+
+def _leader(c: Cluster, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        who = c.leader()
+        if who and c.procs.get(who) and c.procs[who].alive():
+            return who
+        time.sleep(0.1)
+    raise AssertionError(f"no leader after {timeout:.0f} s\n{c.logs()}")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_leader_sigkilled_mid_burst(amqp_url: str, zk_hosts: str, tmp_path: Path) -> None:
+    slot = float(int(time.time() + LEAD))
+    catalogue = _burst_catalogue(tmp_path / "burst.toml", slot)
+    names = {f"burst-{i:04d}" for i in range(BURST)}
+    c = BurstCluster(amqp_url, zk_hosts, catalogue, tmp_path)
+    rec = EventRecorder(amqp_url).start()
+    try:
+        for node, roles in THREE_NODES.items():
+            c.worker(node, roles)
+        for name in ("coord-a", "coord-b"):
+            c.coordinator(name)
+        _leader(c, LEAD - 5)
+        assert rec.wait_for(lambda r: r.service == "Tick" and r.state == "succeeded",
+                            max(1.0, slot - 3 - time.time())) is not None, c.logs()
+        t0 = time.time()
+        assert t0 < slot - 1, f"the cluster came up only {slot - t0:.1f} s before the burst"
+        leader = _leader(c, 1)  # asked before the burst: the kill follows its first order at once
+        old_epoch = max(r.epoch for r in rec.snapshot())
+        deadline = time.monotonic() + slot + 20 - time.time()
+        while not any(r.service in names for r in rec.snapshot()):
+            assert time.monotonic() < deadline, f"no order of the burst seen\n{c.logs()}"
+            time.sleep(0.005)
+        killed_at = time.time()
+        c.procs[leader].kill()
+        at_kill = [r for r in rec.snapshot() if r.service in names and r.epoch == old_epoch]
+        ordered = len({r.run_id for r in at_kill})
+        ended = len({r.run_id for r in at_kill if r.state in RAN | NOT_RUN})
+        new = rec.wait_for(lambda r: r.epoch > old_epoch and r.state in
+                           ("dispatched", "running", "succeeded"), 60)
+        assert new is not None, f"no order from the successor\n{c.logs()}"
+        failover = time.time() - killed_at
+        # Every slot of the burst ends with a final record.
+        deadline = time.monotonic() + max(10.0, slot + SETTLE - time.time())
+        finals: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            finals = {r.service: r.state for r in rec.finals()
+                      if r.service in names and r.state in RAN | NOT_RUN}
+            if len(finals) == BURST:
+                break
+            time.sleep(0.5)
+        time.sleep(6)  # ticks after the burst settle
+        t1 = time.time()
+        all_finals = rec.finals(end=t1)
+        report = audit(all_finals, load_catalogue(catalogue), THREE_NODES_ROLES,
+                       start=t0, settled=t1 - 5)
+        audit_journal(c.journal(), report)
+        states = Counter(r.state for r in all_finals if r.service in names)
+        print(f"at the kill: {ordered} burst runs ordered, {ended} ended; leader {leader} killed "
+              f"{killed_at - slot:+.2f} s from the slot; kill → successor's first order "
+              f"{failover:.2f} s; burst runs by final state: {dict(sorted(states.items()))}")
+        print("audit:", report.line())
+        missing = sorted(names - finals.keys())
+        assert not missing, (f"{len(missing)} burst slots without a final record after "
+                             f"{SETTLE:.0f} s, e.g. {missing[:5]}\n{c.logs()}")
+        assert report.slots_due >= BURST
+        assert not report.violations, "\n".join(report.violations[:25]) + "\n" + c.logs()
+    finally:
+        c.close()
+        rec.stop()
