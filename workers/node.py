@@ -109,9 +109,9 @@ class WorkerNode:
         self._daemon_epoch = 0
         # Controls are taken by several consumer threads: apply them one at a time, and never
         # one issued before the last applied for the same daemon (a late resume must not undo
-        # the pause that followed it).
+        # the pause that followed it, even when both were sent in one turn).
         self._control_lock = threading.Lock()
-        self._last_control: dict[str, tuple[int, float]] = {}
+        self._last_control: dict[str, tuple[int, float, int]] = {}
         self.incarnation: str | None = None  # names this node's current ZooKeeper session
         self._consumer_threads = consumer_threads
         self._served: Consumer | None = None
@@ -325,12 +325,12 @@ class WorkerNode:
     def _on_control(self, c: DaemonControl) -> None:
         with self._control_lock:
             last = self._last_control.get(c.service)
-            if last is not None and (c.epoch, c.issued_at) < last:
-                log.info("ignored daemon control %s %s: issued before the last one applied",
-                         c.action, c.service)
+            if last is not None and (c.epoch, c.issued_at, c.seq) <= last:
+                log.info("ignored daemon control %s %s: issued before the last one applied "
+                         "(or delivered twice)", c.action, c.service)
                 return
             if self._apply_control(c):
-                self._last_control[c.service] = (c.epoch, c.issued_at)
+                self._last_control[c.service] = (c.epoch, c.issued_at, c.seq)
 
     def _apply_control(self, c: DaemonControl) -> bool:
         if (
