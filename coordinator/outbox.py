@@ -64,7 +64,8 @@ class Outbox:
         if changes or changes.finished:
             writes = ledger.writes(changes)
             if writes:
-                term.commit(writes)  # raises Fenced when deposed: nothing below happens
+                with metrics.LEDGER_COMMIT.time():
+                    term.commit(writes)  # raises Fenced when deposed: nothing below happens
         dispatches: list[Dispatch] = []
         controls_due: list[Control] = []
         recorded: list[Record | DaemonInterval] = []
@@ -107,6 +108,7 @@ class Outbox:
                    for a in recorded]
         records += turn.records
         self.publish_all(records)
+        metrics.count_ended(a.run for a in recorded if isinstance(a, Record))
         for d in turn.acks:
             d.ack()
 

@@ -135,7 +135,7 @@ class WorkerNode:
                        lambda: None)
         self._served = self.transport.serve(
             self.queue, self._on_delivery, threads=self._consumer_threads,
-            refused=lambda reason: metrics.DEAD_LETTERS.labels(reason).inc(),
+            refused=lambda reason: metrics.DEAD_LETTERS.labels(self.node_id, reason).inc(),
         )
         self.announce()
         log.info("node %s up with roles %s", self.node_id, ", ".join(sorted(self.roles)))
@@ -203,14 +203,14 @@ class WorkerNode:
         if delivery.payload is None:
             error = delivery.error or ProtocolError("garbage", "no payload")
             self.transport.dead_letter(self.queue, delivery.raw, error, now)
-            metrics.DEAD_LETTERS.labels(error.reason).inc()
+            metrics.DEAD_LETTERS.labels(self.node_id, error.reason).inc()
             return
         payload = delivery.payload
         try:
             msg = decode(payload)
         except ProtocolError as exc:
             self.transport.dead_letter(self.queue, payload, exc, now)
-            metrics.DEAD_LETTERS.labels(exc.reason).inc()
+            metrics.DEAD_LETTERS.labels(self.node_id, exc.reason).inc()
             return
         if isinstance(msg, RunOrder):
             self._on_order(msg, now)
@@ -222,7 +222,7 @@ class WorkerNode:
                 f"got {type(msg).__name__}",
             )
             self.transport.dead_letter(self.queue, payload, wrong, now)
-            metrics.DEAD_LETTERS.labels(wrong.reason).inc()
+            metrics.DEAD_LETTERS.labels(self.node_id, wrong.reason).inc()
 
     def _refusal(self, order: RunOrder, now: float) -> str | None:
         if order.node != self.node_id:
@@ -256,7 +256,7 @@ class WorkerNode:
     def _on_order(self, order: RunOrder, now: float) -> None:
         with self._seen_lock:
             if order.run_id in self._seen:
-                metrics.DUPLICATES.inc()
+                metrics.DUPLICATES.labels(self.node_id).inc()
                 return
             self._seen[order.run_id] = None
             if len(self._seen) > SEEN_LIMIT:
@@ -264,7 +264,7 @@ class WorkerNode:
         reason = self._refusal(order, now)
         if reason is not None:
             log.warning("refused %s (%s): %s", order.run_id, order.service, reason)
-            metrics.REJECTED.labels(reason.split()[0]).inc()
+            metrics.REJECTED.labels(self.node_id, reason.split()[0]).inc()
             self._report(RunEvent(
                 run_id=order.run_id, service=order.service, node=self.node_id,
                 state="rejected", at=now, epoch=order.epoch, reason=reason,
@@ -293,7 +293,7 @@ class WorkerNode:
                 timeout=order.timeout, params=dict(order.params), on_start=started,
             )
             self._write_journal("end", order, out.finished_at, out.outcome)
-            metrics.RUNS.labels(out.outcome).inc()
+            metrics.RUNS.labels(self.node_id, out.outcome).inc()
             self._report_event(
                 run_id=order.run_id, service=order.service, node=self.node_id,
                 state=out.outcome, at=out.finished_at, epoch=order.epoch,
@@ -402,7 +402,7 @@ class WorkerNode:
             return
         except ProtocolError as exc:
             problem = f"the utility reported a value that cannot be sent: {exc}"
-        metrics.BAD_REPORTS.inc()
+        metrics.BAD_REPORTS.labels(self.node_id).inc()
         log.warning("run %s of %s: %s", fields.get("run_id"), fields.get("service"), problem)
         if fields.get("state") == "succeeded":
             fields["state"] = "failed"
@@ -434,11 +434,11 @@ class WorkerNode:
         try:
             self._outbox.put_nowait(report)
         except queue.Full:
-            metrics.OUTBOX_FULL.inc()
+            metrics.OUTBOX_FULL.labels(self.node_id).inc()
             log.warning("outbox full (%d run events not yet published): waiting for RabbitMQ",
                         self._outbox.maxsize)
             self._outbox.put(report)
-        metrics.OUTBOX.set(self._outbox.qsize())
+        metrics.OUTBOX.labels(self.node_id).set(self._outbox.qsize())
 
     def _reporter(self) -> None:
         """Publishes queued run events to rota.results in batches, each stored all or none;
@@ -475,7 +475,7 @@ class WorkerNode:
                     log.warning("cannot report %d event(s) (%s); retrying in %.1fs",
                                 len(batch), exc, wait)
                     time.sleep(wait)
-            metrics.OUTBOX.set(self._outbox.qsize())
+            metrics.OUTBOX.labels(self.node_id).set(self._outbox.qsize())
 
 
 class _Report:
