@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rota.leader")
 GAUGES_EVERY = 1.0  # seconds between two settings of the state gauges
+SNAPSHOT_EVERY = 0.25  # seconds between two snapshots while the leader is busy
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Coordinator:
         self._in_term = False  # membership changes go to the inbox only while leading
         self._snapshot: view.Snapshot | None = None
         self._gauges_at = float("-inf")  # monotonic time the state gauges were last set
+        self._snapshot_at = float("-inf")  # and the snapshot built
         self._failed_terms = Backoff(self.options.failed_term_pause, 60.0)
         self._failed_in_a_row = 0
         self.ledger = Ledger()
@@ -167,7 +169,7 @@ class Coordinator:
             self._in_term = False
             metrics.LEADER.set(0)
             metrics.forget_state()
-            self._gauges_at = float("-inf")
+            self._gauges_at = self._snapshot_at = float("-inf")
             for r in readers:
                 r.stop()
             self._snapshot = None
@@ -258,8 +260,12 @@ class Coordinator:
         finally:
             metrics.LEDGER_TRANSACTIONS.inc(term.transactions - transactions)
             metrics.LEDGER_WRITES.inc(term.ops - ops)
-        self._snapshot = view.snapshot(engine)
         now = time.monotonic()
+        # The snapshot costs O(services): while turns come back to back it is rebuilt at most
+        # every SNAPSHOT_EVERY; a turn that empties the inbox always rebuilds it.
+        if self._inbox.empty() or now - self._snapshot_at >= SNAPSHOT_EVERY:
+            self._snapshot = view.snapshot(engine)
+            self._snapshot_at = now
         if now - self._gauges_at >= GAUGES_EVERY:
             self._gauges_at = now
             self._show_state(engine)
