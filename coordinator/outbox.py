@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from coordinator import forms, metrics
-from coordinator.adapters.events import EventBus
+from coordinator.adapters.events import Done, EventBus
 from coordinator.core.actions import Action, Changes, Control, DaemonInterval, Dispatch, Record
 from coordinator.core.node import Node
 from coordinator.ledger import Ledger
@@ -107,10 +107,16 @@ class Outbox:
         records = [forms.record_of(a.run) if isinstance(a, Record) else forms.interval_record(a)
                    for a in recorded]
         records += turn.records
-        self.publish_all(records)
+        acks = turn.acks
+
+        def acknowledge() -> None:
+            for d in acks:
+                d.ack()
+
+        # Reports are acknowledged once the records they led to are stored: a leader killed
+        # before then leaves them to its successor, and no event is lost with it.
+        self.publish_all(records, then=acknowledge)
         metrics.count_ended(a.run for a in recorded if isinstance(a, Record))
-        for d in turn.acks:
-            d.ack()
 
     def _params_of(self, catalogue: Catalogue) -> Callable[[str], forms.Params]:
         """A service's order parameters, worked out once per catalogue."""
@@ -156,11 +162,15 @@ class Outbox:
         """A record on `rota.events`; a final one also to the history sinks."""
         self.publish_all([rec], history)
 
-    def publish_all(self, recs: list[RunRecord], history: bool = True) -> None:
-        """Records on `rota.events` as one batch; final ones also to the history sinks."""
+    def publish_all(self, recs: list[RunRecord], history: bool = True,
+                    then: Done | None = None) -> None:
+        """Records on `rota.events` as one batch; final ones also to the history sinks.
+        `then` is called once they are stored."""
         if not recs:
+            if then is not None:
+                then()
             return
-        self.events.publish_batch([(rec.routing_key, encode(rec)) for rec in recs])
+        self.events.publish_batch([(rec.routing_key, encode(rec)) for rec in recs], then)
         if not history or not self.history_sinks:
             return
         for rec in recs:

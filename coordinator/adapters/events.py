@@ -12,6 +12,10 @@ While RabbitMQ is unreachable, `RabbitEventBus` keeps up to `max_pending` events
 `publish_batch` waits for room (the caller is held up, no event is dropped), logs a warning and
 counts each wait in `waits_full`. A batch larger than the bound is taken alone once nothing
 else is pending. Only `close()` gives up on what is still pending, and says how many.
+
+`publish_batch(events, then)` calls `then` once the batch is stored: the leader acknowledges a
+turn's reports only then, so a leader killed before its events left has the reports taken
+again by its successor, which records what they say (daemon intervals included) once more.
 """
 
 from __future__ import annotations
@@ -38,10 +42,14 @@ Event = tuple[str, bytes]
 """(routing key, body)."""
 
 
+Done = Callable[[], None]
+"""Called once every event of a batch is stored by RabbitMQ (in process: delivered)."""
+
+
 class EventBus(Protocol):
     def publish(self, routing_key: str, payload: bytes) -> None: ...
 
-    def publish_batch(self, events: Sequence[Event]) -> None: ...
+    def publish_batch(self, events: Sequence[Event], then: Done | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -66,9 +74,11 @@ class MemoryEventBus:
                 except Exception:
                     log.exception("event subscriber failed")
 
-    def publish_batch(self, events: Sequence[Event]) -> None:
+    def publish_batch(self, events: Sequence[Event], then: Done | None = None) -> None:
         for key, payload in events:
             self.publish(key, payload)
+        if then is not None:
+            then()
 
     def close(self) -> None:
         pass
@@ -82,6 +92,7 @@ class RabbitEventBus:
         self.max_pending = max_pending
         self.waits_full = 0  # times a publisher had to wait for room
         self._pending: deque[list[Event]] = deque()
+        self._then: deque[Done | None] = deque()  # beside each pending batch
         self._count = 0  # events in `_pending`
         self._cond = threading.Condition()
         self._closing = False
@@ -92,10 +103,14 @@ class RabbitEventBus:
         """Queue an event for publishing; waits while `max_pending` events are pending."""
         self.publish_batch([(routing_key, payload)])
 
-    def publish_batch(self, events: Sequence[Event]) -> None:
-        """Queue a batch, published in one confirm round; waits while there is no room."""
+    def publish_batch(self, events: Sequence[Event], then: Done | None = None) -> None:
+        """Queue a batch, published in one confirm round; waits while there is no room.
+        `then` is called from the publisher's thread once the whole batch is confirmed (never,
+        if the bus closes first)."""
         batch = list(events)
         if not batch:
+            if then is not None:
+                then()
             return
         with self._cond:
             if not self._room(len(batch)):
@@ -109,6 +124,7 @@ class RabbitEventBus:
                               "published", len(batch))
                     return
             self._pending.append(batch)
+            self._then.append(then)
             self._count += len(batch)
             self._cond.notify_all()
 
@@ -142,13 +158,23 @@ class RabbitEventBus:
             return taken
 
     def _done(self, taken: int) -> None:
-        """The first `taken` pending events are confirmed: make room."""
+        """The first `taken` pending events are confirmed: make room, and say so to whoever
+        waits for those batches."""
+        done: list[Done] = []
         with self._cond:
             while taken > 0 and self._pending:
                 first = self._pending.popleft()
+                then = self._then.popleft()
+                if then is not None:
+                    done.append(then)
                 taken -= len(first)
                 self._count -= len(first)
             self._cond.notify_all()
+        for then in done:
+            try:
+                then()
+            except Exception:
+                log.exception("after publishing events")
 
     def _run(self) -> None:
         import pika

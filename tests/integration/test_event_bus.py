@@ -49,3 +49,26 @@ def test_events_held_at_the_bound_during_an_outage_all_arrive_in_order(amqp_url:
     finally:
         bus.close()
         conn.close()
+
+
+def test_a_batch_is_answered_only_once_rabbitmq_stored_it(amqp_url: str) -> None:
+    """The leader acknowledges a turn's reports in `then`: never before the events are
+    stored, so a leader killed meanwhile leaves the reports (and their events) to the next."""
+    key = f"run.then-{uuid.uuid4().hex[:8]}"
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    ch = conn.channel()
+    ch.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
+    q = ch.queue_declare("", exclusive=True).method.queue
+    ch.queue_bind(q, EXCHANGE, routing_key=key)
+    bus = RabbitEventBus(_unreachable())
+    answered = threading.Event()
+    try:
+        bus.publish_batch([(key, b"a"), (key, b"b")], then=answered.set)
+        assert not answered.wait(1.5), "answered while RabbitMQ was unreachable"
+        bus.amqp_url = amqp_url  # RabbitMQ is back
+        assert answered.wait(20)
+        stored = [ch.basic_get(q, auto_ack=True)[2] for _ in range(2)]
+        assert stored == [b"a", b"b"]
+    finally:
+        bus.close()
+        conn.close()

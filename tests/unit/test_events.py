@@ -59,12 +59,12 @@ def test_a_batch_waits_for_room_as_a_whole_and_one_over_the_bound_goes_alone() -
 
 
 def test_the_outbox_hands_a_turns_records_to_the_bus_as_one_batch() -> None:
-    from coordinator.adapters.events import Event
+    from coordinator.adapters.events import Done, Event
     from coordinator.core.actions import Changes, Record
     from coordinator.core.run import Run, Trigger
     from coordinator.outbox import Outbox, Turn
     from protocol.catalogue import Catalogue
-    from protocol.transport import make_transport
+    from protocol.transport import Delivery, make_transport
 
     class Bus:
         def __init__(self) -> None:
@@ -73,18 +73,26 @@ def test_the_outbox_hands_a_turns_records_to_the_bus_as_one_batch() -> None:
         def publish(self, routing_key: str, payload: bytes) -> None:
             self.batches.append([(routing_key, payload)])
 
-        def publish_batch(self, events: list[Event]) -> None:
+        def publish_batch(self, events: list[Event], then: Done | None = None) -> None:
             self.batches.append(list(events))
+            self.then = then
 
         def close(self) -> None:
             pass
 
     bus = Bus()
     outbox = Outbox(make_transport(None), bus, [], threading.Event())
+    acked: list[int] = []
     turn = Turn(actions=[Record(Run(run_id=f"r{i}", service="S", trigger=Trigger.SCHEDULED,
                                     slot=0.0, queued_at=0.0, run_groups=frozenset()))
-                         for i in range(50)])
+                         for i in range(50)],
+                acks=[Delivery(b"", None, lambda i=i: acked.append(i)) for i in range(3)])
     catalogue = Catalogue(timezone="UTC", roles=("Master",), services={})
     outbox.finish(None, None, Changes(), turn, catalogue, {}, 0.0)  # type: ignore[arg-type]
     assert len(bus.batches) == 1 and len(bus.batches[0]) == 50
     assert {key for key, _ in bus.batches[0]} == {"run.queued"}
+    # The reports behind these records are acknowledged once the bus has stored them.
+    assert acked == []
+    assert bus.then is not None
+    bus.then()
+    assert acked == [0, 1, 2]
