@@ -18,8 +18,9 @@ from coordinator import forms, metrics
 from coordinator.adapters.events import EventBus
 from coordinator.core.actions import Action, Changes, Control, DaemonInterval, Dispatch, Record
 from coordinator.core.node import Node
+from coordinator.inbox import Outcome, Reply
 from coordinator.ledger import Ledger
-from protocol import ProtocolError, RunRecord, encode
+from protocol import ProtocolError, RunRecord, ServiceChange, encode
 from protocol.backoff import Backoff
 from protocol.catalogue import Catalogue
 from protocol.coordination import Fenced, Term
@@ -29,6 +30,7 @@ log = logging.getLogger("rota.leader")
 
 FaultHook = Callable[[str], None]
 HistorySink = Callable[[RunRecord], None]
+ChangeSink = Callable[[ServiceChange], None]
 
 
 @dataclass
@@ -38,6 +40,9 @@ class Turn:
     actions: list[Action] = field(default_factory=list)
     acks: list[Delivery] = field(default_factory=list)
     records: list[RunRecord] = field(default_factory=list)  # beside those of the actions
+    changes: list[ServiceChange] = field(default_factory=list)  # operator edits, or refusals
+    replies: list[tuple[Reply, Outcome]] = field(default_factory=list)
+    """In-process requests handled this turn: answered once it is carried out."""
 
 
 class Outbox:
@@ -48,10 +53,12 @@ class Outbox:
         history_sinks: list[HistorySink],
         stopping: threading.Event,
         fault: FaultHook | None = None,
+        change_sinks: list[ChangeSink] | None = None,
     ) -> None:
         self.transport = transport
         self.events = events
         self.history_sinks = history_sinks
+        self.change_sinks = list(change_sinks or [])
         self.stopping = stopping
         self.fault = fault
         self._params_catalogue: Catalogue | None = None
@@ -105,6 +112,7 @@ class Outbox:
                    for a in recorded]
         records += turn.records
         self.publish_all(records)
+        self.publish_changes(turn.changes)
         for d in turn.acks:
             d.ack()
 
@@ -166,6 +174,18 @@ class Outbox:
                         sink(rec)
                     except Exception:
                         log.exception("history sink failed")
+
+    def publish_changes(self, changes: list[ServiceChange]) -> None:
+        """Operator edits (applied or refused) on `rota.events`, then to the change sinks."""
+        if not changes:
+            return
+        self.events.publish_batch([(c.routing_key, encode(c)) for c in changes])
+        for c in changes:
+            for sink in self.change_sinks:
+                try:
+                    sink(c)
+                except Exception:
+                    log.exception("change sink failed")
 
     def request(self, payload: bytes) -> None:
         """An operator request, to whichever coordinator leads."""
