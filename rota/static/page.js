@@ -154,9 +154,12 @@
   function banner(id, text, extra) {
     const node = $(id);
     if (!text) {
+      node._message = null;
       setHidden(node, true);
       return;
     }
+    if (node._message === text && !node.hidden) return; // the same news: keep its buttons
+    node._message = text;
     node.replaceChildren(text);
     if (extra) node.append(" ", extra);
     setHidden(node, false);
@@ -166,6 +169,8 @@
 
   async function call(method, path, body, token) {
     const headers = { Accept: "application/json" };
+    // Reads send the token too when there is one: a coordinator may protect reads.
+    if (token === undefined) token = currentToken();
     const init = { method, headers, cache: "no-store" };
     if (body !== undefined) {
       headers["Content-Type"] = "application/json";
@@ -278,6 +283,7 @@
       state.tokenRefused = null;
       setToken(value);
       banner("notice", null);
+      $("notice").classList.remove("error");
       closeToken(value);
     });
     $("token-cancel").addEventListener("click", () => closeToken(null));
@@ -550,7 +556,11 @@
     const b = reply.body;
     if (!reply.ok) {
       $("services").classList.add("stale");
-      if (b.leader !== undefined || reply.status === 503 || reply.status === 409) {
+      if (reply.status === 401) {
+        const enter = el("button", { type: "button", class: "link", text: "Enter the operator token" });
+        enter.addEventListener("click", () => askToken("This coordinator shows its tables to operators only."));
+        banner("conn-error", `Reading needs an operator token (401: ${b.error || "unauthorized"}).`, enter);
+      } else if (b.leader !== undefined || reply.status === 503 || reply.status === 409) {
         showStandby(b.this, b.leader, b.leader_url);
       } else {
         banner("conn-error", `The service table is unavailable: ${errorText(reply)}`);
@@ -705,7 +715,8 @@
 
   function runAtRow(value) {
     const index = $("run-at-list").children.length + 1;
-    const input = el("input", { type: "time", class: "run-at", value: value || "",
+    const input = el("input", { type: "text", class: "run-at", value: value || "",
+      placeholder: "HH:MM", inputmode: "numeric", autocomplete: "off", size: "5",
       "aria-label": `Run at, time ${index}` });
     const remove = el("button", { type: "button", class: "link", text: "remove",
       "aria-label": `Remove time ${index}` });
@@ -838,10 +849,11 @@
     }
     const field = reply.body.field;
     const message = errorText(reply);
-    const slot = field && EDIT_FIELDS.includes(field) ? $(`err-${field}`) : null;
+    const slotName = field === "schedule" ? "kind" : field;
+    const slot = slotName && EDIT_FIELDS.includes(slotName) ? $(`err-${slotName}`) : null;
     if (slot && reply.status !== 401) {
       setText(slot, message);
-      const input = fieldInput(field);
+      const input = fieldInput(slotName);
       if (input) {
         $(input).setAttribute("aria-invalid", "true");
         $(input).focus();
