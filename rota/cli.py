@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--by", default=os.environ.get("USER", "operator"),
                      help="who asks (with --amqp; through the API, the token's name)")
     run.add_argument("--amqp", default=None, metavar="URL",
-                     help="publish the request to RabbitMQ instead of the API")
+                     help="publish the request to RabbitMQ instead of the API (env "
+                     "ROTA_AMQP_URL, used when no --url is given)")
 
     st = sub.add_parser("set", help="edit a service's status or schedule",
                         description="Edit a service. It persists across restarts and "
@@ -244,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--by", default=os.environ.get("USER", "operator"),
                     help="who makes the edit (with --amqp; through the API, the token's name)")
     st.add_argument("--amqp", default=None, metavar="URL",
-                    help="publish the edit to RabbitMQ instead of the API")
+                    help="publish the edit to RabbitMQ instead of the API (env "
+                    "ROTA_AMQP_URL, used when no --url is given)")
 
     ck = sub.add_parser("check", help="validate a catalogue file and list its services",
                         description="Load a catalogue as a coordinator would; list every "

@@ -33,8 +33,11 @@ def add_common(p: argparse.ArgumentParser, env: dict[str, str | None]) -> None:
 
 def api_of(args: argparse.Namespace) -> Api:
     if not args.url:
-        sys.exit(f"rota {args.command}: give --url (env ROTA_URL): the HTTP API of a "
-                 "coordinator or of `rota up --http-port`")
+        also = " (or --amqp to publish the request to RabbitMQ)" if args.command in (
+            "run", "set") else ""
+        print(f"rota {args.command}: give --url (env ROTA_URL): the HTTP API of a "
+              f"coordinator or of `rota up --http-port`{also}", file=sys.stderr)
+        sys.exit(2)
     return Api.of(args.url, args.token or saved_token())
 
 
