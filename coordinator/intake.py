@@ -160,8 +160,7 @@ def on_run(engine: Engine, req: RunRequest, now: float,
     except RefusedError as exc:
         turn.records.append(_refused(engine, req.request_id, req.service, str(exc), now))
         return [], RunOutcome(req.request_id, refused=str(exc))
-    prefix = f"manual-{req.request_id}"
-    run_ids = sorted(r for r in engine.runs if r == prefix or r.startswith(prefix + "@"))
+    run_ids = engine.runs_of_request(req.request_id)
     return actions, RunOutcome(req.request_id, run_ids)
 
 

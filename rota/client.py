@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -58,13 +59,30 @@ class Api:
         return Api(urls, token)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             query: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+             query: dict[str, Any] | None = None,
+             retry_for: float = 0.0) -> tuple[int, dict[str, Any]]:
         """(status, JSON body) from the first coordinator that answers and leads; raises
-        ClientError for a 4xx/5xx from the leader, or when none could be reached."""
+        ClientError for a 4xx/5xx from the leader, or when none could be reached.
+
+        With `retry_for`, keeps trying the list for that many seconds while no coordinator
+        leads or answers (a failover takes a few seconds); only for calls that are safe to
+        repeat (a manual run carries its own request id, so a repeat is the same request).
+        """
         if query:
             kept = {k: v for k, v in query.items() if v is not None}
             if kept:
                 path += "?" + urlencode(kept)
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                return self._once(method, path, body)
+            except ClientError as exc:
+                if exc.status not in (0, 503, 504) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.5)
+
+    def _once(self, method: str, path: str,
+              body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
         data = None if body is None else json.dumps(body).encode()
         last: ClientError | None = None
         for base in self.urls:
@@ -81,8 +99,8 @@ class Api:
                 with err:
                     answer = _json(err.read())
                 error = ClientError(str(answer.get("error") or err.reason), err.code, answer)
-                if err.code == 503 and "leader" in answer:
-                    last = error  # a standby: try the next coordinator
+                if err.code in (503, 504):
+                    last = error  # a standby, or a leader that just lost its term: next
                     continue
                 raise error from None
             except (urllib.error.URLError, OSError) as exc:

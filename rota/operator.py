@@ -12,12 +12,15 @@ import json
 import re
 import sys
 import time
+import uuid
 from datetime import datetime
 from typing import Any
 
 from rota.client import Api, ClientError, saved_token
 
 REFUSED, UNREACHABLE = 1, 3
+FAILOVER = 30.0
+"""Seconds a write keeps trying while no coordinator leads (a failover takes a few)."""
 FINAL = ("succeeded", "failed", "refused")
 
 
@@ -183,7 +186,8 @@ def cmd_changes(args: argparse.Namespace) -> int:
 def _edit(args: argparse.Namespace, body: dict[str, Any]) -> int:
     api = api_of(args)
     try:
-        _, answer = api.call("PATCH", api.service_path(args.service), body)
+        _, answer = api.call("PATCH", api.service_path(args.service), body,
+                             retry_for=FAILOVER)
     except ClientError as exc:
         return _fail(args, exc)
     if args.json:
@@ -237,9 +241,13 @@ def cmd_set_http(args: argparse.Namespace) -> int:
 
 def cmd_run_http(args: argparse.Namespace) -> int:
     api = api_of(args)
-    body: dict[str, Any] = {} if args.node is None else {"node": args.node}
+    # Our own request id: a repeat after a failover is the same request, run once.
+    body: dict[str, Any] = {"request_id": uuid.uuid4().hex[:16]}
+    if args.node is not None:
+        body["node"] = args.node
     try:
-        _, answer = api.call("POST", api.service_path(args.service, "/run"), body)
+        _, answer = api.call("POST", api.service_path(args.service, "/run"), body,
+                             retry_for=FAILOVER)
     except ClientError as exc:
         return _fail(args, exc)
     request_id = answer["request_id"]
@@ -257,8 +265,8 @@ def cmd_run_http(args: argparse.Namespace) -> int:
     while time.monotonic() < deadline:
         try:
             _, state = api.call("GET", f"/api/v1/requests/{request_id}")
-        except ClientError as exc:
-            if exc.status not in (0, 404, 503):
+        except ClientError as exc:  # 404: a new leader that has not seen it end yet
+            if exc.status not in (0, 404, 503, 504):
                 return _fail(args, exc)
         if state.get("state") in FINAL:
             break

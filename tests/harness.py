@@ -215,10 +215,15 @@ class Cluster:
         self.procs[name] = proc
         return proc
 
-    def coordinator(self, name: str, session_timeout: float = 2.0) -> Proc:
+    def coordinator(self, name: str, session_timeout: float = 2.0,
+                    http_port: int | None = None) -> Proc:
+        """A coordinator; with `http_port`, serving the API there (tokens from
+        `env["ROTA_OPERATOR_TOKENS"]`)."""
+        http = [] if http_port is None else ["--http-port", str(http_port)]
         return self._spawn(name, [
             "coordinator", "--id", name, "--zk", self.zk_hosts, "--amqp", self.amqp_url,
             "--catalogue", str(self.catalogue), "--session-timeout", str(session_timeout),
+            *http,
         ])
 
     def worker(self, node: str, roles: str, session_timeout: float = 2.0) -> Proc:

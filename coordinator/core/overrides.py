@@ -40,8 +40,8 @@ class Overrides(EngineBase):
         actions: list[Action] = []
         for target in tg:
             rid = f"manual-{request_id}" + (f"@{target}" if target else "")
-            if rid in self.runs:
-                continue  # the same request delivered twice
+            if self.knows(rid):
+                continue  # the same request delivered or sent twice (a retry after failover)
             run = Run(
                 run_id=rid,
                 service=svc.name,
