@@ -17,7 +17,7 @@
     ["cron", "Cron Services"],
   ];
   const GROUP_TITLE = Object.fromEntries(GROUPS);
-  const SCHEDULE_ICON = { fixed: "◷", periodic: "↻", cron: "✱" };
+  const SCHEDULE_ICON = { fixed: "◷", periodic: "↻" }; // a cron schedule reads "cron …"
   const REQUEST_DONE = new Set(["succeeded", "failed", "refused"]);
   const RUN_DONE = new Set(["succeeded", "failed", "timed_out", "lost", "rejected",
     "expired", "skipped", "missed"]);
@@ -520,6 +520,7 @@
 
   function renderLeader(info) {
     if (!info) return;
+    if (info.this) state.self = info.this;
     const parts = [];
     if (info.leader) parts.push(`Leader: ${info.leader}`);
     else if ("leader" in info) parts.push("No leader");
@@ -529,11 +530,14 @@
     if (info.is_leader === false || (info.this && info.leader && info.this !== info.leader)) {
       showStandby(info.this, info.leader, info.leader_url);
     } else if (info.is_leader === true) {
+      state.standby = false;
       banner("standby", null);
     }
   }
 
   function showStandby(self, leader, url) {
+    state.standby = true;
+    self = self || state.self;
     const who = self ? `This coordinator (${self}) is a standby.` : "This coordinator is a standby.";
     if (!leader) {
       banner("standby", `${who} No leader is elected at the moment.`);
@@ -568,6 +572,11 @@
       return;
     }
     $("services").classList.remove("stale");
+    if (!state.self || b.leader === state.self) {
+      // The table comes from the leader: this coordinator leads (now).
+      state.standby = false;
+      banner("standby", null);
+    }
     setTimezone(b.timezone);
     sync(b.now);
     renderLeader({ leader: b.leader, epoch: b.epoch, this: b.this, is_leader: b.is_leader,
@@ -579,6 +588,8 @@
     const reply = await call("GET", "/leader");
     if (reply.ok) {
       setTimezone(reply.body.timezone);
+      // A standby has no table to take the time from: its clock comes from here.
+      if (state.standby || state.offset === null) sync(reply.body.now);
       renderLeader(reply.body);
     }
   }
@@ -623,7 +634,7 @@
     try {
       const jobs = [pollServices(), pollRequests()];
       const t = localNow();
-      if (t - state.leaderAt > SLOW_POLL_MS / 1000) {
+      if (state.standby || t - state.leaderAt > SLOW_POLL_MS / 1000) {
         state.leaderAt = t;
         jobs.push(pollLeader());
       }
