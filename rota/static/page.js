@@ -591,6 +591,7 @@
       // A standby has no table to take the time from: its clock comes from here.
       if (state.standby || state.offset === null) sync(reply.body.now);
       renderLeader(reply.body);
+      tickClock();
     }
   }
 
