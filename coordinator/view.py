@@ -93,6 +93,22 @@ def schedule_text(svc: Service) -> str:
     return svc.schedule.describe()
 
 
+_STATIC: dict[int, tuple[Service, tuple[Any, ...]]] = {}
+"""What a row shows of a service that only changes with the service, by service object: a
+turn rebuilds the table from it without recomputing texts and lists for every service."""
+
+
+def _static(svc: Service) -> tuple[Any, ...]:
+    found = _STATIC.get(id(svc))
+    if found is not None and found[0] is svc:
+        return found[1]
+    parts = (svc.name, schedule_text(svc), sorted(svc.allowed_roles), sorted(svc.run_groups),
+             svc.description, svc.group or GROUP_TITLES[svc.kind], svc.placement.value,
+             definition(svc))
+    _STATIC[id(svc)] = (svc, parts)
+    return parts
+
+
 def rows(engine: Engine, active: list[ActiveRun] | None = None,
          daemons_on: dict[str, list[str]] | None = None,
          runs_on: dict[str, int] | None = None) -> list[Row]:
@@ -115,28 +131,19 @@ def rows(engine: Engine, active: list[ActiveRun] | None = None,
             if daemons_on is not None:
                 daemons_on.setdefault(d.node, []).append(d.service)
     queued = engine.in_queue()
+    last_run = engine.last_run
     out: list[Row] = []
     for kind in GROUP_ORDER:
         for svc in engine.services.values():
             if svc.kind is not kind:
                 continue
-            out.append(
-                Row(
-                    name=svc.name,
-                    kind=kind.value,
-                    enabled=svc.enabled,
-                    schedule=schedule_text(svc),
-                    allowed_nodes=sorted(svc.allowed_roles),
-                    run_groups=sorted(svc.run_groups),
-                    last_run=engine.last_run.get(svc.name),
-                    in_queue=queued.get(svc.name),
-                    running=running.get(svc.name, 0),
-                    description=svc.description,
-                    group=svc.group or GROUP_TITLES[kind],
-                    placement=svc.placement.value,
-                    definition=definition(svc),
-                )
-            )
+            name, schedule, allowed, groups, description, group, placement, defn = \
+                _static(svc)
+            out.append(Row(name, kind.value, svc.enabled, schedule, allowed, groups,
+                           last_run.get(name), queued.get(name), running.get(name, 0),
+                           description, group, placement, defn))
+    if len(_STATIC) > 2 * len(engine.services) + 1000:
+        _STATIC.clear()  # services replaced by edits or reloads: drop what no one uses
     return out
 
 
