@@ -2,8 +2,8 @@
 
 In memory (`rota up`), the cluster's own bounded list of finished runs and the leader's change
 log. On RabbitMQ, the history streams (`rota.history`, `rota.changes`) for queries, and a
-bounded list of recent runs fed by the leader's history sink — seeded from the stream
-whenever this coordinator starts leading — for the service view and request outcomes.
+bounded list of recent runs fed by the leader's history sink — read back from the stream
+once per term — for the service view and request outcomes.
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ class MemoryRuns:
 
 
 class StreamRuns:
-    """A cluster on RabbitMQ: queries read the history streams; recent runs are kept here."""
+    """A cluster on RabbitMQ: queries read the history streams; recent runs are kept here,
+    from this coordinator's own history sink and, once per term, read back from the stream
+    (the first time the API asks after this coordinator starts leading, so that reading it
+    never competes with the first turns of a new leader)."""
 
     def __init__(self, amqp_url: str, coordinator: Coordinator, keep: int = 10_000,
                  default_window: float = 86400.0) -> None:
@@ -95,22 +98,41 @@ class StreamRuns:
         self.coordinator = coordinator
         self.finished = FinishedRuns(keep)
         self.default_window = default_window
-        self._stop = threading.Event()
-        self._seeder = threading.Thread(target=self._seed_each_term, name="history-seed",
-                                        daemon=True)
+        self._seeded_epoch: int | None = None
+        self._seed_lock = threading.Lock()
 
     def sink(self, rec: RunRecord) -> None:
         self.finished.append(rec)
 
     def start(self) -> StreamRuns:
-        self._seeder.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
+        pass
 
     def recent(self) -> Iterable[RunRecord]:
+        snap = self.coordinator.snapshot()
+        if snap is not None and snap.epoch != self._seeded_epoch:
+            self._seed(snap.epoch)
         return iter(self.finished)
+
+    def _seed(self, epoch: int) -> None:
+        from coordinator.adapters.history import read_history
+
+        with self._seed_lock:
+            if self._seeded_epoch == epoch:
+                return
+            try:
+                found = read_history(self.amqp_url, since=time.time() - SEED_WINDOW,
+                                     limit=self.finished.keep, idle=0.3, timeout=5.0)
+            except Exception as exc:
+                log.warning("cannot read recent runs from rota.history: %s", exc)
+                return
+            seen = {r.run_id for r in self.finished}
+            for rec in found.records:
+                if rec.run_id not in seen:
+                    self.finished.append(rec)
+            self._seeded_epoch = epoch
 
     def query(self, q: RunQuery) -> list[RunRecord]:
         from coordinator.adapters.history import read_history
@@ -129,25 +151,6 @@ class StreamRuns:
             found = [c for c in list(self.coordinator.changes)
                      if service is None or c.service == service][-limit:]
         return list(reversed(found))
-
-    def _seed_each_term(self) -> None:
-        from coordinator.adapters.history import read_history
-
-        leading = self.coordinator.leading
-        while not self._stop.is_set():
-            if not leading.wait(1.0):
-                continue
-            try:
-                found = read_history(self.amqp_url, since=time.time() - SEED_WINDOW,
-                                     limit=self.finished.keep)
-                seen = {r.run_id for r in self.finished}
-                for rec in found.records:
-                    if rec.run_id not in seen:
-                        self.finished.append(rec)
-            except Exception as exc:
-                log.warning("cannot read recent runs from rota.history: %s", exc)
-            while leading.is_set() and not self._stop.wait(1.0):
-                pass
 
 
 Sink = Callable[[RunRecord], None]
