@@ -331,6 +331,30 @@ def test_operator_reads_edits_and_runs_from_the_page(
     assert applied and {c["by"] for c in applied} == {OPERATOR}, applied
     assert any(c["field"] in ("period", "schedule") for c in applied), applied
 
+    # -- a fixed-time service: another run-at time, and disabled, in one OK ------------------
+    _row(page, "Nightly Backup").get_by_role("button", name="Nightly Backup", exact=True).click()
+    expect(dialog.get_by_label("Schedule:")).to_have_value("fixed")
+    expect(dialog.get_by_label("Period:")).to_be_hidden()
+    expect(dialog.get_by_label("Run at, time 1")).to_have_value("05:30")
+    expect(dialog.get_by_label("Run at, time 2")).to_have_value("17:30")
+    dialog.get_by_role("button", name="Add a time").click()
+    dialog.get_by_label("Run at, time 3").fill("18:45")
+    dialog.get_by_label("Status:").select_option("false")
+    dialog.get_by_role("button", name="OK", exact=True).click()
+    expect(dialog).to_be_hidden(timeout=WAIT_MS)
+    backup = _row(page, "Nightly Backup")
+    expect(backup.locator("td.c-sched")).to_have_text("◷ 05:30, 17:30, 18:45")
+    expect(backup.get_by_role("img", name="disabled")).to_be_visible()
+    definition = site.api.service("Nightly Backup")["service"]["definition"]
+    assert definition["run_at"] == ["05:30", "17:30", "18:45"] and definition["enabled"] is False
+
+    # -- a cron service's dialog: its expression, and where the seconds go ------------------
+    _row(page, "Heartbeat").get_by_role("button", name="Heartbeat", exact=True).click()
+    expect(dialog.get_by_label("Cron:")).to_have_value("* * * * * */5")
+    expect(dialog.locator("#cron-help")).to_contain_text("optional sixth field gives the seconds")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(dialog).to_be_hidden()
+
     # -- run now, from the service view: the run arrives in its history ----------------------
     _row(page, "Cache Refresh").get_by_role("link", name="Runs of Cache Refresh").click()
     view = page.locator("#view-service")
