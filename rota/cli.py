@@ -526,8 +526,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     msg = ManualRunRequest(request_id=uuid.uuid4().hex[:16], service=args.service,
                            requested_by=args.by, requested_at=time.time())
     _publish_request(args.amqp, msg)
+    run_id = f"manual-{msg.request_id}"
     print(f"requested a manual run of {args.service!r} (request {msg.request_id}); "
-          f"watch rota.events for run id manual-{msg.request_id}")
+          f"watch rota.events for run id {run_id} (one {run_id}@<node> per node for a "
+          "service placed on all nodes); `rota run --url ... --wait` follows it for you")
     return 0
 
 
