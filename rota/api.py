@@ -248,7 +248,7 @@ def make_app(coordinator: Coordinator, runs: RunSource, tokens: Tokens, *,
         return {"now": now, "leader": snap.leader, "epoch": snap.epoch,
                 "services": [row_json(r, now) for r in snap.rows]}
 
-    @app.get("/api/v1/services/{name}", tags=["services"])
+    @app.get("/api/v1/services/{name:path}", tags=["services"])
     def get_service(name: str, request: Request, limit: int = 50) -> dict[str, Any]:
         """One service's row and its recent runs, newest first (active ones included)."""
         reader(request)
@@ -328,7 +328,7 @@ def make_app(coordinator: Coordinator, runs: RunSource, tokens: Tokens, *,
         return {"changes": [change_json(c) for c in runs.changes(service, _limit(limit))]}
 
     # -- writes ---------------------------------------------------------------------------
-    @app.patch("/api/v1/services/{name}", tags=["services"], openapi_extra=_EDIT_BODY)
+    @app.patch("/api/v1/services/{name:path}", tags=["services"], openapi_extra=_EDIT_BODY)
     async def patch_service(name: str, request: Request) -> JSONResponse:
         """Edit status and schedule (any of enabled, period, align, run_at, cron). Refused
         with 4xx naming the field, and recorded in the change log either way."""
@@ -358,7 +358,7 @@ def make_app(coordinator: Coordinator, runs: RunSource, tokens: Tokens, *,
         return JSONResponse({"service": row_json(row, clock.now()),
                              "change": changes[-1] if changes else None, "changes": changes})
 
-    @app.post("/api/v1/services/{name}/run", tags=["runs"], status_code=202,
+    @app.post("/api/v1/services/{name:path}/run", tags=["runs"], status_code=202,
               openapi_extra=_RUN_BODY)
     async def post_run(name: str, request: Request) -> JSONResponse:
         """Run a service now (on `node` when given). 202 once the leader recorded it; follow

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -109,6 +110,17 @@ def test_openapi_and_the_page_are_served(client: TestClient) -> None:
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     metrics = client.get("/metrics")
     assert "rota_leader 1.0" in metrics.text
+
+
+def test_a_name_with_a_slash_is_one_service(client: TestClient) -> None:
+    name = quote("Statistics Manager / Meta Info", safe="")
+    reply = client.get(f"/api/v1/services/{name}")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["service"]["name"] == "Statistics Manager / Meta Info"
+    reply = client.post(f"/api/v1/services/{name}/run", json={}, headers=AUTH)
+    assert reply.status_code == 202, reply.text
+    reply = client.get(f"/api/v1/services/{quote('50% off', safe='')}")
+    assert reply.json() == {"error": "unknown service '50% off'", "field": "service"}
 
 
 def test_an_unknown_route_names_itself(client: TestClient) -> None:
