@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator import view
@@ -344,7 +345,9 @@ def make_app(coordinator: Coordinator, runs: RunSource, tokens: Tokens, *,
         snap = snapshot()
         service_row(snap, name)
         edit = Edit(**{k: body.get(k) for k in EDIT_FIELDS})
-        outcome = submit(EditRequest(uuid.uuid4().hex[:16], name, by, edit))
+        # The wait for the leader's turn blocks: off the event loop, so reads go on meanwhile.
+        outcome = await run_in_threadpool(
+            submit, EditRequest(uuid.uuid4().hex[:16], name, by, edit))
         assert isinstance(outcome, EditOutcome)
         refused = outcome.refused
         if refused is not None:
@@ -379,7 +382,7 @@ def make_app(coordinator: Coordinator, runs: RunSource, tokens: Tokens, *,
         snap = snapshot()
         service_row(snap, name)
         requests.note(request_id, by)
-        outcome = submit(RunRequest(request_id, name, by, node))
+        outcome = await run_in_threadpool(submit, RunRequest(request_id, name, by, node))
         assert isinstance(outcome, RunOutcome)
         requests.note(request_id, by, outcome)
         if outcome.refused:
