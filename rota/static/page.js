@@ -9,6 +9,7 @@
   const API = "/api/v1";
   const POLL_MS = 1000;
   const SLOW_POLL_MS = 5000;
+  const CALL_TIMEOUT_MS = 15000;
   const TOKEN_KEY = "rota.operatorToken";
   const GROUPS = [
     ["daemon", "Daemon Services"],
@@ -50,9 +51,15 @@
 
   const localNow = () => Date.now() / 1000;
 
+  let shownNow = 0;
   function serverNow() {
     if (state.offset === null) return localNow();
-    return state.serverAt + (localNow() - state.syncedAt) * state.rate;
+    const now = state.serverAt + (localNow() - state.syncedAt) * state.rate;
+    // Network jitter must not make the clock tick backwards; a real jump back (another
+    // leader's clock) is shown as it is.
+    if (now < shownNow && shownNow - now < 2) return shownNow;
+    shownNow = now;
+    return now;
   }
 
   function sync(now) {
@@ -177,12 +184,18 @@
       init.body = JSON.stringify(body);
     }
     if (token) headers.Authorization = `Bearer ${token}`;
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), CALL_TIMEOUT_MS);
+    init.signal = abort.signal;
     let res;
     try {
       res = await fetch(API + path, init);
     } catch (e) {
-      return { ok: false, status: 0, body: { error: `cannot reach the coordinator (${e.message})` } };
+      clearTimeout(timer);
+      const why = e.name === "AbortError" ? `no answer in ${CALL_TIMEOUT_MS / 1000} s` : e.message;
+      return { ok: false, status: 0, body: { error: `cannot reach the coordinator (${why})` } };
     }
+    clearTimeout(timer);
     let data = {};
     try {
       data = await res.json();
