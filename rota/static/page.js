@@ -316,7 +316,7 @@
     const table = $("services");
     for (const [kind, title] of GROUPS) {
       const count = el("span", { class: "count" });
-      const th = el("th", { colspan: "8", scope: "colgroup", id: `group-${kind}` },
+      const th = el("th", { colspan: "8", scope: "rowgroup", id: `group-${kind}` },
         el("span", { text: title }), " ", count);
       const header = el("tr", { class: "group" }, th);
       const tbody = el("tbody", { "data-kind": kind }, header);
@@ -850,6 +850,11 @@
       return true;
     }
     const name = edit.name;
+    if (edit.def.kind === "daemon" && changes.enabled === false &&
+        !window.confirm(`Disabling ${name} stops it on every node it runs on. Disable it?`)) {
+      setText($("edit-status"), "Not disabled.");
+      return false;
+    }
     setText($("edit-status"), "Applying…");
     const reply = await write("PATCH", `/services/${enc(name)}`, changes);
     setText($("edit-status"), "");

@@ -419,6 +419,34 @@ def test_operator_reads_edits_and_runs_from_the_page(
     expect(_row(page, "Cache Refresh")).to_be_visible()
     expect(_row(page, "Heartbeat")).to_be_hidden()
 
+    # -- disabling a daemon asks first ------------------------------------------------------
+    page.get_by_label("Group").select_option("")
+    _row(page, "Radius Daemon").get_by_role("button", name="Radius Daemon", exact=True).click()
+    expect(dialog.get_by_label("Schedule:")).to_be_hidden()
+    dialog.get_by_label("Status:").select_option("false")
+    asked: list[str] = []
+
+    def answer(accept: bool) -> Callable[[Any], None]:
+        def reply(box: Any) -> None:
+            asked.append(box.message)
+            if accept:
+                box.accept()
+            else:
+                box.dismiss()
+        return reply
+
+    page.once("dialog", answer(False))
+    dialog.get_by_role("button", name="Apply").click()
+    expect(page.locator("#edit-status")).to_have_text("Not disabled.")
+    assert site.api.service("Radius Daemon")["service"]["definition"]["enabled"] is True
+    page.once("dialog", answer(True))
+    dialog.get_by_role("button", name="OK", exact=True).click()
+    expect(dialog).to_be_hidden(timeout=WAIT_MS)
+    expect(_row(page, "Radius Daemon").get_by_role("img", name="disabled")).to_be_visible()
+    assert site.api.service("Radius Daemon")["service"]["definition"]["enabled"] is False
+    assert asked == ["Disabling Radius Daemon stops it on every node it runs on. "
+                     "Disable it?"] * 2, asked
+
     # -- a standby coordinator's page says who leads -----------------------------------------
     apis = {"c1": site.api, "c2": _coordinator(site.cluster, "c2")}
     views = _wait("both coordinators agree on the leader", lambda: _agreed(apis))
