@@ -3,7 +3,8 @@
 - the order a worker executes (`order_of`) and the control a daemon obeys (`control_of`);
 - the record published on `rota.events` and kept in history (`record_of`, `interval_record`,
   and the records of refused orders and requests);
-- the ledger entry a successor resumes from (`run_to_message`, `run_from_message`).
+- the ledger entry a successor resumes from (`run_to_message`, `run_from_message`);
+- an operator edit's change-log entry on `rota.events` (`change_of`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 
 from coordinator.core.actions import Control, DaemonInterval
 from coordinator.core.run import Run, RunState, Trigger
-from protocol import DaemonControl, LedgerRun, RunEvent, RunOrder, RunRecord
+from protocol import DaemonControl, LedgerRun, RunEvent, RunOrder, RunRecord, ServiceChange
 from protocol.service import Service
 
 Params = dict[str, str | int | float | bool]
@@ -103,6 +104,29 @@ def refused_request_record(request_id: str, service: str, reason: str, now: floa
         finished_at=now, state=RunState.REJECTED.value, outcome=RunState.REJECTED.value,
         run_groups=[], epoch=epoch, error=None, output_tail="", reason=reason, attempt=1,
     )
+
+
+def change_of(request_id: str, at: float, by: str, service: str, field: str, old: object,
+              new: object, epoch: int, refused: str | None = None) -> ServiceChange:
+    """One field of an operator edit, applied or (with its reason) refused."""
+    return ServiceChange(
+        request_id=request_id, at=at, by=by, service=service, field=field,
+        old=_change_value(old), new=_change_value(new),
+        outcome="refused" if refused else "applied", reason=refused, epoch=epoch,
+    )
+
+
+def _change_value(value: object) -> str | int | float | bool | None:
+    """A value as the change log keeps it: scalars as they are, anything else as text."""
+    if value is None or isinstance(value, bool | str):
+        return value if not isinstance(value, str) else value[:200]
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
+        return value
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return ", ".join(value)[:200]
+    return repr(value)[:200]
 
 
 def is_final(rec: RunRecord) -> bool:

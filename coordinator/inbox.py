@@ -7,9 +7,12 @@ reloads; `stop` puts a wake-up. The turn loop takes them in batches.
 from __future__ import annotations
 
 import queue
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from enum import StrEnum
 
+from coordinator.core.edits import Edit
+from protocol import ServiceChange
 from protocol.catalogue import Catalogue
 from protocol.transport import REQUESTS, RESULTS, Delivery
 
@@ -44,7 +47,76 @@ class Wake:
     """Nothing to do: look at the stop flag."""
 
 
-Item = Delivered | NodesChanged | Reload | Wake
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """An operator's manual run, handed over in process (the HTTP API of the leader)."""
+
+    request_id: str
+    service: str
+    by: str
+    node: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EditRequest:
+    """An operator's edit, handed over in process or taken from a `ServiceUpdate`."""
+
+    request_id: str
+    service: str
+    by: str
+    edit: Edit
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    request_id: str
+    run_ids: list[str] = field(default_factory=list)
+    refused: str | None = None
+
+
+@dataclass(frozen=True)
+class EditOutcome:
+    request_id: str
+    changes: list[ServiceChange] = field(default_factory=list)
+    """Applied field changes (none when the edit changed nothing), or the one refusal."""
+
+    @property
+    def refused(self) -> ServiceChange | None:
+        return next((c for c in self.changes if c.outcome == "refused"), None)
+
+
+Outcome = RunOutcome | EditOutcome
+
+
+class Reply:
+    """Where a caller waits for the turn that handles its request: resolved once that turn's
+    ledger write is done and its events are published, or abandoned with a reason."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self.outcome: Outcome | None = None
+        self.abandoned: str | None = None
+
+    def resolve(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self._done.set()
+
+    def abandon(self, why: str) -> None:
+        if not self._done.is_set():
+            self.abandoned = why
+            self._done.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    request: RunRequest | EditRequest
+    reply: Reply
+
+
+Item = Delivered | NodesChanged | Reload | Wake | Submitted
 
 
 class Inbox:
@@ -77,6 +149,8 @@ class Inbox:
                 return reload
             if isinstance(item, Reload):
                 reload = item.catalogue
+            elif isinstance(item, Submitted):
+                item.reply.abandon("this coordinator stopped leading before handling it")
 
     def empty(self) -> bool:
         return self._queue.empty()

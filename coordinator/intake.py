@@ -7,10 +7,20 @@ import logging
 from collections.abc import Mapping
 
 from coordinator import forms, metrics
+from coordinator.core import edits
 from coordinator.core.actions import Action, RefusedError
+from coordinator.core.edits import Edit, EditRefused
 from coordinator.core.engine import Engine
 from coordinator.core.node import Node
-from coordinator.inbox import Delivered, Source
+from coordinator.inbox import (
+    Delivered,
+    EditOutcome,
+    EditRequest,
+    RunOutcome,
+    RunRequest,
+    Source,
+    Submitted,
+)
 from coordinator.outbox import Outbox, Turn
 from protocol import (
     ManualRunRequest,
@@ -23,6 +33,7 @@ from protocol import (
     decode_as,
 )
 from protocol.schedule import Cron, FixedTimes, Periodic, Schedule, ScheduleError
+from protocol.service import Service
 
 log = logging.getLogger("rota.leader")
 
@@ -44,7 +55,7 @@ def nodes_of(raw: Mapping[str, bytes]) -> dict[str, Node]:
             log.warning("ignoring node %s: %s", node_id, exc)
             continue
         fresh[node_id] = Node(node_id, frozenset(ann.roles), ann.capacity, ann.version,
-                              ann.incarnation)
+                              ann.incarnation, ann.started_at)
     return fresh
 
 
@@ -114,23 +125,81 @@ def on_event(engine: Engine, ev: RunEvent, now: float, turn: Turn) -> list[Actio
 
 
 def on_request(engine: Engine, msg: object, now: float, turn: Turn) -> list[Action]:
+    """A request taken from `rota.requests` (the `rota run` / `rota set` messages)."""
     if isinstance(msg, ManualRunRequest):
-        try:
-            return engine.manual_run(msg.service, now, msg.request_id)
-        except RefusedError as exc:
-            turn.records.append(_refused(engine, msg.request_id, msg.service, str(exc), now))
-            return []
+        req = RunRequest(msg.request_id, msg.service, msg.requested_by)
+        return on_run(engine, req, now, turn)[0]
     if isinstance(msg, ServiceUpdate):
-        try:
-            schedule = schedule_of_update(msg)
-            return engine.update_service(
-                msg.service, now, enabled=msg.enabled, schedule=schedule
-            )
-        except (RefusedError, ScheduleError) as exc:
-            turn.records.append(_refused(engine, msg.request_id, msg.service, str(exc), now))
-            return []
+        edit = EditRequest(msg.request_id, msg.service, msg.requested_by, Edit(
+            enabled=msg.enabled, period=msg.period, align=msg.align, run_at=msg.run_at,
+            cron=msg.cron))
+        return on_edit(engine, edit, now, turn)[0]
     raise ProtocolError("unknown_type", f"{Source.REQUESTS} takes ManualRunRequest or "
                         f"ServiceUpdate, got {type(msg).__name__}")
+
+
+def on_submitted(engine: Engine, item: Submitted, now: float, turn: Turn) -> list[Action]:
+    """A request handed over in process; its outcome is given once the turn is carried out."""
+    req = item.request
+    if isinstance(req, RunRequest):
+        actions, run_outcome = on_run(engine, req, now, turn)
+        turn.replies.append((item.reply, run_outcome))
+        return actions
+    actions, edit_outcome = on_edit(engine, req, now, turn)
+    turn.replies.append((item.reply, edit_outcome))
+    return actions
+
+
+def on_run(engine: Engine, req: RunRequest, now: float,
+           turn: Turn) -> tuple[list[Action], RunOutcome]:
+    try:
+        actions = engine.manual_run(req.service, now, req.request_id, req.node)
+    except RefusedError as exc:
+        turn.records.append(_refused(engine, req.request_id, req.service, str(exc), now))
+        return [], RunOutcome(req.request_id, refused=str(exc))
+    run_ids = engine.runs_of_request(req.request_id)
+    return actions, RunOutcome(req.request_id, run_ids)
+
+
+def on_edit(engine: Engine, req: EditRequest, now: float,
+            turn: Turn) -> tuple[list[Action], EditOutcome]:
+    """Check an edit field by field; apply it, or refuse it naming the field. Either way the
+    turn publishes a `ServiceChange` per field on `rota.events`."""
+    current = engine.services.get(req.service)
+    try:
+        if current is None:
+            raise EditRefused("service", f"unknown service {req.service!r}")
+        plan = edits.plan(current, req.edit, engine.tz)
+        actions = []
+        if plan.changes:
+            actions = engine.update_service(req.service, now, enabled=plan.enabled,
+                                            schedule=plan.schedule)
+    except (EditRefused, RefusedError, ScheduleError) as exc:
+        where = exc.field if isinstance(exc, EditRefused) else "service"
+        log.warning("refused request %s for %r: %s", req.request_id, req.service, exc)
+        given = req.edit.given().get(where)
+        change = forms.change_of(req.request_id, now, req.by, req.service, where,
+                                 _value_of(current, where), given, engine.epoch,
+                                 refused=str(exc))
+        turn.changes.append(change)
+        return [], EditOutcome(req.request_id, [change])
+    applied = [forms.change_of(req.request_id, now, req.by, req.service, c.field, c.old, c.new,
+                               engine.epoch) for c in plan.changes]
+    for c in applied:
+        log.info("%s changed %s of %r: %s -> %s", req.by, c.field, req.service, c.old, c.new)
+    turn.changes += applied
+    return actions, EditOutcome(req.request_id, applied)
+
+
+def _value_of(svc: Service | None, name: str) -> object:
+    """The current value of the field an edit was refused for, as the change log shows it."""
+    if svc is None:
+        return None
+    if name == "enabled":
+        return svc.enabled
+    if name == "service":
+        return None
+    return edits.describe(svc.schedule)
 
 
 def _refused(engine: Engine, request_id: str, service: str, reason: str,

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,11 +28,23 @@ from typing import TYPE_CHECKING
 from coordinator import forms, intake, metrics, view
 from coordinator.adapters.events import EventBus
 from coordinator.core.engine import Engine
-from coordinator.inbox import Delivered, Inbox, NodesChanged, Reload, Source, Wake
+from coordinator.inbox import (
+    Delivered,
+    EditRequest,
+    Inbox,
+    NodesChanged,
+    Outcome,
+    Reload,
+    Reply,
+    RunRequest,
+    Source,
+    Submitted,
+    Wake,
+)
 from coordinator.intake import schedule_of_update
 from coordinator.ledger import REPUBLISH_WINDOW, Ledger, LedgerError
-from coordinator.outbox import FaultHook, Outbox, Turn
-from protocol import ManualRunRequest, RunRecord, encode
+from coordinator.outbox import ChangeSink, FaultHook, Outbox, Turn
+from protocol import ManualRunRequest, RunRecord, ServiceChange, encode
 from protocol.backoff import Backoff
 from protocol.catalogue import Catalogue
 from protocol.clock import Clock
@@ -44,6 +57,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("rota.leader")
 GAUGES_EVERY = 1.0  # seconds between two settings of the state gauges
 SNAPSHOT_EVERY = 0.25  # seconds between two snapshots while the leader is busy
+KEEP_CHANGES = 1000
+"""Operator edits (applied or refused) a coordinator keeps in memory for its change log."""
+
+
+class NotLeading(RuntimeError):
+    """Raised by `Coordinator.submit` when this coordinator does not lead."""
 
 
 @dataclass
@@ -69,6 +88,7 @@ class Coordinator:
         *,
         options: LeaderOptions | None = None,
         history_sinks: list[Callable[[RunRecord], None]] | None = None,
+        change_sinks: list[ChangeSink] | None = None,
     ) -> None:
         self.identifier = identifier
         self.catalogue = catalogue
@@ -87,8 +107,11 @@ class Coordinator:
         self._failed_terms = Backoff(self.options.failed_term_pause, 60.0)
         self._failed_in_a_row = 0
         self.ledger = Ledger()
+        self.changes: deque[ServiceChange] = deque(maxlen=KEEP_CHANGES)
+        """The latest operator edits this coordinator made as leader, oldest first."""
         self.outbox = Outbox(self.transport, events, list(history_sinks or []), self._stopping,
-                             self.options.fault)
+                             self.options.fault,
+                             change_sinks=[self.changes.append, *(change_sinks or [])])
 
     # -- process lifecycle -------------------------------------------------------------
     def run(self) -> None:
@@ -120,6 +143,24 @@ class Coordinator:
         )
         self.outbox.request(encode(msg))
         return request_id
+
+    def submit(self, request: RunRequest | EditRequest, timeout: float = 10.0) -> Outcome:
+        """Hand a request to this leader's next turn and wait for its outcome, which comes
+        once the turn's ledger write is done. Raises NotLeading when this coordinator does
+        not lead (or stops leading first), TimeoutError when no turn handled it in time
+        (it may still be handled)."""
+        if not self.leading.is_set():
+            raise NotLeading("this coordinator is not the leader")
+        reply = Reply()
+        self._inbox.put(Submitted(request, reply))
+        if not self.leading.is_set():  # the term ended while the item was put: say so
+            reply.abandon("this coordinator stopped leading before handling it")
+        if not reply.wait(timeout):
+            raise TimeoutError(f"the leader did not handle request {request.request_id} "
+                               f"within {timeout:g} s")
+        if reply.outcome is None:
+            raise NotLeading(reply.abandoned or "this coordinator stopped leading")
+        return reply.outcome
 
     def reload(self, catalogue: Catalogue) -> None:
         """Use a new (already validated) catalogue: the leader rebuilds from the ledger."""
@@ -243,6 +284,8 @@ class Coordinator:
                     turn.actions += intake.nodes_changed(engine, item.nodes, now)
                 elif isinstance(item, Delivered):
                     intake.delivered(engine, item, now, turn, self.outbox)
+                elif isinstance(item, Submitted):
+                    turn.actions += intake.on_submitted(engine, item, now, turn)
             turn.actions += engine.tick(self.clock.now())
             self._finish_turn(term, engine, turn)
             if items or turn.actions:
@@ -257,15 +300,22 @@ class Coordinator:
         try:
             self.outbox.finish(term, self.ledger, engine.drain_changes(), turn, self.catalogue,
                                engine.nodes, self.clock.now())
+        except BaseException:
+            for reply, _ in turn.replies:
+                reply.abandon("leadership ended while the request was being recorded")
+            raise
         finally:
             metrics.LEDGER_TRANSACTIONS.inc(term.transactions - transactions)
             metrics.LEDGER_WRITES.inc(term.ops - ops)
         now = time.monotonic()
         # The snapshot costs O(services): while turns come back to back it is rebuilt at most
-        # every SNAPSHOT_EVERY; a turn that empties the inbox always rebuilds it.
-        if self._inbox.empty() or now - self._snapshot_at >= SNAPSHOT_EVERY:
-            self._snapshot = view.snapshot(engine)
+        # every SNAPSHOT_EVERY; a turn that empties the inbox, or answers an operator, always
+        # rebuilds it.
+        if turn.replies or self._inbox.empty() or now - self._snapshot_at >= SNAPSHOT_EVERY:
+            self._snapshot = view.snapshot(engine, self.identifier)
             self._snapshot_at = now
+        for reply, outcome in turn.replies:
+            reply.resolve(outcome)
         if now - self._gauges_at >= GAUGES_EVERY:
             self._gauges_at = now
             self._show_state(engine)
@@ -317,5 +367,6 @@ def fault_from_spec(spec: str | None) -> FaultHook | None:
 
 
 __all__ = [
-    "REPUBLISH_WINDOW", "Coordinator", "LeaderOptions", "fault_from_spec", "schedule_of_update",
+    "REPUBLISH_WINDOW", "Coordinator", "LeaderOptions", "NotLeading", "fault_from_spec",
+    "schedule_of_update",
 ]

@@ -18,8 +18,9 @@ from coordinator import forms, metrics
 from coordinator.adapters.events import Done, EventBus
 from coordinator.core.actions import Action, Changes, Control, DaemonInterval, Dispatch, Record
 from coordinator.core.node import Node
+from coordinator.inbox import Outcome, Reply
 from coordinator.ledger import Ledger
-from protocol import ProtocolError, RunRecord, encode
+from protocol import ProtocolError, RunRecord, ServiceChange, encode
 from protocol.backoff import Backoff
 from protocol.catalogue import Catalogue
 from protocol.coordination import Fenced, Term
@@ -29,6 +30,7 @@ log = logging.getLogger("rota.leader")
 
 FaultHook = Callable[[str], None]
 HistorySink = Callable[[RunRecord], None]
+ChangeSink = Callable[[ServiceChange], None]
 
 
 @dataclass
@@ -38,6 +40,9 @@ class Turn:
     actions: list[Action] = field(default_factory=list)
     acks: list[Delivery] = field(default_factory=list)
     records: list[RunRecord] = field(default_factory=list)  # beside those of the actions
+    changes: list[ServiceChange] = field(default_factory=list)  # operator edits, or refusals
+    replies: list[tuple[Reply, Outcome]] = field(default_factory=list)
+    """In-process requests handled this turn: answered once it is carried out."""
 
 
 class Outbox:
@@ -48,10 +53,12 @@ class Outbox:
         history_sinks: list[HistorySink],
         stopping: threading.Event,
         fault: FaultHook | None = None,
+        change_sinks: list[ChangeSink] | None = None,
     ) -> None:
         self.transport = transport
         self.events = events
         self.history_sinks = history_sinks
+        self.change_sinks = list(change_sinks or [])
         self.stopping = stopping
         self.fault = fault
         self._params_catalogue: Catalogue | None = None
@@ -113,8 +120,10 @@ class Outbox:
             for d in acks:
                 d.ack()
 
-        # Reports are acknowledged once the records they led to are stored: a leader killed
-        # before then leaves them to its successor, and no event is lost with it.
+        # Reports and requests are acknowledged once the events they led to are stored (the
+        # bus stores batches in order): a leader killed before then leaves them to its
+        # successor, and no event is lost with it.
+        self.publish_changes(turn.changes)
         self.publish_all(records, then=acknowledge)
         metrics.count_ended(a.run for a in recorded if isinstance(a, Record))
 
@@ -180,6 +189,18 @@ class Outbox:
                         sink(rec)
                     except Exception:
                         log.exception("history sink failed")
+
+    def publish_changes(self, changes: list[ServiceChange]) -> None:
+        """Operator edits (applied or refused) on `rota.events`, then to the change sinks."""
+        if not changes:
+            return
+        self.events.publish_batch([(c.routing_key, encode(c)) for c in changes])
+        for c in changes:
+            for sink in self.change_sinks:
+                try:
+                    sink(c)
+                except Exception:
+                    log.exception("change sink failed")
 
     def request(self, payload: bytes) -> None:
         """An operator request, to whichever coordinator leads."""

@@ -6,10 +6,12 @@ seed groups them (Daemon / Periodical / Fixed Time, and Cron for cron services).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from coordinator.core.engine import DaemonState, Engine
 from coordinator.core.run import RunState
+from protocol.schedule import Cron, FixedTimes, Periodic
 from protocol.service import Kind, Service
 
 GROUP_TITLES = {
@@ -33,6 +35,46 @@ class Row:
     in_queue: float | None
     running: int
     description: str
+    group: str = ""
+    placement: str = "one"
+    definition: dict[str, Any] = field(default_factory=dict)
+    """What the edit dialog fills in: kind, enabled, period, align, run_at, cron."""
+
+
+class ActiveRun(NamedTuple):
+    """A run not ended yet, as of the end of a turn (queued, dispatched or running)."""
+
+    run_id: str
+    service: str
+    node: str | None
+    trigger: str
+    slot: float | None
+    queued_at: float
+    started_at: float | None
+    state: str
+    attempt: int
+
+
+class NodeView(NamedTuple):
+    id: str
+    roles: tuple[str, ...]
+    live_since: float | None
+    runs_now: int
+    daemons: tuple[str, ...]
+    capacity: int
+
+
+def definition(svc: Service) -> dict[str, Any]:
+    sched = svc.schedule
+    return {
+        "kind": svc.kind.value,
+        "enabled": svc.enabled,
+        "period": sched.period if isinstance(sched, Periodic) else None,
+        "align": sched.align if isinstance(sched, Periodic) else None,
+        "run_at": ([f"{h:02d}:{m:02d}" for h, m in sched.times]
+                   if isinstance(sched, FixedTimes) else []),
+        "cron": sched.expr if isinstance(sched, Cron) else None,
+    }
 
 
 def ago(seconds: float) -> str:
@@ -51,7 +93,25 @@ def schedule_text(svc: Service) -> str:
     return svc.schedule.describe()
 
 
-def rows(engine: Engine) -> list[Row]:
+_STATIC: dict[int, tuple[Service, tuple[Any, ...]]] = {}
+"""What a row shows of a service that only changes with the service, by service object: a
+turn rebuilds the table from it without recomputing texts and lists for every service."""
+
+
+def _static(svc: Service) -> tuple[Any, ...]:
+    found = _STATIC.get(id(svc))
+    if found is not None and found[0] is svc:
+        return found[1]
+    parts = (svc.name, schedule_text(svc), sorted(svc.allowed_roles), sorted(svc.run_groups),
+             svc.description, svc.group or GROUP_TITLES[svc.kind], svc.placement.value,
+             definition(svc))
+    _STATIC[id(svc)] = (svc, parts)
+    return parts
+
+
+def rows(engine: Engine, active: list[ActiveRun] | None = None,
+         daemons_on: dict[str, list[str]] | None = None,
+         runs_on: dict[str, int] | None = None) -> list[Row]:
     """One row per service, in display order. In Queue is the engine's own computation
     (`Engine.in_queue`): runs waiting for their first attempt, and daemons waiting
     for their run groups; retries in their delay do not count."""
@@ -59,29 +119,31 @@ def rows(engine: Engine) -> list[Row]:
     for run in engine.runs.values():
         if run.state in (RunState.DISPATCHED, RunState.RUNNING):
             running[run.service] = running.get(run.service, 0) + 1
+            if runs_on is not None and run.node:
+                runs_on[run.node] = runs_on.get(run.node, 0) + 1
+        if active is not None:
+            active.append(ActiveRun(run.run_id, run.service, run.node, run.trigger.value,
+                                    run.slot, run.queued_at, run.started_at, run.state.value,
+                                    run.attempt))
     for d in engine.daemons.values():
         if d.state in (DaemonState.STARTING, DaemonState.RUNNING, DaemonState.PAUSING):
             running[d.service] = running.get(d.service, 0) + 1
+            if daemons_on is not None:
+                daemons_on.setdefault(d.node, []).append(d.service)
     queued = engine.in_queue()
+    last_run = engine.last_run
     out: list[Row] = []
     for kind in GROUP_ORDER:
         for svc in engine.services.values():
             if svc.kind is not kind:
                 continue
-            out.append(
-                Row(
-                    name=svc.name,
-                    kind=kind.value,
-                    enabled=svc.enabled,
-                    schedule=schedule_text(svc),
-                    allowed_nodes=sorted(svc.allowed_roles),
-                    run_groups=sorted(svc.run_groups),
-                    last_run=engine.last_run.get(svc.name),
-                    in_queue=queued.get(svc.name),
-                    running=running.get(svc.name, 0),
-                    description=svc.description,
-                )
-            )
+            name, schedule, allowed, groups, description, group, placement, defn = \
+                _static(svc)
+            out.append(Row(name, kind.value, svc.enabled, schedule, allowed, groups,
+                           last_run.get(name), queued.get(name), running.get(name, 0),
+                           description, group, placement, defn))
+    if len(_STATIC) > 2 * len(engine.services) + 1000:
+        _STATIC.clear()  # services replaced by edits or reloads: drop what no one uses
     return out
 
 
@@ -95,14 +157,35 @@ class Snapshot:
     active: int  # runs queued, dispatched or running
     waiting: int  # runs and daemons waiting for their run groups
     daemons_running: int
+    runs: tuple[ActiveRun, ...] = ()
+    nodes: tuple[NodeView, ...] = ()
+    leader: str = ""
+    services: dict[str, Service] = field(default_factory=dict)
+    """The services as they run now (operator edits applied), by name."""
+
+    def row(self, name: str) -> Row | None:
+        return next((r for r in self.rows if r.name == name), None)
 
 
-def snapshot(engine: Engine) -> Snapshot:
+def snapshot(engine: Engine, leader: str = "") -> Snapshot:
+    active: list[ActiveRun] = []
+    daemons_on: dict[str, list[str]] = {}
+    runs_on: dict[str, int] = {}
+    table = rows(engine, active, daemons_on, runs_on)
+    nodes = tuple(
+        NodeView(n.id, tuple(sorted(n.roles)), n.started_at, runs_on.get(n.id, 0),
+                 tuple(sorted(daemons_on.get(n.id, ()))), n.capacity)
+        for n in sorted(engine.nodes.values(), key=lambda n: n.id)
+    )
     return Snapshot(
-        rows=tuple(rows(engine)),
+        rows=tuple(table),
         epoch=engine.epoch,
         active=len(engine.runs),
         waiting=len(engine.locks.waiting()),
         daemons_running=sum(1 for d in engine.daemons.values()
                             if d.state is DaemonState.RUNNING),
+        runs=tuple(active),
+        nodes=nodes,
+        leader=leader,
+        services=dict(engine.services),
     )

@@ -14,6 +14,8 @@ from protocol.codec import (
 )
 from protocol.errors import REASONS, ProtocolError
 from protocol.messages import (
+    CHANGE_FIELDS,
+    CHANGE_OUTCOMES,
     DAEMON_ACTIONS,
     EVENT_STATES,
     MAX_DEAD_LETTER_BYTES,
@@ -34,11 +36,14 @@ from protocol.messages import (
     RunEvent,
     RunOrder,
     RunRecord,
+    ServiceChange,
     ServiceUpdate,
     run_id_for,
 )
 
 __all__ = [
+    "CHANGE_FIELDS",
+    "CHANGE_OUTCOMES",
     "DAEMON_ACTIONS",
     "EVENT_STATES",
     "MAX_DEAD_LETTER_BYTES",
@@ -64,6 +69,7 @@ __all__ = [
     "RunEvent",
     "RunOrder",
     "RunRecord",
+    "ServiceChange",
     "ServiceUpdate",
     "decode",
     "decode_as",

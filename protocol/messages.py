@@ -632,6 +632,61 @@ class ServiceUpdate(Message):
     }
 
 
+CHANGE_OUTCOMES: Final = frozenset({"applied", "refused"})
+CHANGE_FIELDS: Final = frozenset(
+    {"service", "enabled", "schedule", "period", "align", "run_at", "cron"}
+)
+_CHANGE_VALUE = _optional(_param_value)
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceChange(Message):
+    """Coordinator → `rota.events` (routing key ``service.changed``): one operator edit of one
+    field, applied or refused, with who asked, when, and the value before and after.
+
+    `field` is ``enabled`` or ``schedule`` for an applied edit; for a refused one it names the
+    field the refusal is about (``period``, ``align``, ``run_at``, ``cron``, ``enabled`` or
+    ``service``). A schedule is shown as the service table shows it (``5 min +2``, ``05:30``,
+    ``cron */5 * * * *``); a refused value as it was given.
+    """
+
+    request_id: str
+    at: float
+    by: str
+    service: str
+    field: str
+    old: ParamValue | None = None
+    new: ParamValue | None = None
+    outcome: str
+    reason: str | None = None
+    epoch: int
+
+    _RULES = {
+        "request_id": _ID,
+        "at": _TIME,
+        "by": _NAME,
+        "service": _NAME,
+        "field": _choice(CHANGE_FIELDS),
+        "old": _CHANGE_VALUE,
+        "new": _CHANGE_VALUE,
+        "outcome": _choice(CHANGE_OUTCOMES),
+        "reason": _OPT_TEXT,
+        "epoch": _EPOCH,
+    }
+
+    ROUTING_KEY: ClassVar[str] = "service.changed"
+
+    @property
+    def routing_key(self) -> str:
+        """Topic routing key on the events exchange: ``service.changed``."""
+        return self.ROUTING_KEY
+
+    def _check_consistency(self) -> None:
+        if self.outcome == "refused" and not self.reason:
+            self._fail("reason", "a refused change needs a reason")
+
+
 @_register
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeAnnouncement(Message):

@@ -20,8 +20,17 @@ examples:
                                             two simulated hours in two minutes
   rota coordinator --zk 127.0.0.1:2181 --amqp amqp://guest:guest@127.0.0.1:5672/
   rota worker --node calc-1 --roles Processing,Calculation --zk ... --amqp ...
-  rota run "Cache Manager" --amqp ...       run a service now
   rota check my-catalogue.toml              validate a catalogue file
+
+operators (on a coordinator's HTTP API: --url or ROTA_URL, --token or ROTA_TOKEN):
+  rota services                             the service table
+  rota show "Cache Manager"                 one service and its recent runs
+  rota history "Cache Manager" --since 2h   finished runs (also --node, --outcome)
+  rota nodes                                live nodes, their roles, runs and daemons
+  rota run "Cache Manager" --wait           run it now; exit 0 only if it succeeded
+  rota set "Cache Manager" --period 6 --align 3
+  rota disable "Mail Manager"               (and enable; a daemon asks first, or --yes)
+  rota changes                              the change log: who changed what, when
 """
 
 
@@ -62,6 +71,15 @@ def _add_servers(p: argparse.ArgumentParser, required: bool) -> None:
                    help="RabbitMQ URL, amqp://user:pass@host:port/vhost (env ROTA_AMQP_URL)")
 
 
+def _add_tokens(p: argparse.ArgumentParser, without: str) -> None:
+    p.add_argument("--tokens", default=_env("ROTA_OPERATOR_TOKENS_FILE"), metavar="FILE",
+                   help="operator tokens, one `name token` per line (env "
+                   "ROTA_OPERATOR_TOKENS_FILE; or ROTA_OPERATOR_TOKENS=name=token,...); "
+                   f"changes through the API need one; {without}")
+    p.add_argument("--protect-reads", action="store_true",
+                   help="reads through the API need a token too")
+
+
 def _add_catalogue(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalogue", default=str(DEFAULT_CATALOGUE), metavar="FILE",
                    help="service catalogue (TOML); default: the shipped System Services")
@@ -100,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--http-host", default="127.0.0.1", metavar="ADDR",
                     help="address for --http-port (default 127.0.0.1)")
     up.add_argument("--http-port", type=int, default=None, metavar="PORT",
-                    help="serve the service page and /metrics on 127.0.0.1:PORT")
+                    help="serve the service page, the API (/api/v1, /docs) and /metrics")
+    _add_tokens(up, "without one, `rota up` makes a token, prints it and writes it to "
+                "~/.config/rota/token, where the CLI finds it")
     _add_servers(up, required=False)
 
     co = sub.add_parser("coordinator", help="run a coordinator (contends for leadership)",
@@ -112,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--http-host", default="127.0.0.1", metavar="ADDR",
                     help="address for --http-port (default 127.0.0.1)")
     co.add_argument("--http-port", type=int, default=None, metavar="PORT",
-                    help="serve /metrics and the service page on this port")
+                    help="serve the service page, the API (/api/v1, /docs) and /metrics")
+    _add_tokens(co, "without one, every change through the API is refused (401)")
     co.add_argument("--session-timeout", type=float, default=2.0, metavar="SECONDS",
                     help="ZooKeeper session timeout: how fast a dead leader is replaced")
     _add_servers(co, required=True)
@@ -137,18 +158,79 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ZooKeeper session timeout")
     _add_servers(wo, required=True)
 
-    run = sub.add_parser("run", help="ask the leader to run a service now",
-                         description="Publish a manual-run request. It shows In Queue until it "
-                         "starts; daemons and unknown services are refused with a reason on "
-                         "rota.events.")
+    env = {"ROTA_URL": _env("ROTA_URL"), "ROTA_TOKEN": _env("ROTA_TOKEN")}
+    from rota import operator as op
+
+    sv = sub.add_parser("services", help="the service table",
+                        description="The service table of the leading coordinator: status, "
+                        "name, schedule, allowed nodes, run groups, last run, in queue.")
+    op.add_common(sv, env)
+    sh = sub.add_parser("show", help="one service and its recent runs",
+                        description="One service's settings and its recent runs (node, "
+                        "trigger, start, duration, outcome, who asked for a manual run).")
+    sh.add_argument("service", help="service name, as in the catalogue")
+    sh.add_argument("--limit", type=int, default=20, help="runs shown (default 20)")
+    op.add_common(sh, env)
+    hi = sub.add_parser("history", help="finished runs, filtered",
+                        description="Finished runs from the cluster's history, newest first.")
+    hi.add_argument("service", nargs="?", default=None, help="only this service")
+    hi.add_argument("--node", default=None, help="only runs on this node")
+    hi.add_argument("--outcome", default=None,
+                    help="only this outcome: succeeded, failed, timed_out, lost, expired, "
+                    "rejected, skipped, missed")
+    hi.add_argument("--since", type=op.parse_since, default=None, metavar="WHEN",
+                    help="runs ended since: 30m, 2h, 1d, an ISO 8601 time or epoch seconds "
+                    "(default: the last day)")
+    hi.add_argument("--until", type=op.parse_since, default=None, metavar="WHEN",
+                    help="runs ended until (same forms as --since)")
+    hi.add_argument("--limit", type=int, default=50, help="runs shown (default 50)")
+    op.add_common(hi, env)
+    no = sub.add_parser("nodes", help="live worker nodes",
+                        description="Live worker nodes: roles, live since, runs now, daemons.")
+    op.add_common(no, env)
+    ch = sub.add_parser("changes", help="the change log",
+                        description="Every edit made through the API or `rota set`, applied "
+                        "or refused: when, by whom, the field, old and new value.")
+    ch.add_argument("service", nargs="?", default=None, help="only this service")
+    ch.add_argument("--limit", type=int, default=50, help="changes shown (default 50)")
+    op.add_common(ch, env)
+    en = sub.add_parser("enable", help="enable a service",
+                        description="Enable a service; it takes effect at its next slot.")
+    en.add_argument("service", help="service name, as in the catalogue")
+    op.add_common(en, env)
+    di = sub.add_parser("disable", help="disable a service",
+                        description="Disable a service: it computes no slots. Disabling a "
+                        "daemon stops it everywhere, so it asks first unless --yes.")
+    di.add_argument("service", help="service name, as in the catalogue")
+    di.add_argument("--yes", action="store_true", help="do not ask, even for a daemon")
+    op.add_common(di, env)
+
+    run = sub.add_parser("run", help="run a service now",
+                         description="Ask the leader to run a service now. It shows In Queue "
+                         "until it starts; daemons and unknown services are refused with the "
+                         "reason. With --wait, waits for the outcome: exit 0 when every run "
+                         "succeeded, 1 when one failed or the request was refused. Through "
+                         "the HTTP API (--url); with --amqp instead, the request is published "
+                         "on rota.requests and not followed.")
     run.add_argument("service", help="service name, as in the catalogue")
-    run.add_argument("--by", default=os.environ.get("USER", "operator"), help="who asks")
-    run.add_argument("--amqp", default=_env("ROTA_AMQP_URL"), required=not _env("ROTA_AMQP_URL"),
-                     metavar="URL", help="RabbitMQ URL (env ROTA_AMQP_URL)")
+    run.add_argument("--node", default=None, metavar="ID",
+                     help="run on this node only (it must be live and hold an allowed role)")
+    run.add_argument("--wait", action="store_true",
+                     help="wait for the outcome and print it; the exit code tells it")
+    run.add_argument("--timeout", type=_positive_seconds, default=3600.0, metavar="SECONDS",
+                     help="give up waiting after this long (default 3600)")
+    op.add_common(run, env)
+    run.add_argument("--by", default=os.environ.get("USER", "operator"),
+                     help="who asks (with --amqp; through the API, the token's name)")
+    run.add_argument("--amqp", default=None, metavar="URL",
+                     help="publish the request to RabbitMQ instead of the API (env "
+                     "ROTA_AMQP_URL, used when no --url is given)")
 
     st = sub.add_parser("set", help="edit a service's status or schedule",
-                        description="Send an edit to the leader. It persists across restarts "
-                        "and failover and takes effect at the next slot.")
+                        description="Edit a service. It persists across restarts and "
+                        "failover and takes effect at the next slot; exits 1 when the leader "
+                        "refuses it, naming the field. Through the HTTP API (--url); with "
+                        "--amqp, the edit is published on rota.requests and not followed.")
     st.add_argument("service", help="service name, as in the catalogue")
     g = st.add_mutually_exclusive_group()
     g.add_argument("--enable", dest="enabled", action="store_true", default=None,
@@ -159,10 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--align", type=int, help="periodic: minutes, 0..period-1")
     st.add_argument("--run-at", help="fixed time: comma-separated HH:MM times")
     st.add_argument("--cron", help="cron: a croniter expression (seconds as a sixth field)")
+    op.add_common(st, env)
     st.add_argument("--by", default=os.environ.get("USER", "operator"),
-                    help="who makes the edit (default: $USER)")
-    st.add_argument("--amqp", default=_env("ROTA_AMQP_URL"), required=not _env("ROTA_AMQP_URL"),
-                    metavar="URL", help="RabbitMQ URL (env ROTA_AMQP_URL)")
+                    help="who makes the edit (with --amqp; through the API, the token's name)")
+    st.add_argument("--amqp", default=None, metavar="URL",
+                    help="publish the edit to RabbitMQ instead of the API (env "
+                    "ROTA_AMQP_URL, used when no --url is given)")
 
     ck = sub.add_parser("check", help="validate a catalogue file and list its services",
                         description="Load a catalogue as a coordinator would; list every "
@@ -250,10 +334,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         sys.exit(f"rota up: {exc}; run with -v to see why")
     http = None
     if args.http_port:
-        from rota.http import serve
+        from rota.runs import MemoryRuns, RunSource, StreamRuns
 
-        http = serve(cluster.coordinator, args.http_port, args.http_host)
-        print(f"rota: service page on http://127.0.0.1:{args.http_port}/", flush=True)
+        runs: RunSource = MemoryRuns(cluster.finished, cluster.coordinator)
+        if args.amqp:
+            stream = StreamRuns(args.amqp, cluster.coordinator).start()
+            cluster.coordinator.outbox.history_sinks.append(stream.sink)
+            runs = stream
+        try:
+            http = _serve(cluster.coordinator, args, runs, generate=True)
+        except OSError as exc:
+            cluster.stop()
+            sys.exit(f"rota up: {exc}")
+        print(f"rota: service page on {http.url}/ (API: {http.url}/docs)", flush=True)
     display = Display(cluster.coordinator, cluster.finished)
     shown = threading.Thread(target=display.run, name="display", daemon=True)
     shown.start()
@@ -270,6 +363,28 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"rota: stopped; {cluster.finished.total} runs finished"
               + (f", history in {args.history}" if args.history else ""), flush=True)
     return 0
+
+
+def _serve(coord, args: argparse.Namespace, runs, generate: bool):
+    from rota import auth
+    from rota.client import token_file
+    from rota.http import serve
+
+    try:
+        tokens = auth.load(args.tokens)
+    except auth.TokenError as exc:
+        sys.exit(f"rota {args.command}: {exc}")
+    if not tokens and generate:
+        path = token_file()
+        tokens = auth.generate(path)
+        token = next(iter(tokens.by_name.values()))
+        print(f"rota: operator token (shown once; saved in {path}, where the CLI finds it): "
+              f"{token}", flush=True)
+    elif not tokens:
+        print(f"rota {args.command}: no operator token configured (--tokens FILE or "
+              "ROTA_OPERATOR_TOKENS): changes through the API are refused", flush=True)
+    return serve(coord, args.http_port, args.http_host, runs=runs, tokens=tokens,
+                 protect_reads=args.protect_reads)
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
@@ -309,9 +424,14 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, reload)
     http = None
     if args.http_port:
-        from rota.http import serve
+        from rota.runs import StreamRuns
 
-        http = serve(coord, args.http_port, args.http_host)
+        stream = StreamRuns(args.amqp, coord).start()
+        coord.outbox.history_sinks.append(stream.sink)
+        try:
+            http = _serve(coord, args, stream, generate=False)
+        except OSError as exc:
+            sys.exit(f"rota coordinator: {exc}")
     runner = threading.Thread(target=coord.run, name="coordinator", daemon=True)
     runner.start()
     print(f"rota coordinator {ident}: contending for leadership", flush=True)
@@ -393,6 +513,12 @@ def _publish_request(amqp: str, msg) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if not args.amqp and not args.url:
+        args.amqp = _env("ROTA_AMQP_URL")  # the earlier way: a request on rota.requests
+    if not args.amqp:
+        from rota.operator import cmd_run_http
+
+        return cmd_run_http(args)
     import uuid
 
     from protocol import ManualRunRequest
@@ -400,12 +526,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     msg = ManualRunRequest(request_id=uuid.uuid4().hex[:16], service=args.service,
                            requested_by=args.by, requested_at=time.time())
     _publish_request(args.amqp, msg)
+    run_id = f"manual-{msg.request_id}"
     print(f"requested a manual run of {args.service!r} (request {msg.request_id}); "
-          f"watch rota.events for run id manual-{msg.request_id}")
+          f"watch rota.events for run id {run_id} (one {run_id}@<node> per node for a "
+          "service placed on all nodes); `rota run --url ... --wait` follows it for you")
     return 0
 
 
 def cmd_set(args: argparse.Namespace) -> int:
+    if not args.amqp and not args.url:
+        args.amqp = _env("ROTA_AMQP_URL")  # the earlier way: a request on rota.requests
+    if not args.amqp:
+        from rota.operator import cmd_set_http
+
+        return cmd_set_http(args)
     import uuid
 
     from protocol import ProtocolError, ServiceUpdate
@@ -444,6 +578,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(name: str):
+    def run(args: argparse.Namespace) -> int:
+        from rota import operator
+
+        result: int = getattr(operator, f"cmd_{name}")(args)
+        return result
+
+    return run
+
+
 COMMANDS = {
     "up": cmd_up,
     "coordinator": cmd_coordinator,
@@ -451,13 +595,19 @@ COMMANDS = {
     "run": cmd_run,
     "set": cmd_set,
     "check": cmd_check,
+    **{name: _operator(name) for name in ("services", "show", "history", "nodes", "changes",
+                                          "enable", "disable")},
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logging(args.verbose)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except BrokenPipeError:  # piped into `head`: stop quietly
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pika
 
-from protocol import ProtocolError, RunRecord, decode_as
+from protocol import ProtocolError, RunRecord, ServiceChange, decode
 
 SECONDS_CATALOGUE = Path(__file__).parent / "integration" / "catalogues" / "seconds.toml"
 """A catalogue on second-level cron schedules, for cluster tests."""
@@ -40,6 +40,7 @@ class EventRecorder:
     def __init__(self, amqp_url: str) -> None:
         self.amqp_url = amqp_url
         self.records: list[RunRecord] = []
+        self.changes: list[ServiceChange] = []  # operator edits, routing key service.changed
         self.bad: list[bytes] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -67,13 +68,16 @@ class EventRecorder:
                     if method is None:
                         continue
                     try:
-                        rec = decode_as(body, RunRecord)
+                        msg = decode(body)
                     except ProtocolError:
-                        with self._lock:
-                            self.bad.append(body)
-                        continue
+                        msg = None
                     with self._lock:
-                        self.records.append(rec)
+                        if isinstance(msg, RunRecord):
+                            self.records.append(msg)
+                        elif isinstance(msg, ServiceChange):
+                            self.changes.append(msg)
+                        else:
+                            self.bad.append(body)
                 conn.close()
             except Exception:
                 # The broker restarted: bind again (events published meanwhile are gone
@@ -114,6 +118,17 @@ class EventRecorder:
                 r = RunRecord.from_dict({**r.to_dict(), "finished_at": min([end, *later])})
             out.append(r)
         return out
+
+    def wait_for_change(self, pred: Callable[[ServiceChange], bool],
+                        timeout: float) -> ServiceChange | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                found = next((c for c in self.changes if pred(c)), None)
+            if found is not None:
+                return found
+            time.sleep(0.05)
+        return None
 
     def wait_for(self, pred: Callable[[RunRecord], bool], timeout: float) -> RunRecord | None:
         deadline = time.monotonic() + timeout
@@ -200,10 +215,15 @@ class Cluster:
         self.procs[name] = proc
         return proc
 
-    def coordinator(self, name: str, session_timeout: float = 2.0) -> Proc:
+    def coordinator(self, name: str, session_timeout: float = 2.0,
+                    http_port: int | None = None) -> Proc:
+        """A coordinator; with `http_port`, serving the API there (tokens from
+        `env["ROTA_OPERATOR_TOKENS"]`)."""
+        http = [] if http_port is None else ["--http-port", str(http_port)]
         return self._spawn(name, [
             "coordinator", "--id", name, "--zk", self.zk_hosts, "--amqp", self.amqp_url,
             "--catalogue", str(self.catalogue), "--session-timeout", str(session_timeout),
+            *http,
         ])
 
     def worker(self, node: str, roles: str, session_timeout: float = 2.0) -> Proc:

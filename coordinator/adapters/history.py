@@ -6,7 +6,11 @@ RabbitMQ itself keeps the history: an append-only log that survives leader failo
 by size and age, and readable from the first record or from a point in time. No ZooKeeper
 write and no extra publish is spent on it.
 
-`declare_history(channel)` creates and binds the stream (idempotent; the event bus calls it when
+Operator edits (`ServiceChange`, routing key `service.changed`) go the same way to a second
+stream, `rota.changes` (retained 1 year or 256 MiB): the change log survives any leader's
+death; `read_changes(url, ...)` reads it back.
+
+`declare_history(channel)` creates and binds the streams (idempotent; the event bus calls it when
 it connects). `read_history(url, since=..., limit=...)` reads it back as `RunRecord`s, oldest
 first. Records that fail to decode are skipped and counted, never raised: the stream carries
 what the exchange received.
@@ -20,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from protocol import ProtocolError, RunRecord, decode_as
+from protocol import ProtocolError, RunRecord, ServiceChange, decode_as
 
 log = logging.getLogger("rota.history")
 
@@ -35,6 +39,9 @@ SEGMENT_BYTES = 16 * 1024**2
 ENDING_STATES = ("succeeded", "failed", "timed_out", "lost", "expired", "rejected", "skipped",
                  "missed", "stopped", "exited", "paused")
 """States whose record ends a run or a daemon interval: the stream keeps these."""
+CHANGES = "rota.changes"
+CHANGES_MAX_BYTES = 256 * 1024**2
+CHANGES_MAX_AGE = "1Y"
 
 
 def stream_arguments(max_bytes: int = MAX_BYTES, max_age: str = MAX_AGE,
@@ -53,6 +60,9 @@ def declare_history(channel: Any, **retention: Any) -> None:
     channel.queue_declare(STREAM, durable=True, arguments=stream_arguments(**retention))
     for state in ENDING_STATES:
         channel.queue_bind(STREAM, EXCHANGE, routing_key=f"run.{state}")
+    channel.queue_declare(CHANGES, durable=True, arguments=stream_arguments(
+        CHANGES_MAX_BYTES, CHANGES_MAX_AGE))
+    channel.queue_bind(CHANGES, EXCHANGE, routing_key=ServiceChange.ROUTING_KEY)
 
 
 @dataclass
@@ -112,6 +122,46 @@ def read_history(
     if limit is not None:
         out = out[-limit:] if limit else []
     return History(out, bad)
+
+
+def read_changes(
+    amqp_url: str,
+    *,
+    service: str | None = None,
+    limit: int = 100,
+    idle: float = 0.3,
+    timeout: float = 10.0,
+) -> list[ServiceChange]:
+    """The newest `limit` operator edits in `rota.changes` (of `service` when given), oldest
+    first. Edits are rare, so the stream is read from its start."""
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    out: list[ServiceChange] = []
+    try:
+        ch = conn.channel()
+        declare_history(ch)
+        ch.basic_qos(prefetch_count=1000)
+        deadline = time.monotonic() + timeout
+        consumer = ch.consume(CHANGES, inactivity_timeout=idle,
+                              arguments={"x-stream-offset": "first"})
+        for method, _props, body in consumer:
+            if method is None or time.monotonic() > deadline:
+                break
+            ch.basic_ack(method.delivery_tag)
+            try:
+                change = decode_as(body, ServiceChange)
+            except ProtocolError as exc:
+                log.warning("change log record skipped: %s", exc)
+                continue
+            if service is None or change.service == service:
+                out.append(change)
+                if len(out) > 4 * max(limit, 1):
+                    del out[: len(out) - limit]
+        ch.cancel()
+    finally:
+        conn.close()
+    return out[-limit:] if limit else []
 
 
 def _offset_at(since: float) -> Any:

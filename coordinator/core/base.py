@@ -75,6 +75,12 @@ class EngineBase:
         assert svc.schedule is not None
         self.timeline.set(svc.name, svc.schedule.next_after(after, self.tz))
 
+    def runs_of_request(self, request_id: str) -> list[str]:
+        """The ids of the runs a manual-run request made, active or ended lately."""
+        prefix = f"manual-{request_id}"
+        return sorted(r for r in itertools.chain(self.runs, self._ended)
+                      if r == prefix or r.startswith(prefix + "@"))
+
     def knows(self, run_id: str) -> bool:
         """Whether `run_id` is a run of this cluster: active, or ended lately (reports of
         it may still arrive, late or twice)."""

@@ -13,6 +13,8 @@ class Node:
     version: str = ""
     incarnation: str | None = None
     """Names the node's current session; a new one means the node it replaces is gone."""
+    started_at: float | None = None
+    """When the node announced itself (its live-since time)."""
 
     def allows(self, allowed_roles: frozenset[str]) -> bool:
         """True when this node holds at least one of the service's allowed roles."""

@@ -14,23 +14,34 @@ from protocol.service import Kind, Service
 
 
 class Overrides(EngineBase):
-    def manual_run(self, service: str, now: float, request_id: str) -> list[Action]:
-        """Run `service` now, regardless of its schedule. Raises RefusedError with a reason."""
+    def manual_run(self, service: str, now: float, request_id: str,
+                   node: str | None = None) -> list[Action]:
+        """Run `service` now, regardless of its schedule; on `node` only when given (it must
+        be live and hold an allowed role). Raises RefusedError with a reason."""
         svc = self.services.get(service)
         if svc is None:
             raise RefusedError(f"unknown service {service!r}")
         if svc.is_daemon:
             raise RefusedError(f"{service!r} is a daemon: daemons cannot be run manually")
+        if node is not None:
+            live = self.nodes.get(node)
+            if live is None:
+                raise RefusedError(f"node {node!r} is not live")
+            if not live.allows(svc.allowed_roles):
+                raise RefusedError(f"node {node!r} holds no role {service!r} may run on "
+                                   f"({', '.join(sorted(svc.allowed_roles))})")
         tg = placement.targets(svc, self.nodes.values())
         if tg is None:
             tg = [""]
         elif not tg:
             raise RefusedError(f"no live node holds an allowed role for {service!r}")
+        elif node is not None:
+            tg = [node]
         actions: list[Action] = []
         for target in tg:
             rid = f"manual-{request_id}" + (f"@{target}" if target else "")
-            if rid in self.runs:
-                continue  # the same request delivered twice
+            if self.knows(rid):
+                continue  # the same request delivered or sent twice (a retry after failover)
             run = Run(
                 run_id=rid,
                 service=svc.name,
@@ -38,7 +49,7 @@ class Overrides(EngineBase):
                 slot=None,
                 queued_at=now,
                 run_groups=svc.run_groups,
-                node=target or None,
+                node=target or node,
                 target=target,
                 epoch=self.epoch,
             )

@@ -207,11 +207,22 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class EditRefusal:
+    """A refused `ServiceChange` (routing key service.changed) for this request, naming
+    `field`, whose reason contains every one of `says`; never a rejected run record."""
+
+    request_id: str
+    field: str
+    says: tuple[str, ...]
+    log: tuple[tuple[str, str], ...]  # (process, exact log text) mentioned exactly once
+
+
+@dataclass(frozen=True)
 class Probe:
     case: str
     queue: str
     body: bytes
-    expect: ToXQ | Dead | Rejected
+    expect: ToXQ | Dead | Rejected | EditRefusal
 
 
 class Corpus:
@@ -228,7 +239,8 @@ class Corpus:
     def queues(self) -> list[str]:
         return [*self.node_queues, RESULTS, REQUESTS]
 
-    def add(self, case: str, queue: str, body: bytes, expect: ToXQ | Dead | Rejected) -> None:
+    def add(self, case: str, queue: str, body: bytes,
+            expect: ToXQ | Dead | Rejected | EditRefusal) -> None:
         self.probes.append(Probe(case, queue, body, expect))
 
     def payload(self, case: str, queue: str, payload: bytes, reason: str, *says: str,
@@ -370,41 +382,47 @@ class Corpus:
                 )))
 
         # Requests the leader understands and refuses.
-        def refused(case: str, msg: ManualRunRequest | ServiceUpdate, *says: str) -> None:
+        def refused(case: str, msg: ManualRunRequest, *says: str) -> None:
             reason = says[0]
             self.add(case, REQUESTS, envelope(REQUESTS, [encode(msg)]), Rejected(
                 f"manual-{msg.request_id}", says, (
                     ("coord", f"refused request {msg.request_id} for {msg.service!r}: "
                               f"{reason}"),)))
 
+        def edit_refused(case: str, msg: ServiceUpdate, field: str, *says: str) -> None:
+            self.add(case, REQUESTS, envelope(REQUESTS, [encode(msg)]), EditRefusal(
+                msg.request_id, field, says, (
+                    ("coord", f"refused request {msg.request_id} for {msg.service!r}: "
+                              f"{says[0]}"),)))
+
         refused("manual run of a daemon", self.manual("Calculator"),
                 "'Calculator' is a daemon: daemons cannot be run manually")
         refused("manual run of an unknown service", self.manual("No Such Service"),
                 "unknown service 'No Such Service'")
-        for case, changes, why in (
-            ("period 0", {"period": 0}, "period 0 is below 1 minute"),
-            ("period 61", {"period": 61},
+        for case, changes, field, why in (
+            ("period 0", {"period": 0}, "period", "period 0 is below 1 minute"),
+            ("period 61", {"period": 61}, "period",
              "period 61 is over 60 minutes: use fixed time instead"),
-            ("align = period", {"period": 5, "align": 5},
+            ("align = period", {"period": 5, "align": 5}, "align",
              "align 5 must be between 0 and period-1 (4)"),
-            ("align > period", {"period": 5, "align": 9},
+            ("align > period", {"period": 5, "align": 9}, "align",
              "align 9 must be between 0 and period-1 (4)"),
-            ("bad cron", {"cron": "61 * * * *"}, "bad cron expression '61 * * * *'"),
-            ("align without period", {"align": 2}, "align needs a period"),
-            ("period and cron", {"period": 5, "cron": "* * * * *"},
+            ("bad cron", {"cron": "61 * * * *"}, "cron", "bad cron expression '61 * * * *'"),
+            ("align without period", {"align": 2}, "align", "align needs a period"),
+            ("period and cron", {"period": 5, "cron": "* * * * *"}, "cron",
              "give one of period, run_at or cron"),
         ):
             update = ServiceUpdate(request_id=_marker(), service="Tick",
                                    requested_by="bad-input-test", **changes)
-            refused(f"ServiceUpdate {case}", update, why)
+            edit_refused(f"ServiceUpdate {case}", update, field, why)
         update = ServiceUpdate(request_id=_marker(), service="Calculator",
                                requested_by="bad-input-test", period=5)
-        refused("ServiceUpdate schedule of a daemon", update,
-                "'Calculator' is a daemon: it has no schedule to edit")
+        edit_refused("ServiceUpdate schedule of a daemon", update, "period",
+                     "'Calculator' is a daemon: it has no schedule to edit")
         update = ServiceUpdate(request_id=_marker(), service="No Such Service",
                                requested_by="bad-input-test", enabled=False)
-        refused("ServiceUpdate of an unknown service", update,
-                "unknown service 'No Such Service'")
+        edit_refused("ServiceUpdate of an unknown service", update, "service",
+                     "unknown service 'No Such Service'")
         return self
 
 
@@ -453,6 +471,21 @@ def test_malformed_messages_are_refused_visibly_and_nothing_stops(cluster, amqp_
             for text in want.says:
                 assert text in (got.reason or ""), f"{p.case}: reason {got.reason!r}"
             assert got.finished_at is not None, p.case
+        # Every refused edit shows as an edit refusal naming its field, never as a run.
+        edits = [p for p in probes if isinstance(p.expect, EditRefusal)]
+        for p in edits:
+            assert isinstance(p.expect, EditRefusal)
+            want_edit = p.expect
+            change = rec.wait_for_change(
+                lambda ch, w=want_edit: ch.request_id == w.request_id, 20)
+            assert change is not None, f"{p.case}: no service.changed event\n{c.logs()}"
+            assert (change.outcome, change.field, change.by) == (
+                "refused", want_edit.field, "bad-input-test"), p.case
+            for text in want_edit.says:
+                assert text in (change.reason or ""), f"{p.case}: reason {change.reason!r}"
+        edit_runs = {f"manual-{p.expect.request_id}" for p in edits
+                     if isinstance(p.expect, EditRefusal)}
+        assert not [r for r in rec.snapshot() if r.run_id in edit_runs]
         refused_ids = {p.expect.run_id for p in rejected if isinstance(p.expect, Rejected)}
         for r in rec.snapshot():
             if r.run_id in refused_ids:
@@ -519,8 +552,8 @@ def test_malformed_messages_are_refused_visibly_and_nothing_stops(cluster, amqp_
     for (proc, text), n in per_line.items():
         seen = sum(1 for line in logs[proc] if line.endswith(text))
         assert seen == n, f"{proc} log mentions {text!r} {seen} times, expected {n}"
-    for p in rejected:
-        assert isinstance(p.expect, Rejected)
+    for p in [*rejected, *edits]:
+        assert isinstance(p.expect, Rejected | EditRefusal)
         for proc, text in p.expect.log:
             seen = sum(1 for line in logs[proc] if text in line)
             assert seen == 1, f"{p.case}: {proc} log mentions {text!r} {seen} times"

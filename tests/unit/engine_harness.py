@@ -321,9 +321,9 @@ class Harness:
             iv.end = self.now
             iv.outcome = "lost"
 
-    def manual(self, service: str, request_id: str) -> list[Action]:
+    def manual(self, service: str, request_id: str, node: str | None = None) -> list[Action]:
         assert self.engine is not None
-        actions = self.engine.manual_run(service, self.now, request_id)
+        actions = self.engine.manual_run(service, self.now, request_id, node)
         self.apply(actions)
         return actions
 

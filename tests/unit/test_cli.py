@@ -19,17 +19,26 @@ import pytest
 from protocol.catalogue import load_catalogue
 from rota.cli import DEFAULT_CATALOGUE, build_parser
 
-SUBCOMMANDS = ("up", "coordinator", "worker", "run", "set", "check")
+SUBCOMMANDS = ("up", "coordinator", "worker", "run", "set", "check", "services", "show",
+               "history", "nodes", "changes", "enable", "disable")
+_API = ["--url", "ROTA_URL", "--token", "ROTA_TOKEN", "--json"]
 KEY_OPTIONS = {
     "up": ["--catalogue", "--nodes", "--speed", "--for", "--start", "--history", "--http-port",
            "--zk", "--amqp", "in memory"],
     "coordinator": ["--id", "--catalogue", "--http-port", "--session-timeout", "--zk", "--amqp",
                     "ROTA_ZK", "ROTA_AMQP_URL"],
     "worker": ["--node", "--roles", "--capacity", "--journal", "--http-port", "--zk", "--amqp"],
-    "run": ["service", "--by", "--amqp", "ROTA_AMQP_URL"],
+    "run": ["service", "--node", "--wait", "--by", "--amqp", "ROTA_AMQP_URL", *_API],
     "set": ["service", "--enable", "--disable", "--period", "--align", "--run-at", "--cron",
-            "--amqp", "1..60", "HH:MM"],
+            "--amqp", "1..60", "HH:MM", *_API],
     "check": ["file"],
+    "services": _API,
+    "show": ["service", "--limit", *_API],
+    "history": ["service", "--node", "--outcome", "--since", "--until", "--limit", *_API],
+    "nodes": _API,
+    "changes": ["service", "--limit", *_API],
+    "enable": ["service", *_API],
+    "disable": ["service", "--yes", *_API],
 }
 
 
@@ -103,6 +112,9 @@ VALID = {  # the least each command accepts, so that only the wrong option is wr
     "run": ["Summary", *_SERVERS[2:]],
     "set": ["Summary", "--disable", *_SERVERS[2:]],
     "check": ["catalogue.toml"],
+    **{c: ["--url", "http://127.0.0.1:1"] for c in ("services", "nodes", "changes",
+                                                     "history")},
+    **{c: ["Summary", "--url", "http://127.0.0.1:1"] for c in ("show", "enable", "disable")},
 }
 
 
@@ -123,8 +135,13 @@ def test_missing_command_and_missing_servers_are_usage_errors() -> None:
         out = rota(command, *args)
         assert out.returncode == 2
         assert "--zk" in out.stderr and "--amqp" in out.stderr, out.stderr
-    out = rota("run", "Summary")
-    assert out.returncode == 2 and "--amqp" in out.stderr
+    for command in ("run", "set", "services", "show", "disable"):
+        args = [] if command in ("services",) else ["Summary"]
+        out = rota(command, *args, *(["--period", "5"] if command == "set" else []))
+        assert out.returncode == 2, (command, out.stderr)
+        assert "--url" in out.stderr and "ROTA_URL" in out.stderr, out.stderr
+        if command in ("run", "set"):
+            assert "--amqp" in out.stderr
 
 
 # -- check -----------------------------------------------------------------------------------

@@ -104,6 +104,23 @@ def test_compose_runs_rota_image_with_a_parsable_command(
         assert {host, amqp[1]} <= needs, f"{name} does not depend on {host} and {amqp[1]}"
 
 
+def test_no_unauthenticated_write_surface(compose: dict[str, Any],
+                                          parsed: dict[str, argparse.Namespace]) -> None:
+    """Ports are published on the host's loopback only; every coordinator serving its API
+    takes operator tokens from the environment (never written in the file), and without one
+    the API refuses every change."""
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    serving = {n: a for n, a in _of(parsed, "coordinator").items() if a.http_port}
+    assert serving
+    for name, args in serving.items():
+        env = compose["services"][name].get("environment") or {}
+        tokens = str(env.get("ROTA_OPERATOR_TOKENS", ""))
+        assert re.fullmatch(r"\$\{ROTA_OPERATOR_TOKENS(:-)?\}", tokens), (name, tokens)
+        assert args.tokens is None or args.tokens.startswith("/run/secrets/"), name
+
+
 def test_dockerfile_entrypoint_is_the_cli() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r'^ENTRYPOINT \["rota"\]', text, re.M), text

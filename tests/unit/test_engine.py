@@ -305,6 +305,38 @@ def test_manual_run_delivered_twice_runs_once() -> None:
     assert [iv.run_id for iv in h.runs_of("A")] == ["manual-r1"]
 
 
+def test_manual_run_sent_again_after_it_ended_does_not_run_again() -> None:
+    """A request repeated after a failover, once its run has ended, is the same request."""
+    h = Harness([service("A", Periodic(60))], [MASTER], durations={"A": 30})
+    h.manual("A", "r1")
+    h.run_for(60)
+    assert h.manual("A", "r1") == []
+    h.run_for(60)
+    assert [iv.run_id for iv in h.runs_of("A")] == ["manual-r1"]
+    assert h.engine.runs_of_request("r1") == ["manual-r1"]
+
+
+def test_manual_run_on_a_named_node_runs_there_only() -> None:
+    one = service("A", Periodic(60))
+    everywhere = service("B", Periodic(60), placement=Placement.ALL)
+    h = Harness([one, everywhere], [MASTER, MASTER2], durations={"A": 10, "B": 10})
+    h.manual("A", "r1", node="m2")
+    h.manual("B", "r2", node="m2")
+    h.run_for(30)
+    assert [(iv.run_id, iv.node) for iv in h.runs_of("A")] == [("manual-r1", "m2")]
+    assert [(iv.run_id, iv.node) for iv in h.runs_of("B")] == [("manual-r2@m2", "m2")]
+
+
+def test_manual_run_on_a_node_not_live_or_without_the_role_is_refused() -> None:
+    h = Harness([service("A", Periodic(60), roles=("Reporting",)),
+                 service("B", Periodic(60))], [MASTER])
+    with pytest.raises(RefusedError, match="node 'gone' is not live"):
+        h.manual("B", "r1", node="gone")
+    with pytest.raises(RefusedError, match="node 'm1' holds no role 'A' may run on"):
+        h.manual("A", "r2", node="m1")
+    assert h.runs_of("A") == [] and h.runs_of("B") == []
+
+
 def test_manual_run_while_the_service_runs_waits_for_it() -> None:
     h = Harness([service("A", Periodic(5))], [MASTER], durations={"A": 120})
     h.advance(at(0, 5, 30))

@@ -30,6 +30,7 @@ from protocol import (
     RunEvent,
     RunOrder,
     RunRecord,
+    ServiceChange,
     ServiceUpdate,
     decode,
     decode_as,
@@ -124,6 +125,23 @@ def update_fields(**changes: Any) -> dict[str, Any]:
     return fields
 
 
+def change_fields(**changes: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "request_id": "req-3",
+        "at": T0,
+        "by": "alice",
+        "service": "Cache Manager",
+        "field": "schedule",
+        "old": "6 min +3",
+        "new": "5 min +2",
+        "outcome": "applied",
+        "reason": None,
+        "epoch": 4,
+    }
+    fields.update(changes)
+    return fields
+
+
 def announcement_fields(**changes: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "node": "node-1",
@@ -204,6 +222,7 @@ FACTORIES: dict[type[Message], Any] = {
     DaemonControl: control_fields,
     ManualRunRequest: manual_fields,
     ServiceUpdate: update_fields,
+    ServiceChange: change_fields,
     NodeAnnouncement: announcement_fields,
     RunRecord: record_fields,
     LedgerRun: ledger_run_fields,

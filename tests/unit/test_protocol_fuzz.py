@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import (
+    CHANGE_FIELDS,
     DAEMON_ACTIONS,
     EVENT_STATES,
     MAX_TIME,
@@ -28,6 +29,7 @@ from protocol import (
     RunEvent,
     RunOrder,
     RunRecord,
+    ServiceChange,
     ServiceUpdate,
     decode,
     decode_as,
@@ -136,6 +138,19 @@ SERVICE_UPDATES = st.builds(
     run_at=optional(st.lists(HHMM, max_size=4)),
     cron=optional(TEXT),
 )
+SERVICE_CHANGES = st.builds(
+    ServiceChange,
+    request_id=NAMES,
+    at=TIMES,
+    by=NAMES,
+    service=NAMES,
+    field=choice(CHANGE_FIELDS),
+    old=optional(TEXT | st.booleans() | INT64),
+    new=optional(TEXT | st.booleans() | INT64 | FINITE),
+    outcome=st.just("applied"),
+    reason=optional(TEXT),
+    epoch=st.integers(0, 2**63 - 1),
+)
 NODE_ANNOUNCEMENTS = st.builds(
     NodeAnnouncement,
     node=NAMES,
@@ -203,6 +218,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
     DaemonControl: daemon_controls(),
     ManualRunRequest: MANUAL_RUN_REQUESTS,
     ServiceUpdate: SERVICE_UPDATES,
+    ServiceChange: SERVICE_CHANGES,
     NodeAnnouncement: NODE_ANNOUNCEMENTS,
     RunRecord: RUN_RECORDS,
     LedgerRun: LEDGER_RUNS,
@@ -340,6 +356,7 @@ ACCEPTS: dict[str, set[str]] = {
     "list": {"list"},
     "dict": {"dict"},
     "bytes": {"bytes"},
+    "scalar": {"str", "int", "float", "bool"},
 }
 KINDS: dict[type[Message], dict[str, str]] = {
     RunOrder: {
@@ -405,6 +422,18 @@ KINDS: dict[type[Message], dict[str, str]] = {
         "align": "int?",
         "run_at": "list?",
         "cron": "str?",
+    },
+    ServiceChange: {
+        "request_id": "str",
+        "at": "float",
+        "by": "str",
+        "service": "str",
+        "field": "str",
+        "old": "scalar?",
+        "new": "scalar?",
+        "outcome": "str",
+        "reason": "str?",
+        "epoch": "int",
     },
     NodeAnnouncement: {
         "node": "str",
