@@ -34,9 +34,6 @@ __all__ = [
 Metrics = Mapping[str, Mapping[str, float]]
 """stat id → metric id → value."""
 
-_MISSING = (1, 0.0)
-
-
 def sort_stat_ids(
     metrics: Metrics,
     sorting: str,
@@ -46,23 +43,23 @@ def sort_stat_ids(
     """Stat ids ordered by `sorting` over `parameters` (stats with no metrics left out)."""
     check_sorting(sorting)
     sign = -1.0 if sorting == "*desc" else 1.0
-    plan = []
+    ids = [stat_id for stat_id, values in metrics.items() if values]
+    rows = [metrics[stat_id] for stat_id in ids]
+    columns: list[list[float]] = []
     for text in parameters:
         metric, reverse = parse_sorting_parameter(text)
-        plan.append((metric, -sign if reverse else sign))
+        direction = -sign if reverse else sign
+        column = [values.get(metric) for values in rows]
+        if None in column:  # missing sorts after present: a 0/1 column first
+            columns.append([1.0 if v is None else 0.0 for v in column])
+            columns.append([0.0 if v is None else direction * v for v in column])
+        else:
+            columns.append([direction * v for v in column])  # type: ignore[operator]
     rand = rng.random
-    keyed = []
-    for stat_id, values in metrics.items():
-        if not values:
-            continue
-        key: list[float] = []
-        for metric, direction in plan:
-            value = values.get(metric)
-            key += _MISSING if value is None else (0, direction * value)
-        key.append(rand())
-        keyed.append((tuple(key), stat_id))  # equal keys (equal randoms) fall to the id
-    keyed.sort()
-    return [stat_id for _, stat_id in keyed]
+    columns.append([rand() for _ in ids])  # full ties: random order
+    # Equal random draws (practically never) fall back to the id, keeping keys comparable.
+    keyed = sorted(zip(*columns, ids, strict=True))
+    return [key[-1] for key in keyed]
 
 
 def _iso(instant: float) -> str:
@@ -137,13 +134,13 @@ def compute_ranking(
     `MetricIDs`, when set, limit the metrics kept and sorted on.
     """
     check_sorting(profile.sorting)
-    limit = set(profile.metric_ids)
+    limit = tuple(dict.fromkeys(profile.metric_ids))
     kept: dict[str, dict[str, float]] = {}
     for stat_id in profile.stat_ids:
         values = stat_metrics.get(stat_id)
         if not values:
             continue
-        chosen = {m: v for m, v in values.items() if not limit or m in limit}
+        chosen = {m: values[m] for m in limit if m in values} if limit else dict(values)
         if chosen:
             kept[stat_id] = chosen
     order = sort_stat_ids(kept, profile.sorting, profile.sorting_parameters, rng)
