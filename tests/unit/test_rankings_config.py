@@ -215,3 +215,11 @@ def test_the_shipped_catalogue_loads_with_its_rankings_example() -> None:
     assert cfg.rankings and cfg.stats
     for profile in cfg.rankings.values():
         assert all((profile.tenant, s) in cfg.stats for s in profile.stat_ids)
+
+
+def test_the_example_in_docs_rankings_loads() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "rankings.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    cfg = parse_catalogue(SERVICE + example, "rankings.md").rankings
+    assert set(cfg.rankings) == {("rota", "node-health")}
+    assert cfg.thresholds[("rota", "master-last")].take_out_node == "master-1"
