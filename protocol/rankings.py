@@ -113,7 +113,7 @@ class StatQueueProfile:
 
 @dataclass(frozen=True, slots=True)
 class RankingProfile:
-    """The seed's RankingProfile, field for field."""
+    """A RankingProfile, field for field as in CGRateS."""
 
     tenant: str
     id: str

@@ -74,7 +74,7 @@ def _instant(text: object) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Ranking:
-    """The seed's Ranking: the last computation of a profile."""
+    """A Ranking as CGRateS defines it: the last computation of a profile."""
 
     tenant: str
     id: str
@@ -111,7 +111,7 @@ class Ranking:
 
 @dataclass(frozen=True, slots=True)
 class RankingSummary:
-    """The seed's RankingSummary."""
+    """A RankingSummary as CGRateS defines it."""
 
     tenant: str
     id: str

@@ -1,4 +1,4 @@
-"""Ranking: every sorting rule of the seed, MetricIDs, the Ranking forms and what moved."""
+"""Ranking: every CGRateS sorting rule, MetricIDs, the Ranking forms and what moved."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def test_missing_metric_sorts_last_whatever_the_suffix(sorting: str, suffix: str
 
 
 def test_false_reverses_that_metric_on_desc() -> None:
-    # The seed's example: ["*tcc:true", "*pdd:false"] with *desc — highest tcc first, and
-    # among equal tcc the lowest pdd first.
+    # The CGRateS documentation's example: ["*tcc:true", "*pdd:false"] with *desc — highest
+    # tcc first, and among equal tcc the lowest pdd first.
     m = {"a": {"*tcc": 5.0, "*pdd": 3.0}, "b": {"*tcc": 5.0, "*pdd": 1.0},
          "c": {"*tcc": 9.0, "*pdd": 7.0}, "d": {"*tcc": 5.0, "*pdd": 2.0}}
     assert order(m, "*desc", "*tcc:true", "*pdd:false") == ["c", "b", "d", "a"]
