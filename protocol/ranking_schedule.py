@@ -102,6 +102,10 @@ def parse_ranking_schedule(text: object) -> RankingSchedule:
     cron = Cron(expr)  # raises ScheduleError when croniter refuses it
     if len(fields) == 6:
         _refuse_ambiguous(expr, fields)
+    try:  # valid fields can still name a date that never comes (February 31)
+        cron.next_after(_PROBE, ZoneInfo("UTC"))
+    except Exception:
+        raise ScheduleError(f"cron {text!r} never fires") from None
     return cron
 
 

@@ -84,15 +84,23 @@ class RankingScheduler:
         return len(planned)
 
     def schedule_configured(self, scheduled_ids: Mapping[str, Iterable[str]] | None,
-                            now: float) -> int:
+                            now: float, *, keep: bool = False) -> int:
         """`scheduled_ids` as configured: empty or None schedules every profile of every
-        tenant; a tenant with an empty list, all of that tenant's profiles."""
+        tenant; a tenant with an empty list, all of that tenant's profiles. With `keep`,
+        rankings already scheduled keep their times (a successor adding the profiles its
+        predecessor did not have). Returns how many were scheduled now."""
         if not scheduled_ids:
             tenants: dict[str, list[str]] = {t: [] for t, _ in sorted(self.profiles)}
         else:
             tenants = {t: list(ids) for t, ids in scheduled_ids.items()}
-        return sum(self.schedule_queries(t, ids, now) for t, ids in tenants.items()
-                   if ids or any(pt == t for pt, _ in self.profiles))
+        count = 0
+        for tenant, ids in tenants.items():
+            wanted = ids or sorted(i for t, i in self.profiles if t == tenant)
+            if keep:
+                wanted = [i for i in wanted if (tenant, i) not in self.entries]
+            if wanted:
+                count += self.schedule_queries(tenant, wanted, now)
+        return count
 
     def unschedule(self, tenant: str, ranking_id: str) -> bool:
         return self.entries.pop((tenant, ranking_id), None) is not None

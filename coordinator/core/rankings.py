@@ -59,16 +59,18 @@ class RankingS:
 
     def start(self, now: float, state: Mapping[str, Any] | None = None,
               stored: Iterable[Ranking] = ()) -> int:
-        """Begin a term: continue a predecessor's `state` (from `snapshot()`) or schedule
-        from configuration; load its stored rankings. Returns how many are scheduled."""
+        """Begin a term: continue a predecessor's `state` (from `snapshot()`), and schedule
+        the configured rankings (those not scheduled already); load the stored rankings.
+        Returns how many rankings are scheduled."""
         self.load_stored(stored)
         self.last_store = now
         if state is not None:
             self.stats = StatS.restore(self.config.stats.values(), state["stats"])
             self.scheduler.restore(state["schedule"], now)
             self.thresholds.restore(state["thresholds"])
-            return len(self.scheduler.entries)
-        return self.scheduler.schedule_configured(self.config.settings.scheduled_ids, now)
+        self.scheduler.schedule_configured(self.config.settings.scheduled_ids, now,
+                                           keep=state is not None)
+        return len(self.scheduler.entries)
 
     def snapshot(self) -> dict[str, Any]:
         return {"stats": self.stats.snapshot(), "schedule": self.scheduler.snapshot(),

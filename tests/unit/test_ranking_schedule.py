@@ -79,6 +79,7 @@ def test_every(expr: str, seconds: float) -> None:
     ("0 0 1 1 * 0 2030", "seven|7 fields"),
     ("* * * *", "4 fields"),
     ("61 * * * *", "bad cron"),
+    ("0 0 31 2 *", "never fires"),
     ("@every", "@every <duration>"),
     ("@every 0s", "below one second"),
     ("@every 500ms", "below one second"),
@@ -222,3 +223,13 @@ def test_restore_drops_removed_profiles_and_replans_changed_schedules() -> None:
     assert set(successor.entries) == {("acme", "r1"), ("acme", "r2"), ("acme", "other")}
     assert successor.entries[("acme", "r2")].next == T0 + 15
     assert successor.entries[("acme", "r1")].next == T0 + 60
+
+
+def test_keep_schedules_only_what_is_not_scheduled_yet() -> None:
+    s = scheduler()
+    s.schedule_queries("acme", ["r1"], T0)
+    s.due(T0 + 60)
+    assert s.schedule_configured(None, T0 + 90, keep=True) == 3
+    r1 = s.entries[("acme", "r1")]
+    assert (r1.next, r1.previous) == (T0 + 120, T0 + 60)  # kept
+    assert scheduled(s) == set(PROFILES)

@@ -268,3 +268,16 @@ def test_schedule_queries_and_get_schedule_through_rankings() -> None:
     assert [(x.id, x.next) for x in rows] == [("health", T0 + 60), ("speed", T0 + 630)]
     assert [x.to_dict() for x in r.get_schedule("rota", ["sp"])] == [
         {"RankingID": "speed", "Next": T0 + 630, "Previous": None}]
+
+
+def test_a_successor_schedules_profiles_its_predecessor_did_not_have() -> None:
+    cfg = config()
+    only_health = RankingsConfig(cfg.settings, cfg.stats,
+                                 {("rota", "health"): cfg.rankings[("rota", "health")]})
+    leader = RankingS(only_health, zone("UTC"), random.Random(1))
+    assert leader.start(T0) == 1
+    leader.tick(T0 + 60)
+    successor = RankingS(cfg, zone("UTC"), random.Random(1))
+    assert successor.start(T0 + 70, state=leader.snapshot()) == 2
+    assert [(x.id, x.next, x.previous) for x in successor.get_schedule("rota")] == [
+        ("health", T0 + 120, T0 + 60), ("speed", T0 + 670, None)]
