@@ -5,8 +5,8 @@ Three forms, all answering `next_after(instant, tz)` like the service schedules:
   with the SECONDS FIELD LAST. Quartz and CGRateS (Go) put seconds FIRST; a six-field
   expression that is valid read both ways and fires differently is refused as ambiguous,
   as are seven fields and Quartz's `?`;
-- `@every <duration>`: a fixed interval (`30s`, `1m30s`, `1h`, `1.5h`, `500ms` is refused:
-  at least one second), counted from when the ranking is scheduled or last ran;
+- `@every <duration>`: a fixed interval (`30s`, `1m30s`, `1h`, `1.5h`; at least one
+  second), counted from when the ranking is scheduled and kept on that grid;
 - the descriptors `@yearly` (`@annually`), `@monthly`, `@weekly`, `@daily`, `@midnight`,
   `@hourly`, which are the cron expressions they stand for.
 """
@@ -58,7 +58,8 @@ def parse_duration(text: str) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Every:
-    """A fixed interval in seconds, counted from the last run (or from scheduling)."""
+    """A fixed interval in seconds. `next_after` is one interval on; the scheduler keeps
+    a ranking on the grid of the time it was scheduled."""
 
     seconds: float
     kind = "every"
@@ -93,7 +94,7 @@ def parse_ranking_schedule(text: object) -> RankingSchedule:
         return Cron(DESCRIPTORS[expr])
     fields = expr.split(" ")
     if "?" in expr:
-        raise ScheduleError(f"cron {text!r}: '?' is Quartz syntax; croniter reads '*'")
+        raise ScheduleError(f"cron {text!r}: '?' is Quartz syntax: write '*'")
     if len(fields) not in (5, 6):
         raise ScheduleError(
             f"cron {text!r} has {len(fields)} fields: expected five (minute hour day month "
