@@ -28,6 +28,8 @@ Format (`docs/catalogue.md` has the full reference)::
     params = { batch = 500 }  # str/int/float/bool values handed to the utility
     rank_by = "node-health"   # ranking id: try the best-ranked allowed node first
 
+    # RankingS: [rankings], [[stat]], [[ranking]], [[threshold]] (docs/rankings.md)
+
 Every problem in a file is collected and reported at once, one per line, each naming the
 file, the service and the field: `catalogue.toml: service "X": period: ...`.
 """
@@ -44,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.rankings import RankingsConfig
 from protocol.schedule import (
     Cron,
     FixedTimes,
@@ -65,7 +68,7 @@ GROUP_TITLES = {
     Kind.CRON: "Cron Services",
 }
 
-_TOP_KEYS = ("system", "service")
+_TOP_KEYS = ("system", "service", "rankings", "stat", "ranking", "threshold")
 _SYSTEM_KEYS = ("timezone", "roles", "catch_up")
 _SCHEDULE_KEYS = {"period": Kind.PERIODIC, "align": Kind.PERIODIC, "run_at": Kind.FIXED,
                   "cron": Kind.CRON}
@@ -96,6 +99,7 @@ class Catalogue:
     catch_up: float = DEFAULT_CATCH_UP
     source: str = "<string>"
     params: dict[str, dict[str, object]] = field(default_factory=dict)  # by service name
+    rankings: RankingsConfig = field(default_factory=RankingsConfig)  # docs/rankings.md
 
     def by_kind(self) -> dict[Kind, list[Service]]:
         """Services grouped for display: Daemon, Fixed Time, Periodical, Cron; file order
@@ -315,10 +319,13 @@ class _Parser:
                 services[svc.name] = svc
                 if svc_params:
                     params[svc.name] = svc_params
+        from protocol.catalogue_rankings import parse_rankings  # it reads this module
+
+        rankings = parse_rankings(self, data)
         if self.errors:
             raise CatalogueError(self.errors)
         return Catalogue(timezone=timezone, roles=roles, services=services, catch_up=catch_up,
-                         source=self.source, params=params)
+                         source=self.source, params=params, rankings=rankings)
 
     def parse_system(self, system: dict[str, object]) -> tuple[str, tuple[str, ...], float]:
         where = "[system]"
