@@ -36,7 +36,7 @@ def encode(msg: Message) -> bytes:
     if MESSAGE_TYPES.get(cls.__name__) is not cls:
         raise TypeError(f"expected a protocol message, got {cls.__name__}")
     if cls.SINCE:
-        version = msg.version()
+        version = msg.schema_version()
         wire: dict[str, Any] = {"t": cls.__name__, "v": version}
         wire.update((k, v) for k, v in zip(cls.FIELDS, cls._values(msg), strict=True)
                     if cls.SINCE.get(k, 1) <= version)

@@ -373,7 +373,7 @@ class Message:
         """The fields by name, in wire order (containers are shared, not copied)."""
         return dict(zip(self.FIELDS, type(self)._values(self), strict=True))
 
-    def version(self) -> int:
+    def schema_version(self) -> int:
         """The schema version this message is written in: 1, or the newest version whose
         optional field it sets."""
         return max((v for name, v in self.SINCE.items() if getattr(self, name) is not None),
