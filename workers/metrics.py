@@ -9,6 +9,11 @@ REJECTED = Counter(
     "rota_worker_orders_rejected_total", "Orders this node refused, by reason", ["reason"]
 )
 DUPLICATES = Counter("rota_worker_duplicate_orders_total", "Re-sent orders ignored by run id")
+SUPERSEDED = Counter(
+    "rota_worker_held_orders_superseded_total",
+    "Orders held for their start instant whose leader was superseded before it (not started; "
+    "the current leader sends them again)",
+)
 DEAD_LETTERS = Counter(
     "rota_worker_dead_letters_total", "Malformed messages dead-lettered by this node", ["reason"]
 )
