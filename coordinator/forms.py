@@ -41,10 +41,10 @@ def order_of(run: Run, svc: Service, epoch: int, now: float, params: Params) -> 
 
 
 def control_of(c: Control, epoch: int, now: float, params: Params,
-               incarnation: str | None) -> DaemonControl:
+               incarnation: str | None, seq: int = 0) -> DaemonControl:
     svc = c.service
     return DaemonControl(
-        control_id=uuid.uuid4().hex[:16], service=svc.name, node=c.node,
+        control_id=uuid.uuid4().hex[:16], service=svc.name, node=c.node, seq=seq,
         action=c.action.value, epoch=epoch, issued_at=now, callable=svc.utility.callable,
         command=list(svc.utility.command) if svc.utility.command else None,
         run_groups=sorted(svc.run_groups), params=params,

@@ -87,6 +87,8 @@ def delivered(engine: Engine, item: Delivered, now: float, turn: Turn, outbox: O
 
 def on_event(engine: Engine, ev: RunEvent, now: float, turn: Turn) -> list[Action]:
     if ev.run_id.startswith("daemon:"):
+        if ev.state == "exited" and ev.service in engine.services and ev.node in engine.nodes:
+            metrics.DAEMON_EXITS.labels(ev.service, ev.node).inc()
         return engine.daemon_event(
             ev.service, ev.node, ev.state, now, epoch=ev.epoch, at=ev.at,
             started_at=ev.started_at, error=ev.error, output_tail=ev.output_tail,
@@ -103,17 +105,12 @@ def on_event(engine: Engine, ev: RunEvent, now: float, turn: Turn) -> list[Actio
         return engine.run_started(ev.run_id, ev.node, ev.at, now)
     if ev.state not in FINISHED:
         return []
-    run = engine.runs.get(ev.run_id)
-    actions = engine.run_finished(
+    # Counted when the run's final record is published (coordinator/metrics.py).
+    return engine.run_finished(
         ev.run_id, ev.node, ev.state, now,
         started_at=ev.started_at, finished_at=ev.finished_at, error=ev.error,
         output_tail=ev.output_tail, reason=ev.reason, metrics=ev.metrics,
     )
-    if run is not None and actions:  # counted once, under the run's own service
-        if ev.started_at is not None and ev.state != "rejected" and run.slot is not None:
-            metrics.LATENESS.observe(max(0.0, ev.started_at - run.slot))
-        metrics.RUNS.labels(run.service, ev.state).inc()
-    return actions
 
 
 def on_request(engine: Engine, msg: object, now: float, turn: Turn) -> list[Action]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     import dramatiq
 
 log = logging.getLogger("rota.leader")
+GAUGES_EVERY = 1.0  # seconds between two settings of the state gauges
+SNAPSHOT_EVERY = 0.25  # seconds between two snapshots while the leader is busy
 
 
 @dataclass
@@ -80,6 +83,8 @@ class Coordinator:
         self._stopping = threading.Event()
         self._in_term = False  # membership changes go to the inbox only while leading
         self._snapshot: view.Snapshot | None = None
+        self._gauges_at = float("-inf")  # monotonic time the state gauges were last set
+        self._snapshot_at = float("-inf")  # and the snapshot built
         self._failed_terms = Backoff(self.options.failed_term_pause, 60.0)
         self._failed_in_a_row = 0
         self.ledger = Ledger()
@@ -164,6 +169,8 @@ class Coordinator:
             self.leading.clear()
             self._in_term = False
             metrics.LEADER.set(0)
+            metrics.forget_state()
+            self._gauges_at = self._snapshot_at = float("-inf")
             for r in readers:
                 r.stop()
             self._snapshot = None
@@ -227,6 +234,7 @@ class Coordinator:
             if nxt is not None:
                 wait = min(wait, max(0.0, self.clock.to_real(nxt - self.clock.now())))
             items = self._inbox.take(wait, opts.max_batch)
+            began = time.perf_counter()
             turn = Turn()
             reload: Catalogue | None = None
             now = self.clock.now()
@@ -239,6 +247,8 @@ class Coordinator:
                     intake.delivered(engine, item, now, turn, self.outbox)
             turn.actions += engine.tick(self.clock.now())
             self._finish_turn(term, engine, turn)
+            if items or turn.actions:
+                metrics.TURN.observe(time.perf_counter() - began)
             if reload is not None:
                 self.catalogue = reload
                 return True
@@ -252,7 +262,26 @@ class Coordinator:
         finally:
             metrics.LEDGER_TRANSACTIONS.inc(term.transactions - transactions)
             metrics.LEDGER_WRITES.inc(term.ops - ops)
-        self._snapshot = view.snapshot(engine)
+        now = time.monotonic()
+        # The snapshot costs O(services): while turns come back to back it is rebuilt at most
+        # every SNAPSHOT_EVERY; a turn that empties the inbox always rebuilds it.
+        if self._inbox.empty() or now - self._snapshot_at >= SNAPSHOT_EVERY:
+            self._snapshot = view.snapshot(engine)
+            self._snapshot_at = now
+        if now - self._gauges_at >= GAUGES_EVERY:
+            self._gauges_at = now
+            self._show_state(engine)
+
+    def _show_state(self, engine: Engine) -> None:
+        waiting_groups, waiting_room, oldest = engine.waiting()
+        metrics.show_state(
+            roles=self.catalogue.roles,
+            groups={g for svc in self.catalogue.services.values() for g in svc.run_groups},
+            live_roles=[n.roles for n in engine.nodes.values()],
+            held=engine.groups_held(), waiting_for_groups=waiting_groups,
+            waiting_for_capacity=waiting_room,
+            oldest_wait=0.0 if oldest is None else max(0.0, self.clock.now() - oldest),
+        )
 
 
 def _transport_of(given: Transport | dramatiq.Broker) -> Transport:

@@ -56,6 +56,7 @@ class Outbox:
         self.fault = fault
         self._params_catalogue: Catalogue | None = None
         self._params: dict[str, forms.Params] = {}
+        self._control_seq = 0  # numbers daemon controls: a worker orders one turn's by it
 
     def finish(self, term: Term, ledger: Ledger, changes: Changes, turn: Turn,
                catalogue: Catalogue, nodes: Mapping[str, Node], now: float) -> None:
@@ -63,7 +64,8 @@ class Outbox:
         if changes or changes.finished:
             writes = ledger.writes(changes)
             if writes:
-                term.commit(writes)  # raises Fenced when deposed: nothing below happens
+                with metrics.LEDGER_COMMIT.time():
+                    term.commit(writes)  # raises Fenced when deposed: nothing below happens
         dispatches: list[Dispatch] = []
         controls_due: list[Control] = []
         recorded: list[Record | DaemonInterval] = []
@@ -97,14 +99,16 @@ class Outbox:
         controls = []
         for c in controls_due:
             node = nodes.get(c.node)
+            self._control_seq += 1
             msg = forms.control_of(c, term.epoch, now, params(c.service.name),
-                                   node.incarnation if node else None)
+                                   node.incarnation if node else None, self._control_seq)
             controls.append((node_queue(c.node), encode(msg)))
         self.send(controls, term)
         records = [forms.record_of(a.run) if isinstance(a, Record) else forms.interval_record(a)
                    for a in recorded]
         records += turn.records
         self.publish_all(records)
+        metrics.count_ended(a.run for a in recorded if isinstance(a, Record))
         for d in turn.acks:
             d.ack()
 

@@ -587,6 +587,11 @@ class DaemonControl(Message):
     allowed_roles: list[str] = field(default_factory=list)
     incarnation: str | None = None
     """The node session this control is meant for, as in `RunOrder.incarnation`."""
+    seq: int = 0
+    """Rises with every control one leader sends: a worker applies a daemon's controls in
+    (epoch, issued_at, seq) order and drops one that is not newer than the last it applied,
+    so two controls of one turn (same `issued_at`) taken by different consumer threads, or a
+    control delivered twice, cannot undo a later one."""
 
     _RULES = {
         "control_id": _ID,
@@ -601,6 +606,7 @@ class DaemonControl(Message):
         "params": _PARAMS,
         "allowed_roles": _GROUPS,
         "incarnation": _OPT_NAME,
+        "seq": _integer(minimum=0),
     }
 
     def _check_consistency(self) -> None:

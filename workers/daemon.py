@@ -105,9 +105,14 @@ class _Daemon:
     def request_pause(self) -> None:
         with self.lock:
             self.pausing = True
+            parked = self.state == "paused"
             if self.ctx is not None:
-                self.ctx.request_pause()
+                parked = self.ctx.request_pause() or parked
         self.wake.set()
+        if parked:
+            # No new park will report it: tell again that it is paused, so a leader waiting
+            # for this pause (a resume and this pause may have crossed) does not wait forever.
+            self.report("paused")
 
     def request_resume(self) -> None:
         with self.lock:

@@ -155,9 +155,11 @@ class ExecContext:
                 self._stop_reason = reason
             self._cond.notify_all()
 
-    def request_pause(self) -> None:
+    def request_pause(self) -> bool:
+        """Park at the next cycle boundary; True if already parked (and it stays so)."""
         with self._cond:
             self._pause = True
+            return self._parked
 
     def request_resume(self) -> None:
         with self._cond:

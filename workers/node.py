@@ -119,9 +119,9 @@ class WorkerNode:
         self._daemon_epoch = 0
         # Controls are taken by several consumer threads: apply them one at a time, and never
         # one issued before the last applied for the same daemon (a late resume must not undo
-        # the pause that followed it).
+        # the pause that followed it, even when both were sent in one turn).
         self._control_lock = threading.Lock()
-        self._last_control: dict[str, tuple[int, float]] = {}
+        self._last_control: dict[str, tuple[int, float, int]] = {}
         self.incarnation: str | None = None  # names this node's current ZooKeeper session
         self._consumer_threads = consumer_threads
         self._served: Consumer | None = None
@@ -146,7 +146,7 @@ class WorkerNode:
                        lambda: None)
         self._served = self.transport.serve(
             self.queue, self._on_delivery, threads=self._consumer_threads,
-            refused=lambda reason: metrics.DEAD_LETTERS.labels(reason).inc(),
+            refused=lambda reason: metrics.DEAD_LETTERS.labels(self.node_id, reason).inc(),
         )
         self.announce()
         log.info("node %s up with roles %s", self.node_id, ", ".join(sorted(self.roles)))
@@ -222,14 +222,14 @@ class WorkerNode:
         if delivery.payload is None:
             error = delivery.error or ProtocolError("garbage", "no payload")
             self.transport.dead_letter(self.queue, delivery.raw, error, now)
-            metrics.DEAD_LETTERS.labels(error.reason).inc()
+            metrics.DEAD_LETTERS.labels(self.node_id, error.reason).inc()
             return
         payload = delivery.payload
         try:
             msg = decode(payload)
         except ProtocolError as exc:
             self.transport.dead_letter(self.queue, payload, exc, now)
-            metrics.DEAD_LETTERS.labels(exc.reason).inc()
+            metrics.DEAD_LETTERS.labels(self.node_id, exc.reason).inc()
             return
         if isinstance(msg, RunOrder):
             self._on_order(msg, now)
@@ -241,7 +241,7 @@ class WorkerNode:
                 f"got {type(msg).__name__}",
             )
             self.transport.dead_letter(self.queue, payload, wrong, now)
-            metrics.DEAD_LETTERS.labels(wrong.reason).inc()
+            metrics.DEAD_LETTERS.labels(self.node_id, wrong.reason).inc()
 
     def _refusal(self, order: RunOrder, now: float) -> str | None:
         if order.node != self.node_id:
@@ -282,10 +282,10 @@ class WorkerNode:
                     self._held[order.run_id] = order
                     self._raise_epoch(order.epoch)
                 else:
-                    metrics.DUPLICATES.inc()
+                    metrics.DUPLICATES.labels(self.node_id).inc()
                 return
             if order.run_id in self._seen:
-                metrics.DUPLICATES.inc()
+                metrics.DUPLICATES.labels(self.node_id).inc()
                 return
             self._seen[order.run_id] = None
             if len(self._seen) > SEEN_LIMIT:
@@ -313,7 +313,7 @@ class WorkerNode:
                 log.info("held order %s (%s) not started: epoch %d superseded by %d; "
                          "waiting for the current leader to send it again", run_id,
                          order.service, order.epoch, self._epoch)
-                metrics.SUPERSEDED.inc()
+                metrics.SUPERSEDED.labels(self.node_id).inc()
                 return
         if not self._refuse(order, self.clock.now()):
             self._begin(order)
@@ -324,7 +324,7 @@ class WorkerNode:
         if reason is None:
             return False
         log.warning("refused %s (%s): %s", order.run_id, order.service, reason)
-        metrics.REJECTED.labels(reason.split()[0]).inc()
+        metrics.REJECTED.labels(self.node_id, reason.split()[0]).inc()
         self._report(RunEvent(
             run_id=order.run_id, service=order.service, node=self.node_id,
             state="rejected", at=now, epoch=order.epoch, reason=reason,
@@ -354,7 +354,7 @@ class WorkerNode:
                 timeout=order.timeout, params=dict(order.params), on_start=started,
             )
             self._write_journal("end", order, out.finished_at, out.outcome)
-            metrics.RUNS.labels(out.outcome).inc()
+            metrics.RUNS.labels(self.node_id, out.outcome).inc()
             self._report_event(
                 run_id=order.run_id, service=order.service, node=self.node_id,
                 state=out.outcome, at=out.finished_at, epoch=order.epoch,
@@ -386,12 +386,12 @@ class WorkerNode:
     def _on_control(self, c: DaemonControl) -> None:
         with self._control_lock:
             last = self._last_control.get(c.service)
-            if last is not None and (c.epoch, c.issued_at) < last:
-                log.info("ignored daemon control %s %s: issued before the last one applied",
-                         c.action, c.service)
+            if last is not None and (c.epoch, c.issued_at, c.seq) <= last:
+                log.info("ignored daemon control %s %s: issued before the last one applied "
+                         "(or delivered twice)", c.action, c.service)
                 return
             if self._apply_control(c):
-                self._last_control[c.service] = (c.epoch, c.issued_at)
+                self._last_control[c.service] = (c.epoch, c.issued_at, c.seq)
 
     def _apply_control(self, c: DaemonControl) -> bool:
         if (
@@ -463,7 +463,7 @@ class WorkerNode:
             return
         except ProtocolError as exc:
             problem = f"the utility reported a value that cannot be sent: {exc}"
-        metrics.BAD_REPORTS.inc()
+        metrics.BAD_REPORTS.labels(self.node_id).inc()
         log.warning("run %s of %s: %s", fields.get("run_id"), fields.get("service"), problem)
         if fields.get("state") == "succeeded":
             fields["state"] = "failed"
@@ -495,11 +495,11 @@ class WorkerNode:
         try:
             self._outbox.put_nowait(report)
         except queue.Full:
-            metrics.OUTBOX_FULL.inc()
+            metrics.OUTBOX_FULL.labels(self.node_id).inc()
             log.warning("outbox full (%d run events not yet published): waiting for RabbitMQ",
                         self._outbox.maxsize)
             self._outbox.put(report)
-        metrics.OUTBOX.set(self._outbox.qsize())
+        metrics.OUTBOX.labels(self.node_id).set(self._outbox.qsize())
 
     def _reporter(self) -> None:
         """Publishes queued run events to rota.results in batches, each stored all or none;
@@ -536,7 +536,7 @@ class WorkerNode:
                     log.warning("cannot report %d event(s) (%s); retrying in %.1fs",
                                 len(batch), exc, wait)
                     time.sleep(wait)
-            metrics.OUTBOX.set(self._outbox.qsize())
+            metrics.OUTBOX.labels(self.node_id).set(self._outbox.qsize())
 
 
 class _Report:

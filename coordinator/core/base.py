@@ -61,6 +61,7 @@ class EngineBase:
         self.locks = LockBook()
         self.daemons: dict[str, DaemonInstance] = {}
         self.intervals: dict[str, OpenInterval] = {}  # open daemon intervals, by daemon key
+        self.closed_began: dict[str, float] = {}  # by daemon key: the latest interval closed
         self.last_run: dict[str, float] = {}
         self.overrides: dict[str, dict[str, object]] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()  # ids of runs ended lately

@@ -123,12 +123,14 @@ class Daemons(EngineBase):
         the interval it opens or closes is recorded all the same. `at` is when it happened on
         the worker; an end carries `started_at`, when the interval it ends began.
         """
+        key = daemon_key(service, node)
+        if self._stale_report(key, state, now if at is None else at, started_at):
+            return []
         actions = self._interval(service, node, state, now if at is None else at,
                                  started_at, self.epoch if epoch is None else epoch,
                                  error, output_tail)
         if epoch is not None and epoch < self.epoch:
             return actions
-        key = daemon_key(service, node)
         inst = self.daemons.get(key)
         if inst is None:
             return actions
@@ -152,6 +154,27 @@ class Daemons(EngineBase):
                 actions.append(Control(svc, node, ControlAction.RESUME))
         return actions
 
+    def _stale_report(self, key: str, state: str, at: float, started_at: float | None) -> bool:
+        """A report about an interval older than what is known of this daemon: delivered
+        twice, or overtaken. Acting on it could take a daemon for paused while it runs.
+
+        An interval is named by the worker's instant it began: a start or resume older than
+        the open interval, or an end of an interval already closed or older than the open
+        one, is stale. A `paused` without `started_at` (a worker acknowledging a pause of a
+        daemon it had parked already) is stale while an interval is known to be open.
+        """
+        opened = self.intervals.get(key)
+        closed = self.closed_began.get(key)
+        if state in ("started", "resumed"):
+            return ((opened is not None and at < opened.began)
+                    or (closed is not None and at <= closed))
+        if state in ("paused", "stopped", "exited"):
+            if started_at is None:
+                return state == "paused" and opened is not None
+            return ((opened is not None and started_at < opened.began)
+                    or (closed is not None and started_at <= closed))
+        return False
+
     def _interval(
         self, service: str, node: str, state: str, at: float, started_at: float | None,
         epoch: int, error: str | None, output_tail: str,
@@ -173,6 +196,7 @@ class Daemons(EngineBase):
             return out
         if state in ("paused", "stopped", "exited") and started_at is not None:
             self.intervals.pop(key, None)
+            self.closed_began[key] = max(started_at, self.closed_began.get(key, started_at))
             outcome = "failed" if state == "exited" else "succeeded"
             return [DaemonInterval(service, node, started_at, at, outcome, groups, epoch, error,
                                    output_tail, reason=state)]

@@ -130,6 +130,18 @@ class Engine(Admission, Recovery, Daemons, Membership, Overrides):
             out[service] = min(out.get(service, since), since)
         return out
 
+    def waiting(self) -> tuple[int, int, float | None]:
+        """Runs waiting for their run groups, runs granted them but waiting for a node with
+        room, and since when the oldest of either has waited (None: nothing waits)."""
+        for_groups = [c.since for c in self.locks.waiting() if not c.key.startswith("daemon:")]
+        for_room = [self.runs[r].queued_at for r in self._full if r in self.runs]
+        oldest = min(for_groups + for_room, default=None)
+        return len(for_groups), len(for_room), oldest
+
+    def groups_held(self) -> set[str]:
+        """Run groups some run or daemon holds now."""
+        return {g for c in self.locks.holders() for g in c.groups}
+
     def drain_changes(self) -> Changes:
         out, self._changes = self._changes, Changes()
         return out

@@ -9,6 +9,7 @@ intersecting run groups, only allowed roles, no order executed from a stale epoc
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import time
@@ -46,6 +47,11 @@ def check(c: Cluster, rec: EventRecorder, t0: float, t1: float) -> None:
     report = audit(finals, load_catalogue(CATALOGUE), ROLES, start=t0, settled=t1 - 5)
     audit_journal(c.journal(), report)
     print("audit:", report.line())
+    if report.violations:
+        # Keep what the audit saw beside the workers' journals, for the post-mortem.
+        dump = c.workdir / "events.jsonl"
+        dump.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in rec.snapshot()))
+        print(f"audit: events kept in {dump}, journals in {c.workdir}")
     assert report.slots_due > 20
     assert not report.violations, "\n".join(report.violations[:25]) + "\n" + c.logs()
 

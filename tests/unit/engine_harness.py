@@ -127,6 +127,9 @@ class Harness:
         self.controls: list[tuple[float, str, str, str]] = []  # (time, service, node, action)
         self.worker_seen: set[str] = set()  # run ids the workers accepted (they dedupe)
         self.worker_epoch: dict[str, int] = {}  # per node: the epoch of the last control
+        self._since: dict[tuple[str, str], float] = {}  # daemon interval begun, per node
+        # every daemon report sent: (service, node, state, at, started_at, epoch)
+        self.reports: list[tuple[str, str, str, float, float | None, int]] = []
         self._open: dict[tuple[str, str], Interval] = {}  # (run id or daemon key, node)
         self._events: list[tuple[float, int, str, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -280,8 +283,18 @@ class Harness:
                 iv.outcome = "stopped"
 
     def _daemon_event(self, service: str, node: str, state: str) -> None:
+        """Report as a worker does: when it happened, and an end names the instant its
+        interval began."""
         epoch = self.worker_epoch.get(node, 0)  # reports carry the epoch of the last control
-        self._call(lambda e, now: e.daemon_event(service, node, state, now, epoch=epoch))
+        key = (service, node)
+        at, started_at = self.now, None
+        if state in ("started", "resumed"):
+            self._since[key] = at
+        else:
+            started_at = self._since.pop(key, None)
+        self.reports.append((service, node, state, at, started_at, epoch))
+        self._call(lambda e, now: e.daemon_event(service, node, state, now, epoch=epoch,
+                                                 at=at, started_at=started_at))
 
     # == nodes and operators ==============================================================
     def node_up(self, node: Node) -> None:

@@ -130,6 +130,27 @@ def test_callable_daemon_start_pause_resume_stop(sup: DaemonSupervisor, rec: Rec
     assert our_threads() == []
 
 
+def test_a_pause_of_a_parked_daemon_is_acknowledged_and_it_stays_parked(
+    sup: DaemonSupervisor, rec: Recorder,
+) -> None:
+    """A resume and a pause that cross (the pause applied while the daemon is still parked)
+    leave it parked, and the pause is answered: a leader waiting for it never waits forever."""
+    cycles: list[float] = []
+    sup.start("calc", fn("counting_daemon"), {"cycles": cycles})
+    rec.wait_for("calc", "started")
+    sup.pause("calc")
+    rec.wait_for("calc", "paused")
+    parked_at = len(cycles)
+    assert sup.pause("calc")  # parked already: reported again, stays parked
+    rec.wait_for("calc", "paused", count=2)
+    time.sleep(0.2)
+    assert len(cycles) == parked_at
+    assert rec.states("calc") == ["started", "paused", "paused"]
+    assert sup.resume("calc")
+    rec.wait_for("calc", "resumed")
+    wait_until(lambda: len(cycles) > parked_at)
+
+
 def test_stop_while_paused(sup: DaemonSupervisor, rec: Recorder) -> None:
     cycles: list[float] = []
     sup.start("calc", fn("counting_daemon"), {"cycles": cycles})

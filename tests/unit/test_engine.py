@@ -923,8 +923,43 @@ def test_daemon_event_with_an_older_epoch_is_ignored() -> None:
     actions = eng.tick(at(0, 5))
     assert [(a.node, a.action) for a in actions if isinstance(a, Control)] == [("m1", "pause")]
     assert effects(eng.daemon_event("Calculator", "m1", "paused", at(0, 5), epoch=3)) == []
-    actions = eng.daemon_event("Calculator", "m1", "paused", at(0, 5, 1))  # no epoch: trusted
+    actions = eng.daemon_event("Calculator", "m1", "paused", at(0, 5, 1),  # no epoch: trusted
+                               started_at=T0)
     assert [a.run.service for a in actions if isinstance(a, Dispatch)] == ["Files Collector"]
+
+
+@pytest.mark.parametrize("resumed_seen", [True, False])
+def test_a_pause_report_delivered_twice_does_not_release_a_running_daemon(
+    resumed_seen: bool,
+) -> None:
+    """RabbitMQ delivers at least once: the `paused` that ended an earlier interval may come
+    again while the leader waits for the next pause. Taking it as the answer would start the
+    conflicting run beside the running daemon."""
+    eng = Engine([service("Calculator", None, groups=(STATS,)),
+                  service("Files Collector", Periodic(5), groups=(STATS,))], "UTC")
+    eng.node_up(MASTER, T0)
+    eng.start(T0, None, epoch=1)
+    eng.daemon_event("Calculator", "m1", "started", T0, epoch=1, at=T0)
+    eng.tick(at(0, 5))  # asks the daemon to pause
+    first_pause = dict(epoch=1, at=at(0, 5, 1), started_at=T0)
+    [fc] = [a for a in eng.daemon_event("Calculator", "m1", "paused", at(0, 5, 1),
+                                        **first_pause) if isinstance(a, Dispatch)]
+    actions = eng.run_finished(fc.run.run_id, "m1", "succeeded", at(0, 6))
+    assert [(a.node, a.action) for a in actions if isinstance(a, Control)] == [("m1", "resume")]
+    if resumed_seen:
+        eng.daemon_event("Calculator", "m1", "resumed", at(0, 6, 1), epoch=1, at=at(0, 6, 1))
+    actions = eng.tick(at(0, 10))
+    assert [(a.node, a.action) for a in actions if isinstance(a, Control)] == [("m1", "pause")]
+    again = eng.daemon_event("Calculator", "m1", "paused", at(0, 10, 1), **first_pause)
+    assert not [a for a in again if isinstance(a, Dispatch)]
+    assert eng.daemons["daemon:Calculator@m1"].state == "pausing"
+    # A late copy of the resume report neither reopens nor ends anything.
+    assert eng.daemon_event("Calculator", "m1", "started", at(0, 10, 1), epoch=1, at=T0) == []
+    # The worker's own answer to this pause ends the interval it began at the resume.
+    began = at(0, 6, 1) if resumed_seen else None
+    actions = eng.daemon_event("Calculator", "m1", "paused", at(0, 10, 2), epoch=1,
+                               at=at(0, 10, 2), started_at=began)
+    assert [a.run.slot for a in actions if isinstance(a, Dispatch)] == [at(0, 10)]
 
 
 def test_a_starting_daemon_is_paused_once_it_reports_started() -> None:

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -88,26 +89,33 @@ def test_a_leader_that_cannot_decode_the_ledger_backs_off_and_names_the_key(
     assert not r.coordinator.leading.is_set()
 
 
+def _label_values(metric: Any) -> set[str]:
+    """Every label value of every series a metric has."""
+    return {v for fam in metric.collect() for sample in fam.samples
+            for v in sample.labels.values()}
+
+
 def test_a_forged_finished_event_for_an_unknown_run_is_dead_lettered_and_not_counted(
     running: Callable[[MemoryCoordination], Running],
 ) -> None:
     r = running(MemoryCoordination())
     assert r.coordinator.leading.wait(10)
-    label = "Forged Service"
-    before = metrics.RUNS.labels(label, "succeeded")._value.get()  # type: ignore[attr-defined]
-    forged = RunEvent(run_id="forged-1", service=label, node="n1", state="succeeded",
+    label, node = "Forged Service", "forged-node"
+    forged = RunEvent(run_id="forged-1", service=label, node=node, state="succeeded",
                       at=time.time(), epoch=1, started_at=time.time() - 1,
                       finished_at=time.time())
+    crash = RunEvent(run_id=f"daemon:{label}@{node}", service=label, node=node,
+                     state="exited", at=time.time(), epoch=1, error="boom")
     transport.send(r.broker, transport.RESULTS, encode(forged))
-
-    def counted() -> float:
-        return metrics.RUNS.labels(label, "succeeded")._value.get()  # type: ignore[no-any-return]
-
-    wait_for(lambda: bool(r.dead_letters()) or counted() != before)
-    assert counted() == before
+    transport.send(r.broker, transport.RESULTS, encode(crash))
+    wait_for(lambda: bool(r.dead_letters()))
+    time.sleep(0.2)  # the daemon report is taken in the same or the next turn
     (dead,) = r.dead_letters()
     assert dead.source == transport.RESULTS and dead.reason == "refused"
     assert "unknown run 'forged-1'" in dead.detail
+    # Labels stay bounded: neither the forged service nor the forged node became a series.
+    for metric in (metrics.RUNS, metrics.LATENESS, metrics.DURATION, metrics.DAEMON_EXITS):
+        assert not {label, node} & _label_values(metric), metric
 
 
 def test_the_leader_publishes_a_snapshot_each_turn_and_none_after_its_term(

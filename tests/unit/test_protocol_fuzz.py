@@ -101,6 +101,7 @@ def daemon_controls(draw: st.DrawFn) -> DaemonControl:
         params=draw(PARAMS),
         allowed_roles=draw(GROUPS),
         incarnation=draw(optional(NAMES)),
+        seq=draw(st.integers(0, 2**63 - 1)),
         **draw(programs(required=action == "start")),
     )
 
@@ -388,6 +389,7 @@ KINDS: dict[type[Message], dict[str, str]] = {
         "params": "dict",
         "allowed_roles": "list",
         "incarnation": "str?",
+        "seq": "int",
     },
     ManualRunRequest: {
         "request_id": "str",

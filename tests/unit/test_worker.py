@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol import RunEvent, RunOrder, decode_as, encode
+from protocol import DaemonControl, RunEvent, RunOrder, decode_as, encode
 from protocol.clock import SystemClock
 from protocol.coordination import MemoryCoordination
 from protocol.service import Utility
@@ -312,3 +312,35 @@ def test_a_nan_metric_fails_its_run_and_frees_its_run_group_in_the_embedded_clus
     assert bad, "the run with a NaN metric never finished"
     assert bad[0].state == "failed" and "nan" in (bad[0].error or ""), bad[0]
     assert len(later) >= 2, "the neighbour in run group g did not run after it"
+
+
+# -- daemon controls sent in one turn are applied in the order they were sent ------------------
+
+
+def _control(node: str, action: str, seq: int, issued_at: float) -> DaemonControl:
+    return DaemonControl(control_id=uuid.uuid4().hex[:16], service="Calc", node=node,
+                         action=action, epoch=1, issued_at=issued_at, seq=seq,
+                         callable="workers.demo:ticker", params={"cycle": 0.01},
+                         run_groups=["stats"])
+
+
+def test_controls_of_one_turn_taken_out_of_order_cannot_undo_the_later_one(
+    worker: tuple[WorkerNode, Reports],
+) -> None:
+    """A resume and a pause sent in one turn share `issued_at`; consumer threads may take
+    them in either order. The pause was sent last: the daemon stays paused, and the pause is
+    answered."""
+    node, reports = worker
+    t = time.time()
+    node._on_control(_control(node.node_id, "start", 1, t))
+    reports.wait_for(lambda ev: ev.service == "Calc" and ev.state == "started")
+    node._on_control(_control(node.node_id, "pause", 2, t + 1))
+    reports.wait_for(lambda ev: ev.service == "Calc" and ev.state == "paused")
+    pause = _control(node.node_id, "pause", 4, t + 2)
+    node._on_control(pause)  # taken first, though sent after the resume below
+    node._on_control(_control(node.node_id, "resume", 3, t + 2))
+    node._on_control(pause)  # delivered twice
+    time.sleep(0.3)
+    states = [ev.state for ev in reports.events if ev.service == "Calc"]
+    assert states == ["started", "paused", "paused"]
+    assert node.daemons.status() == {"Calc": "paused"}
