@@ -29,9 +29,28 @@ class Admission(EngineBase):
         so those fire at their slot, as do later slots of a service with a slot waiting."""
         if svc.run_groups or svc.name in self._deferred:
             return False
+        if not placement.eligible(svc, self.nodes.values()):
+            return False  # whether a node comes up before the slot is for the slot to tell
         tg = placement.targets(svc, self.nodes.values())
         keys = [(svc.name, t) for t in (tg if tg is not None else [""])]
         return not any(k in self._inflight or k in self._pending for k in keys)
+
+    def _fire_ahead(self, svc: Service, slot: float, now: float) -> list[Action]:
+        if svc.placement is Placement.ALL:
+            self._ahead_all[svc.name] = slot
+        return self._fire(svc, slot, now)
+
+    def _ahead_for_new_node(self, now: float) -> list[Action]:
+        """A node came up: `all` slots dispatched ahead whose instant has not come owe it a
+        run too, as they would had they fired at their instant."""
+        actions: list[Action] = []
+        for name, slot in list(self._ahead_all.items()):
+            svc = self.services.get(name)
+            if slot <= now or svc is None or not svc.enabled or svc.schedule is None:
+                del self._ahead_all[name]
+                continue
+            actions += self._fire(svc, slot, now)  # runs only for targets it lacks
+        return actions
 
     def _defer(self, svc: Service, slot: float) -> None:
         """Fire `svc`'s `slot` at its instant instead of ahead."""

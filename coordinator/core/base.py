@@ -70,6 +70,7 @@ class EngineBase:
         # Slots popped within the lead time that may not go ahead: they fire at their instant.
         self._at_slot: list[tuple[float, int, str]] = []  # (slot, seq, service)
         self._deferred: dict[str, int] = {}  # service -> its slots in _at_slot
+        self._ahead_all: dict[str, float] = {}  # `all` service -> slot dispatched ahead
         self._inflight: dict[tuple[str, str], str] = {}  # (service, target) -> run id
         self._pending: dict[tuple[str, str], deque[str]] = {}  # waiting behind in-flight
         self._timers: list[tuple[float, int, TimerKind, str]] = []  # (when, seq, kind, key)
@@ -111,6 +112,9 @@ class EngineBase:
         raise NotImplementedError
 
     def _take_deferred(self, name: str) -> list[float]:
+        raise NotImplementedError
+
+    def _ahead_for_new_node(self, now: float) -> list[Action]:
         raise NotImplementedError
 
     def _fire(self, svc: Service, slot: float, now: float) -> list[Action]:

@@ -94,10 +94,12 @@ class Engine(Admission, Recovery, Daemons, Membership, Overrides):
                 svc = self.services.get(name)
                 if svc is None or not svc.enabled or svc.schedule is None:
                     continue
-                if due > now and not self._goes_ahead(svc):
-                    self._defer(svc, due)
-                else:
+                if due <= now:
                     actions += self._fire(svc, due, now)
+                elif self._goes_ahead(svc):
+                    actions += self._fire_ahead(svc, due, now)
+                else:
+                    self._defer(svc, due)
                 self._set_next(svc, due)
         actions += self._fire_deferred(now)
         while self._timers and self._timers[0][0] <= now:

@@ -56,6 +56,40 @@ def _story(h: Harness) -> list[tuple[str, float | None, float, float | None]]:
     return [(iv.service, iv.slot, iv.start, iv.end) for iv in h.intervals]
 
 
+def test_a_node_up_after_the_orders_left_gets_its_run_of_an_all_slot() -> None:
+    svc = service("Cache Manager", Periodic(1), placement=Placement.ALL)
+    h = Harness([svc], [MASTER], lead=LEAD)
+    h.advance(at(0, 1) - 1.0)  # m1's order has left
+    h.node_up(MASTER2)
+    h.advance(at(0, 1, 30))
+    assert sorted((d.node, d.dispatched_at, d.start_at) for d in h.dispatches) == [
+        ("m1", at(0, 1) - LEAD, at(0, 1)), ("m2", at(0, 1) - 1.0, at(0, 1))]
+    assert sorted((iv.node, iv.start) for iv in h.runs_of("Cache Manager")) == [
+        ("m1", at(0, 1)), ("m2", at(0, 1))]
+
+
+@pytest.mark.parametrize("placement", [Placement.ONE, Placement.ALL])
+def test_with_no_eligible_node_at_lead_time_the_slot_is_decided_at_its_instant(
+    placement: Placement,
+) -> None:
+    svc = service("Cache Manager", Periodic(1), placement=placement)
+    h = Harness([svc], [], lead=LEAD)
+    h.advance(at(0, 1) - 1.0)
+    assert h.dispatches == [] and h.finished("Cache Manager") == []
+    h.node_up(MASTER)
+    h.advance(at(0, 1, 30))
+    [d] = h.dispatches
+    assert (d.node, d.dispatched_at, d.start_at) == ("m1", at(0, 1), None)
+    # With no node up at the slot either, it is recorded then, as without a lead.
+    h2, h0 = Harness([svc], [], lead=LEAD), Harness([svc], [])
+    h2.advance(at(0, 1, 30))
+    h0.advance(at(0, 1, 30))
+    [rec] = h2.finished("Cache Manager")
+    assert (rec.slot, rec.reason, rec.queued_at) == (
+        at(0, 1), "no live node holds an allowed role", at(0, 1))
+    assert [(r.run_id, r.state) for r in h0.finished()] == [(rec.run_id, rec.state)]
+
+
 def test_a_run_with_run_groups_is_dispatched_at_its_slot_when_granted() -> None:
     groups = ("stats",)
     services = [service("Files Collector", Periodic(1), groups=groups),
