@@ -43,6 +43,7 @@ from kazoo.exceptions import NoNodeError
 
 from bench import probes
 from bench.baselines import Baseline, measure
+from coordinator.leader import LeaderOptions
 from ops import localservers
 from protocol import ProtocolError, RunRecord, decode_as
 from protocol.catalogue import load_catalogue
@@ -271,9 +272,11 @@ class Proc:
 class Procs:
     """Coordinator and worker processes of one scenario; all stopped by pid in `close()`."""
 
-    def __init__(self, amqp_url: str, zk_hosts: str, catalogue: Path, workdir: Path) -> None:
+    def __init__(self, amqp_url: str, zk_hosts: str, catalogue: Path, workdir: Path,
+                 lead_time: float | None = None) -> None:
         self.amqp_url, self.zk_hosts, self.catalogue = amqp_url, zk_hosts, catalogue
         self.workdir = workdir
+        self.lead_time = lead_time
         self.procs: list[Proc] = []
 
     def _spawn(self, name: str, args: list[str]) -> Proc:
@@ -293,6 +296,8 @@ class Procs:
                 "--catalogue", str(self.catalogue), "--session-timeout", "2"]
         if http_port:
             args += ["--http-port", str(http_port)]
+        if self.lead_time is not None:
+            args += ["--lead-time", str(self.lead_time)]
         return self._spawn(name, args)
 
     def worker(self, spec: NodeSpec, capacity: int = 256, journal: Path | None = None) -> Proc:
@@ -336,7 +341,8 @@ class ProcCluster:
     def __enter__(self) -> ProcCluster:
         try:
             self.url, self.zk = self._stack.enter_context(self.ctx.servers.scenario(self.label))
-            self.procs = Procs(self.url, self.zk, self.catalogue, self.workdir)
+            self.procs = Procs(self.url, self.zk, self.catalogue, self.workdir,
+                               self.ctx.lead_time)
             self._stack.callback(self.procs.close)
             self.observer = KazooClient(hosts=self.zk, timeout=10.0)
             self.observer.start(timeout=30)
@@ -447,9 +453,12 @@ class Embedded:
     """A coordinator and three worker nodes in this process (`rota.embedded.Cluster`), on the
     scenario's servers; its finished runs are kept for reading afterwards."""
 
-    def __init__(self, catalogue: Path, amqp_url: str, zk_hosts: str) -> None:
+    def __init__(self, catalogue: Path, amqp_url: str, zk_hosts: str,
+                 lead_time: float | None = None) -> None:
+        options = LeaderOptions() if lead_time is None else LeaderOptions(lead_time=lead_time)
         self.cluster = Cluster(load_catalogue(catalogue), SystemClock(), list(NODES),
-                               amqp_url=amqp_url, zk_hosts=zk_hosts, keep_finished=200_000)
+                               amqp_url=amqp_url, zk_hosts=zk_hosts, keep_finished=200_000,
+                               options=options)
 
     def records(self) -> list[RunRecord]:
         return list(self.cluster.finished)
@@ -511,6 +520,7 @@ class Context:
     baselines: dict[str, Baseline] = field(default_factory=dict)
     costs: dict[str, probes.Costs] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
+    lead_time: float | None = None  # the coordinators' --lead-time (None: their default)
 
     def scale(self, full: float, quick: float) -> float:
         return quick if self.quick else full
@@ -712,7 +722,7 @@ def bench_burst_embedded(ctx: Context) -> None:
         slot = next_second_at_least(12.0)
         services = [cron_service(f"burst-{i:04d}", f"* * * * * {slot % 60}") for i in range(n)]
         cat = write_catalogue(ctx.tmp / "burst-embedded.toml", services)
-        emb = Embedded(cat, url, zk).start()
+        emb = Embedded(cat, url, zk, ctx.lead_time).start()
         progress(f"leader up; the burst is due in {slot - time.time():.1f} s")
         sleep_until(slot)
         wait_until(lambda: sum(1 for r in emb.records() if r.slot == slot) >= n, 30, 0.1)
@@ -742,7 +752,7 @@ def bench_spread_embedded(ctx: Context) -> None:
     services = [cron_service(f"spread-{i:04d}", f"* * * * * {i % 10}-59/10") for i in range(n)]
     cat = write_catalogue(ctx.tmp / "spread-embedded.toml", services)
     with ctx.servers.scenario("spread-embedded") as (url, zk):
-        emb = Embedded(cat, url, zk).start()
+        emb = Embedded(cat, url, zk, ctx.lead_time).start()
         progress("leader up")
         t0 = float(next_second_at_least(3.0))
         t1 = t0 + window
@@ -778,7 +788,7 @@ def bench_handoff(ctx: Context) -> None:
     ]
     cat = write_catalogue(ctx.tmp / "handoff.toml", services)
     with ctx.servers.scenario("handoff") as (url, zk):
-        emb = Embedded(cat, url, zk).start()
+        emb = Embedded(cat, url, zk, ctx.lead_time).start()
         t0 = time.time() + 2.0
         progress("leader up")
 
@@ -818,7 +828,7 @@ def bench_failover(ctx: Context) -> None:
     results: list[float] = []
     with ctx.servers.scenario("failover") as (url, zk):
         tap = EventTap(url).start()
-        procs = Procs(url, zk, cat, workdir)
+        procs = Procs(url, zk, cat, workdir, ctx.lead_time)
         observer = KazooClient(hosts=zk, timeout=10.0)
         observer.start(timeout=30)
         try:
@@ -1019,6 +1029,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="shorter windows, fewer rounds")
     p.add_argument("--only", default="", metavar="NAMES",
                    help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
+    p.add_argument("--lead-time", type=float, default=None, metavar="SECONDS",
+                   help="the coordinators' --lead-time (default: theirs; 0: orders leave at "
+                   "their slot)")
     args = p.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()] or list(SCENARIOS)
     unknown = set(chosen) - set(SCENARIOS)
@@ -1030,7 +1043,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("pika").setLevel(logging.CRITICAL)
     servers = Servers()
     tmp = Path(tempfile.mkdtemp(prefix="rota-bench-"))
-    ctx = Context(servers, tmp, args.quick)
+    ctx = Context(servers, tmp, args.quick, lead_time=args.lead_time)
     print(f"cluster bench on {servers.amqp_url} and {servers.zk_hosts}, "
           f"{os.cpu_count()} CPUs", flush=True)
     if servers.local is None:

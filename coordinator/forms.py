@@ -37,6 +37,7 @@ def order_of(run: Run, svc: Service, epoch: int, now: float, params: Params) -> 
         command=list(svc.utility.command) if svc.utility.command else None,
         run_groups=sorted(svc.run_groups), params=params,
         allowed_roles=sorted(svc.allowed_roles), incarnation=run.incarnation,
+        start_at=run.start_at,
     )
 
 

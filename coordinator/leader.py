@@ -68,6 +68,7 @@ class NotLeading(RuntimeError):
 @dataclass
 class LeaderOptions:
     order_ttl: float = 60.0  # seconds (clock time) an order may wait before a worker refuses it
+    lead_time: float = 1.5  # seconds (clock time) an order may leave before its slot; 0: off
     max_batch: int = 5000  # inbox items handled per turn
     idle_wait: float = 0.5  # real seconds between turns when nothing is due
     failed_term_pause: float = 0.5  # first pause after a failed term; doubles up to 60 s
@@ -248,6 +249,7 @@ class Coordinator:
             self.catalogue.services.values(),
             self.catalogue.timezone,
             order_ttl=self.options.order_ttl,
+            lead=self.options.lead_time,
         )
         for run in ended:  # reports of them may still come, late or twice
             engine.note_ended(run.run_id)

@@ -5,6 +5,7 @@ given type) and get either a valid message or a `ProtocolError` with a short `re
 """
 
 from protocol.codec import (
+    LATEST_VERSION,
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
     SUPPORTED_VERSIONS,
@@ -46,6 +47,7 @@ __all__ = [
     "CHANGE_OUTCOMES",
     "DAEMON_ACTIONS",
     "EVENT_STATES",
+    "LATEST_VERSION",
     "MAX_DEAD_LETTER_BYTES",
     "MAX_ERROR_CHARS",
     "MAX_MESSAGE_BYTES",

@@ -20,7 +20,10 @@ from protocol.errors import (
 from protocol.messages import MESSAGE_TYPES, Message
 
 SCHEMA_VERSION: Final = 1
-SUPPORTED_VERSIONS: Final = frozenset({SCHEMA_VERSION})
+"""The version of every message that sets no field added later (`Message.SINCE`)."""
+LATEST_VERSION: Final = 2
+"""2 added `RunOrder.start_at` (orders sent ahead of their slot)."""
+SUPPORTED_VERSIONS: Final = frozenset(range(SCHEMA_VERSION, LATEST_VERSION + 1))
 MAX_MESSAGE_BYTES: Final = 1024 * 1024
 
 _M = TypeVar("_M", bound=Message)
@@ -32,8 +35,14 @@ def encode(msg: Message) -> bytes:
     cls = type(msg)
     if MESSAGE_TYPES.get(cls.__name__) is not cls:
         raise TypeError(f"expected a protocol message, got {cls.__name__}")
-    wire: dict[str, Any] = {"t": cls.__name__, "v": SCHEMA_VERSION}
-    wire.update(zip(cls.FIELDS, cls._values(msg), strict=True))
+    if cls.SINCE:
+        version = msg.schema_version()
+        wire: dict[str, Any] = {"t": cls.__name__, "v": version}
+        wire.update((k, v) for k, v in zip(cls.FIELDS, cls._values(msg), strict=True)
+                    if cls.SINCE.get(k, 1) <= version)
+    else:
+        wire = {"t": cls.__name__, "v": SCHEMA_VERSION}
+        wire.update(zip(cls.FIELDS, cls._values(msg), strict=True))
     try:
         data: bytes = msgpack.packb(wire, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -118,4 +127,4 @@ def _decode(data: Any, expected: type[Message] | None) -> Message:
             f"message.t: expected {expected.__name__}, got {name}",
             field="t",
         )
-    return cls.from_dict(wire)
+    return cls.from_dict(wire, version)

@@ -348,6 +348,11 @@ class Message:
 
     FIELDS: ClassVar[tuple[str, ...]] = ()
     """Field names in wire order."""
+    SINCE: ClassVar[Mapping[str, int]] = {}
+    """Optional fields added after schema version 1, with the version that added them. A
+    message that leaves them at None is written in the oldest version that has its fields,
+    so a receiver that only knows that version still reads it; one that sets them is written
+    in the newer version, which an older receiver refuses as an unknown version."""
     _RULES: ClassVar[Mapping[str, Check]] = {}
     _CHECKS: ClassVar[tuple[tuple[str, Check], ...]] = ()
     _FIELD_SET: ClassVar[frozenset[str]] = frozenset()
@@ -368,19 +373,36 @@ class Message:
         """The fields by name, in wire order (containers are shared, not copied)."""
         return dict(zip(self.FIELDS, type(self)._values(self), strict=True))
 
+    def schema_version(self) -> int:
+        """The schema version this message is written in: 1, or the newest version whose
+        optional field it sets."""
+        return max((v for name, v in self.SINCE.items() if getattr(self, name) is not None),
+                   default=1)
+
     @classmethod
-    def from_dict(cls: type[_M], data: Mapping[Any, Any]) -> _M:
-        """Build and validate from exactly this message's fields; no more, no fewer."""
+    def fields_at(cls, version: int) -> tuple[str, ...]:
+        """The fields of this message in schema `version`, in wire order."""
+        if not cls.SINCE:
+            return cls.FIELDS
+        return tuple(f for f in cls.FIELDS if cls.SINCE.get(f, 1) <= version)
+
+    @classmethod
+    def from_dict(cls: type[_M], data: Mapping[Any, Any], version: int | None = None) -> _M:
+        """Build and validate from exactly this message's fields (those of schema `version`,
+        the others taking their defaults; None: every field); no more, no fewer."""
         keys = data.keys()
-        if keys != cls._FIELD_SET:
-            unknown = sorted(k if isinstance(k, str) else repr(k) for k in keys - cls._FIELD_SET)
+        expected = cls._FIELD_SET
+        if version is not None and cls.SINCE:
+            expected = frozenset(cls.fields_at(version))
+        if keys != expected:
+            unknown = sorted(k if isinstance(k, str) else repr(k) for k in keys - expected)
             if unknown:
                 more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
                 name = _clip(unknown[0])
                 raise ProtocolError(
                     UNKNOWN_FIELD, f"{cls.__name__}.{name}: unknown field{more}", field=name
                 )
-            missing = [name for name in cls.FIELDS if name not in keys]
+            missing = [name for name in cls.FIELDS if name in expected and name not in keys]
             more = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
             raise ProtocolError(
                 MISSING_FIELD, f"{cls.__name__}.{missing[0]}: missing{more}", field=missing[0]
@@ -453,7 +475,7 @@ def _check_program(msg: RunOrder | DaemonControl, required: bool) -> None:
 @_register
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunOrder(Message):
-    """Coordinator → worker: run one utility now."""
+    """Coordinator → worker: run one utility now, or at `start_at`."""
 
     run_id: str
     service: str
@@ -476,7 +498,11 @@ class RunOrder(Message):
     incarnation: str | None = None
     """The node session the order was placed on (its announcement's `incarnation`); a worker
     in another session refuses it, since the leader has ended every run of the old one."""
+    start_at: float | None = None
+    """Schema version 2: an order sent ahead of its slot. The worker holds it and starts the
+    run at this instant, after checking it again (epoch, session, deadline); None: at once."""
 
+    SINCE = {"start_at": 2}
     _RULES = {
         "run_id": _ID,
         "service": _NAME,
@@ -494,11 +520,14 @@ class RunOrder(Message):
         "params": _PARAMS,
         "allowed_roles": _GROUPS,
         "incarnation": _OPT_NAME,
+        "start_at": _OPT_TIME,
     }
 
     def _check_consistency(self) -> None:
         if self.deadline < self.issued_at:
             self._fail("deadline", f"earlier than issued_at ({self.deadline} < {self.issued_at})")
+        if self.start_at is not None and self.start_at > self.deadline:
+            self._fail("start_at", f"later than deadline ({self.start_at} > {self.deadline})")
         _check_program(self, required=True)
 
 

@@ -49,6 +49,17 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _lead_time(text: str) -> float:
+    """argparse type for the lead time: 0 or more seconds, under the orders' 60 s deadline."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < 60:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds and under 60, not {text}")
+    return value
+
+
 class _CommandParser(argparse.ArgumentParser):
     """A sub-command's parser: it refuses options it does not know itself, so the error comes
     with this command's usage rather than the top-level one."""
@@ -136,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokens(co, "without one, every change through the API is refused (401)")
     co.add_argument("--session-timeout", type=float, default=2.0, metavar="SECONDS",
                     help="ZooKeeper session timeout: how fast a dead leader is replaced")
+    co.add_argument("--lead-time", type=_lead_time, default=1.5, metavar="SECONDS",
+                    help="send a run's order this long before its slot; the worker starts it "
+                    "at the slot (default 1.5; 0 sends orders at the slot)")
     _add_servers(co, required=True)
 
     wo = sub.add_parser("worker", help="run a worker node",
@@ -405,7 +419,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.exit(f"rota coordinator: ROTA_FAULT: {exc}")
     coord = Coordinator(ident, catalogue, coordination, leader_transport, events, SystemClock(),
-                        options=LeaderOptions(fault=fault))
+                        options=LeaderOptions(fault=fault, lead_time=args.lead_time))
 
     def reload(signum, frame):
         from protocol.catalogue import CatalogueError, load_catalogue

@@ -14,6 +14,12 @@ REJECTED = Counter(
 DUPLICATES = Counter(
     "rota_worker_duplicate_orders_total", "Re-sent orders ignored by run id", ["node"]
 )
+SUPERSEDED = Counter(
+    "rota_worker_held_orders_superseded_total",
+    "Orders held for their start instant whose leader was superseded before it (not started; "
+    "the current leader sends them again)",
+    ["node"],
+)
 DEAD_LETTERS = Counter(
     "rota_worker_dead_letters_total", "Malformed messages dead-lettered by this node",
     ["node", "reason"],

@@ -11,6 +11,13 @@ node, carries an epoch older than the newest this node has seen (a deposed leade
 its deadline, or names a service none of this node's roles may run. A run id seen before is
 ignored: a new leader re-sends orders it cannot prove were delivered.
 
+An order sent ahead of its slot (`start_at` in the future) is held on one timer (a heap, not
+a thread per order) and started at that instant, after the same checks again: epoch, deadline,
+session, roles. A held order whose leader was superseded meanwhile (a newer epoch seen) does
+not start and is forgotten: the successor adopts the run from the ledger and sends it again,
+and that order is taken as new. A re-sent order arriving while the run is still held replaces
+the held one when it carries a newer epoch; either way the run starts once.
+
 Run events go to `rota.results` through a bounded outbox and one reporter thread. While
 RabbitMQ is unreachable the reporter retries with backoff and keeps every event; once the
 outbox holds `OUTBOX_LIMIT` events, whoever reports waits for room: consumer threads stop
@@ -58,6 +65,7 @@ from protocol.transport import RESULTS, Consumer, Delivery, Transport, node_queu
 from workers import metrics
 from workers.daemon import DaemonEvent, DaemonSupervisor
 from workers.executor import Executor
+from workers.hold import StartTimer
 
 log = logging.getLogger("rota.worker")
 
@@ -104,6 +112,8 @@ class WorkerNode:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._seen_lock = threading.Lock()
         self._running: dict[str, frozenset[str]] = {}  # run id -> run groups
+        self._held: dict[str, RunOrder] = {}  # orders waiting for start_at (under _seen_lock)
+        self._timer: StartTimer | None = None
         self._epoch = 0  # the newest leader epoch seen; only `_raise_epoch` writes it
         self._epoch_lock = threading.Lock()
         self._daemon_epoch = 0
@@ -127,6 +137,7 @@ class WorkerNode:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> WorkerNode:
         self._reporter_thread.start()
+        self._timer = StartTimer(self.clock, self._start_held, f"hold:{self.node_id}")
         self.coordination.watch_epoch(self._see_epoch)
         # Not every coordination can tell (the in-memory one has no session to lose).
         on_trouble = getattr(self.coordination, "on_session_trouble", None)
@@ -163,6 +174,14 @@ class WorkerNode:
         if self._served is not None:
             self._served.stop(timeout)
             self._served = None
+        if self._timer is not None:
+            self._timer.stop(timeout)
+            self._timer = None
+            with self._seen_lock:
+                held, self._held = len(self._held), {}
+            if held:  # their runs end lost when this node's session ends
+                log.warning("node %s stops with %d order(s) held for later", self.node_id,
+                            held)
         self.daemons.stop_all()
         self._pool.shutdown(wait=True, cancel_futures=False)
         try:  # send what is queued, then stop reporting
@@ -255,22 +274,64 @@ class WorkerNode:
 
     def _on_order(self, order: RunOrder, now: float) -> None:
         with self._seen_lock:
+            held = self._held.get(order.run_id)
+            if held is not None:
+                # Sent again while held: a successor's order takes the place of its
+                # predecessor's (same run, same start instant), so the run starts once.
+                if order.epoch > held.epoch and order.node == self.node_id:
+                    self._held[order.run_id] = order
+                    self._raise_epoch(order.epoch)
+                else:
+                    metrics.DUPLICATES.labels(self.node_id).inc()
+                return
             if order.run_id in self._seen:
                 metrics.DUPLICATES.labels(self.node_id).inc()
                 return
             self._seen[order.run_id] = None
             if len(self._seen) > SEEN_LIMIT:
                 self._seen.popitem(last=False)
-        reason = self._refusal(order, now)
-        if reason is not None:
-            log.warning("refused %s (%s): %s", order.run_id, order.service, reason)
-            metrics.REJECTED.labels(self.node_id, reason.split()[0]).inc()
-            self._report(RunEvent(
-                run_id=order.run_id, service=order.service, node=self.node_id,
-                state="rejected", at=now, epoch=order.epoch, reason=reason,
-            ))
+        if self._refuse(order, now):
             return
         self._raise_epoch(order.epoch)
+        if order.start_at is not None and order.start_at > now and self._timer is not None:
+            with self._seen_lock:
+                self._held[order.run_id] = order
+            self._timer.at(order.start_at, order.run_id)
+            return
+        self._begin(order)
+
+    def _start_held(self, run_id: str) -> None:
+        """A held order's start instant came: check it again, then start it."""
+        with self._seen_lock:
+            order = self._held.pop(run_id, None)
+            if order is None:
+                return
+            if order.epoch < self._epoch:
+                # Its leader was superseded: the successor sends the run again (it adopted
+                # it from the ledger); forget it so that order is taken.
+                self._seen.pop(run_id, None)
+                log.info("held order %s (%s) not started: epoch %d superseded by %d; "
+                         "waiting for the current leader to send it again", run_id,
+                         order.service, order.epoch, self._epoch)
+                metrics.SUPERSEDED.labels(self.node_id).inc()
+                return
+        if not self._refuse(order, self.clock.now()):
+            self._begin(order)
+
+    def _refuse(self, order: RunOrder, now: float) -> bool:
+        """Refuse `order` if it must not run (reported `rejected` with the reason)."""
+        reason = self._refusal(order, now)
+        if reason is None:
+            return False
+        log.warning("refused %s (%s): %s", order.run_id, order.service, reason)
+        metrics.REJECTED.labels(self.node_id, reason.split()[0]).inc()
+        self._report(RunEvent(
+            run_id=order.run_id, service=order.service, node=self.node_id,
+            state="rejected", at=now, epoch=order.epoch, reason=reason,
+        ))
+        return True
+
+    def _begin(self, order: RunOrder) -> None:
         self._running[order.run_id] = frozenset(order.run_groups)
         self._pool.submit(self._execute, order)
 
@@ -316,7 +377,7 @@ class WorkerNode:
             "event": what, "run_id": order.run_id, "service": order.service,
             "node": self.node_id, "slot": order.slot, "epoch": order.epoch,
             "seen_epoch": self._epoch, "at": at, "outcome": outcome,
-            "run_groups": order.run_groups,
+            "run_groups": order.run_groups, "start_at": order.start_at,
         })
         with self._journal_lock:
             self._journal.write(line + "\n")

@@ -5,6 +5,7 @@ worker went silent.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import replace
 
@@ -19,6 +20,71 @@ from protocol.service import Overlap, Placement, Service
 
 
 class Admission(EngineBase):
+    # -- dispatching ahead ------------------------------------------------------------------
+    def _goes_ahead(self, svc: Service) -> bool:
+        """Whether a slot of `svc` due within the lead time may be dispatched now, its order
+        carrying the slot as the instant to start: only when nothing about it can change
+        before the slot. A run holding run groups waits for the leader's grant, and a run
+        behind one of the same service in flight waits for that run's end (overlap policy),
+        so those fire at their slot, as do later slots of a service with a slot waiting."""
+        if svc.run_groups or svc.name in self._deferred:
+            return False
+        if not placement.eligible(svc, self.nodes.values()):
+            return False  # whether a node comes up before the slot is for the slot to tell
+        tg = placement.targets(svc, self.nodes.values())
+        keys = [(svc.name, t) for t in (tg if tg is not None else [""])]
+        return not any(k in self._inflight or k in self._pending for k in keys)
+
+    def _fire_ahead(self, svc: Service, slot: float, now: float) -> list[Action]:
+        if svc.placement is Placement.ALL:
+            self._ahead_all[svc.name] = slot
+        return self._fire(svc, slot, now)
+
+    def _ahead_for_new_node(self, now: float) -> list[Action]:
+        """A node came up: `all` slots dispatched ahead whose instant has not come owe it a
+        run too, as they would had they fired at their instant."""
+        actions: list[Action] = []
+        for name, slot in list(self._ahead_all.items()):
+            svc = self.services.get(name)
+            if slot <= now or svc is None or not svc.enabled or svc.schedule is None:
+                del self._ahead_all[name]
+                continue
+            actions += self._fire(svc, slot, now)  # runs only for targets it lacks
+        return actions
+
+    def _defer(self, svc: Service, slot: float) -> None:
+        """Fire `svc`'s `slot` at its instant instead of ahead."""
+        heapq.heappush(self._at_slot, (slot, next(self._seq), svc.name))
+        self._deferred[svc.name] = self._deferred.get(svc.name, 0) + 1
+
+    def _fire_deferred(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        while self._at_slot and self._at_slot[0][0] <= now:
+            slot, _, name = heapq.heappop(self._at_slot)
+            self._undefer(name)
+            svc = self.services.get(name)
+            if svc is not None and svc.enabled and svc.schedule is not None:
+                actions += self._fire(svc, slot, now)
+        return actions
+
+    def _undefer(self, name: str) -> None:
+        left = self._deferred.get(name, 0) - 1
+        if left > 0:
+            self._deferred[name] = left
+        else:
+            self._deferred.pop(name, None)
+
+    def _take_deferred(self, name: str) -> list[float]:
+        """Remove the deferred slots of `name` (an operator edits it): their instants."""
+        if name not in self._deferred:
+            return []
+        taken = sorted(e[0] for e in self._at_slot if e[2] == name)
+        self._at_slot = [e for e in self._at_slot if e[2] != name]
+        heapq.heapify(self._at_slot)
+        del self._deferred[name]
+        return taken
+
+    # -- slots and runs ---------------------------------------------------------------------
     def _fire(self, svc: Service, slot: float, now: float) -> list[Action]:
         self._changes.cursors[svc.name] = slot
         tg = placement.targets(svc, self.nodes.values())
@@ -29,8 +95,10 @@ class Admission(EngineBase):
         actions: list[Action] = []
         for target in tg:
             run = self._slot_run(svc, slot, target, now)
-            if run.run_id in self.runs:
-                continue  # already created for this slot (recovery overlap)
+            if self.knows(run.run_id):
+                # Already created for this slot: recovery overlap, or an edit made after the
+                # slot's order went ahead set the timeline to the same slot again.
+                continue
             actions += self._admit(run, now)
         return actions
 
@@ -120,8 +188,9 @@ class Admission(EngineBase):
         run.deadline = now + self.order_ttl
         run.epoch = self.epoch
         self._load[run.node] = self._load.get(run.node, 0) + 1
-        self.last_run[run.service] = now
-        self._changes.last_runs[run.service] = now
+        initiated = run.start_at or now  # a run dispatched ahead is initiated at its slot
+        self.last_run[run.service] = initiated
+        self._changes.last_runs[run.service] = initiated
         self._changes.runs[run.run_id] = run
         self._timer(self._expiry_of(run), TimerKind.EXPIRE, run.run_id)
         return [Dispatch(run, svc), Record(run)]

@@ -40,6 +40,7 @@ class EngineBase:
         report_grace: float = 30.0,
         rank: Callable[[str], list[str]] | None = None,
         remember_ended: int = 10_000,
+        lead: float = 0.0,
     ) -> None:
         from coordinator.core.daemons import DaemonInstance, OpenInterval
 
@@ -50,6 +51,10 @@ class EngineBase:
         self.expiry_grace = expiry_grace
         self.report_grace = report_grace  # at least this long past a run's timeout
         self.rank = rank
+        if not 0 <= lead < order_ttl:
+            raise ValueError(f"lead time must be >= 0 and under the order deadline "
+                             f"({order_ttl:g} s), got {lead:g}")
+        self.lead = lead  # dispatch runs this long before their slot (0: at the slot)
         self.epoch = 0
         self.nodes: dict[str, Node] = {}  # the live nodes: the one record of membership
         self.runs: dict[str, Run] = {}
@@ -62,6 +67,10 @@ class EngineBase:
         self._ended: OrderedDict[str, None] = OrderedDict()  # ids of runs ended lately
         self._remember_ended = remember_ended
         self.timeline = Timeline()
+        # Slots popped within the lead time that may not go ahead: they fire at their instant.
+        self._at_slot: list[tuple[float, int, str]] = []  # (slot, seq, service)
+        self._deferred: dict[str, int] = {}  # service -> its slots in _at_slot
+        self._ahead_all: dict[str, float] = {}  # `all` service -> slot dispatched ahead
         self._inflight: dict[tuple[str, str], str] = {}  # (service, target) -> run id
         self._pending: dict[tuple[str, str], deque[str]] = {}  # waiting behind in-flight
         self._timers: list[tuple[float, int, TimerKind, str]] = []  # (when, seq, kind, key)
@@ -106,6 +115,12 @@ class EngineBase:
         raise NotImplementedError
 
     def _ready(self, run: Run, now: float) -> list[Action]:
+        raise NotImplementedError
+
+    def _take_deferred(self, name: str) -> list[float]:
+        raise NotImplementedError
+
+    def _ahead_for_new_node(self, now: float) -> list[Action]:
         raise NotImplementedError
 
     def _fire(self, svc: Service, slot: float, now: float) -> list[Action]:

@@ -75,23 +75,33 @@ class Engine(Admission, Recovery, Daemons, Membership, Overrides):
 
     def next_wakeup(self) -> float | None:
         nxt = self.timeline.peek()
-        if self._timers and (nxt is None or self._timers[0][0] < nxt):
-            nxt = self._timers[0][0]
+        if nxt is not None:
+            nxt -= self.lead
+        for heap in (self._at_slot, self._timers):
+            if heap and (nxt is None or heap[0][0] < nxt):
+                nxt = heap[0][0]
         return nxt
 
     def tick(self, now: float) -> list[Action]:
-        """Fire every slot and timer due at or before `now`."""
+        """Fire every slot and timer due at or before `now`; with a lead time, dispatch
+        ahead the slots due within it that may go ahead (`Admission._goes_ahead`)."""
         actions: list[Action] = []
         while True:
-            due_now = list(self.timeline.pop_due(now))
+            due_now = list(self.timeline.pop_due(now + self.lead))
             if not due_now:
                 break
             for name, due in due_now:
                 svc = self.services.get(name)
                 if svc is None or not svc.enabled or svc.schedule is None:
                     continue
-                actions += self._fire(svc, due, now)
+                if due <= now:
+                    actions += self._fire(svc, due, now)
+                elif self._goes_ahead(svc):
+                    actions += self._fire_ahead(svc, due, now)
+                else:
+                    self._defer(svc, due)
                 self._set_next(svc, due)
+        actions += self._fire_deferred(now)
         while self._timers and self._timers[0][0] <= now:
             _, _, kind, key = heapq.heappop(self._timers)
             if kind is TimerKind.EXPIRE:

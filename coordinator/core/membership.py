@@ -36,7 +36,8 @@ class Membership(EngineBase):
         if old is not None and old.incarnation != node.incarnation:
             actions += self._lose_work(node.id, now, "restarted")
         return (actions + self._reconcile_daemons(now)
-                + (self._place_waiting(now) if self._full else []))
+                + (self._place_waiting(now) if self._full else [])
+                + (self._ahead_for_new_node(now) if self._ahead_all else []))
 
     def node_down(self, node_id: str, now: float) -> list[Action]:
         """The node is certainly fenced off (its session expired): its runs are lost."""

@@ -81,9 +81,14 @@ class Overrides(EngineBase):
         svc = self._apply(base, ov)
         actions: list[Action] = []
         old = self.services[service]
+        # A slot that came before the edit (not yet ticked) is handled as it was set up; one
+        # set to fire at its instant that has not come yet follows the edit. (An order already
+        # sent ahead of its slot stands: its worker starts it.)
+        for slot in self._take_deferred(service):
+            if slot <= now and old.enabled:
+                actions += self._fire(old, slot, now)
         due = self.timeline.due_of(service)
         while old.schedule is not None and due is not None and due <= now:
-            # A slot that came before the edit (not yet ticked) is handled as it was set up.
             actions += self._fire(old, due, now)
             due = old.schedule.next_after(due, self.tz)
         self.overrides[service] = ov

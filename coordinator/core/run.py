@@ -88,6 +88,15 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
     incarnation: str | None = None  # the session of `node` it was dispatched to
 
+    @property
+    def start_at(self) -> float | None:
+        """When its worker is to start it: its slot, for a scheduled run dispatched ahead of
+        the slot; None for a run to start as soon as its order arrives."""
+        if (self.trigger is Trigger.SCHEDULED and self.slot is not None
+                and self.dispatched_at is not None and self.dispatched_at < self.slot):
+            return self.slot
+        return None
+
     def move(self, to: RunState) -> None:
         if to not in _ALLOWED.get(self.state, set()):
             raise TransitionError(f"run {self.run_id}: {self.state} -> {to} is not allowed")

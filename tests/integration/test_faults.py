@@ -180,9 +180,11 @@ def test_orders_left_for_a_dead_worker_do_not_run_after_it_restarts(cluster) -> 
     wait_leader(c)
     assert rec.wait_for(lambda r: r.service == "Everywhere" and r.node == "w-proc"
                         and r.state == "succeeded", 20), c.logs()
-    # Kill w-proc half a second before an Everywhere slot (every 3 s, on every node), so the
-    # leader sends it that slot's order before its session (2 s) expires.
-    while not 2.45 < time.time() % 3 < 2.55:
+    # Kill w-proc half a second before the leader sends it an Everywhere order (slots every
+    # 3 s, on every node; orders leave the coordinators' default lead time, 1.5 s, before
+    # their slot), so that order reaches its queue after the kill and before its session (2 s)
+    # expires.
+    while not 0.95 < time.time() % 3 < 1.05:
         time.sleep(0.01)
     victim = "w-proc"
     c.procs[victim].kill()

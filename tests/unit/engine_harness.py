@@ -103,6 +103,7 @@ class Harness:
         order_ttl: float = 60.0,
         expiry_grace: float = 30.0,
         rank: Callable[[str], list[str]] | None = None,
+        lead: float = 0.0,
     ) -> None:
         self.services = list(services)
         self.tz = tz
@@ -113,7 +114,8 @@ class Harness:
         self.outcome = outcome or (lambda run: "succeeded")
         self.start_delay = start_delay
         self.pause_delay = pause_delay
-        self.engine_options = dict(order_ttl=order_ttl, expiry_grace=expiry_grace, rank=rank)
+        self.engine_options = dict(order_ttl=order_ttl, expiry_grace=expiry_grace, rank=rank,
+                                   lead=lead)
         self.nodes: dict[str, Node] = {n.id: n for n in nodes}
         self.deaf: set[str] = set()  # nodes that drop the orders and controls they receive
         self.drop_orders: set[str] = set()  # run ids whose next order is lost on the way
@@ -221,7 +223,10 @@ class Harness:
             return
         self.worker_seen.add(run.run_id)
         snapshot = copy.deepcopy(run)
-        self._later(self.start_delay, node, lambda: self._start_run(snapshot))
+        delay = self.start_delay  # an order sent ahead is held until its start instant
+        if run.start_at is not None:
+            delay = max(delay, run.start_at - self.now)
+        self._later(delay, node, lambda: self._start_run(snapshot))
 
     def _start_run(self, run: Run) -> None:
         node = run.node

@@ -271,8 +271,46 @@ def test_wire_map_has_type_version_and_exactly_the_fields(cls: type[Message]) ->
     data = msgpack.unpackb(encode(msg), raw=False)
     assert data.pop("t") == cls.__name__
     assert data.pop("v") == SCHEMA_VERSION == 1
-    assert list(data) == list(cls.FIELDS)
-    assert data == msg.to_dict()
+    # Fields added in a later version are left out while unset (so version 1 still reads it).
+    assert list(data) == [f for f in cls.FIELDS if f not in cls.SINCE]
+    assert data == {k: v for k, v in msg.to_dict().items() if k not in cls.SINCE}
+
+
+def test_an_order_sent_ahead_is_written_in_version_2_and_read_back() -> None:
+    order = build(RunOrder, issued_at=T0 - 1.5, start_at=T0)
+    data = encode(order)
+    wire = msgpack.unpackb(data, raw=False)
+    assert (wire["v"], wire["start_at"], list(wire)[-1]) == (2, T0, "start_at")
+    assert decode_as(data, RunOrder) == order
+    assert decode_as(encode(build(RunOrder)), RunOrder).start_at is None
+
+
+def test_version_1_refuses_start_at_and_version_2_requires_it() -> None:
+    wire = msgpack.unpackb(encode(build(RunOrder, issued_at=T0 - 1.5, start_at=T0)), raw=False)
+    wire["v"] = 1
+    with pytest.raises(ProtocolError, match=r"RunOrder\.start_at: unknown field") as e1:
+        decode(msgpack.packb(wire))
+    del wire["start_at"]
+    wire["v"] = 2
+    with pytest.raises(ProtocolError, match=r"RunOrder\.start_at: missing") as e2:
+        decode(msgpack.packb(wire))
+    assert (e1.value.reason, e2.value.reason) == ("unknown_field", "missing_field")
+
+
+def test_a_receiver_of_version_1_only_refuses_an_order_sent_ahead_naming_the_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import protocol.codec as codec
+
+    monkeypatch.setattr(codec, "SUPPORTED_VERSIONS", frozenset({1}))
+    assert decode(encode(build(RunOrder))) == build(RunOrder)  # not sent ahead: still read
+    with pytest.raises(ProtocolError, match=r"unsupported schema version 2 \(supported: 1\)"):
+        decode(encode(build(RunOrder, issued_at=T0 - 1.5, start_at=T0)))
+
+
+def test_start_at_after_the_deadline_is_refused() -> None:
+    with pytest.raises(ProtocolError, match=r"RunOrder\.start_at: later than deadline"):
+        build(RunOrder, start_at=T0 + 61)
 
 
 @pytest.mark.parametrize("cls", ALL_TYPES, ids=lambda c: c.__name__)
@@ -645,7 +683,7 @@ def test_version_of_wrong_type(version: Any) -> None:
     assert str(error).startswith("message.v: expected int, got")
 
 
-@pytest.mark.parametrize("version", [0, 2, -1, 2**64 - 1])
+@pytest.mark.parametrize("version", [0, 3, -1, 2**64 - 1])
 def test_unknown_version(version: int) -> None:
     error = refused(wire(RunOrder, v=version))
     assert (error.reason, error.field) == ("unknown_version", "v")
@@ -684,7 +722,7 @@ def test_several_unknown_fields_are_counted() -> None:
 
 @pytest.mark.parametrize("cls", ALL_TYPES, ids=lambda c: c.__name__)
 def test_every_missing_field_is_refused(cls: type[Message]) -> None:
-    for name in cls.FIELDS:
+    for name in cls.fields_at(SCHEMA_VERSION):
         data = wire(cls)
         del data[name]
         error = refused(data)

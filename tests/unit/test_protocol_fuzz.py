@@ -376,6 +376,7 @@ KINDS: dict[type[Message], dict[str, str]] = {
         "params": "dict",
         "allowed_roles": "list",
         "incarnation": "str?",
+        "start_at": "float?",
     },
     RunEvent: {
         "run_id": "str",
@@ -534,6 +535,7 @@ def test_one_field_of_the_wrong_type_is_named(msg: Message, data: st.DataObject)
     value = data.draw(wrong_values(KINDS[cls][name]), label="value")
     document = msgpack.unpackb(encode(msg), raw=False)
     document[name] = value
+    document["v"] = max(document["v"], cls.SINCE.get(name, 1))  # the version with that field
     with pytest.raises(ProtocolError) as caught:
         decode(msgpack.packb(document, use_bin_type=True))
     assert caught.value.reason == "wrong_type"
