@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class EventRecorder:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="event-recorder", daemon=True)
+        self.queue = f"rota.test-recorder.{uuid.uuid4().hex[:8]}"
 
     def start(self, timeout: float = 10.0) -> EventRecorder:
         self._thread.start()
@@ -59,10 +61,13 @@ class EventRecorder:
                 conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
                 ch = conn.channel()
                 ch.exchange_declare("rota.events", exchange_type="topic", durable=True)
-                q = ch.queue_declare("", exclusive=True).method.queue
+                # Durable and named, not exclusive: events published while this recorder
+                # lags behind or is reconnecting, even across a broker restart, wait for it.
+                q = ch.queue_declare(self.queue, durable=True).method.queue
                 ch.queue_bind(q, "rota.events", routing_key="#")
                 self._ready.set()
-                for method, _props, body in ch.consume(q, auto_ack=True, inactivity_timeout=0.2):
+                ch.basic_qos(prefetch_count=1000)
+                for method, _props, body in ch.consume(q, inactivity_timeout=0.2):
                     if self._stop.is_set():
                         break
                     if method is None:
@@ -78,15 +83,23 @@ class EventRecorder:
                             self.changes.append(msg)
                         else:
                             self.bad.append(body)
+                    ch.basic_ack(method.delivery_tag)  # kept: the queue may let it go
                 conn.close()
             except Exception:
-                # The broker restarted: bind again (events published meanwhile are gone
-                # from this recorder, which is why audits also read the ledger's view).
+                # The broker restarted: bind again; the durable queue kept what was
+                # published meanwhile (a record taken but not acknowledged comes twice, which
+                # the audits take, as consumers must: events are at least once).
                 self._stop.wait(0.5)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        try:  # the queue outlives connections by design: remove it
+            conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+            conn.channel().queue_delete(self.queue)
+            conn.close()
+        except Exception:
+            pass
 
     def snapshot(self) -> list[RunRecord]:
         with self._lock:
