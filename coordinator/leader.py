@@ -243,13 +243,14 @@ class Coordinator:
         return False
 
     def _finish_turn(self, term: Term, engine: Engine, turn: Turn) -> None:
-        transactions, ops = term.transactions, term.ops
+        transactions, ops, written = term.transactions, term.ops, term.written
         try:
             self.outbox.finish(term, self.ledger, engine.drain_changes(), turn, self.catalogue,
                                engine.nodes, self.clock.now())
         finally:
             metrics.LEDGER_TRANSACTIONS.inc(term.transactions - transactions)
             metrics.LEDGER_WRITES.inc(term.ops - ops)
+            metrics.LEDGER_BYTES.inc(term.written - written)
         self._snapshot = view.snapshot(engine)
 
 

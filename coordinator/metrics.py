@@ -13,6 +13,9 @@ LEDGER_TRANSACTIONS = Counter(
 LEDGER_WRITES = Counter(
     "rota_ledger_writes_total", "Writes in ledger transactions (znodes created, set, deleted)"
 )
+LEDGER_BYTES = Counter(
+    "rota_ledger_bytes_total", "Bytes in ledger transactions (data and paths of znodes written)"
+)
 DISPATCHED = Counter("rota_orders_dispatched_total", "Run orders published to node queues")
 RUNS = Counter("rota_runs_total", "Finished runs by service and outcome", ["service", "outcome"])
 DEAD_LETTERS = Counter(
