@@ -210,13 +210,10 @@ class Layout:
         """Stale buckets, the longest stale first."""
         return sorted(self.stale, key=lambda b: (self.stale[b], b))
 
-    def deletable(self, rewritten: Iterable[int], before: Order | None = None) -> list[Delta]:
-        """The oldest deltas that every bucket reflects once `rewritten` are written (and
-        that are older than `before`, the delta being created with them)."""
+    def deletable(self, rewritten: Iterable[int]) -> list[Delta]:
+        """The oldest deltas that every bucket reflects once `rewritten` are written."""
         done = set(rewritten)
         horizon = min((o for b, o in self.stale.items() if b not in done), default=None)
-        if before is not None and (horizon is None or before < horizon):
-            horizon = before
         out = []
         for delta in self.deltas:
             if horizon is not None and delta.order >= horizon:

@@ -213,8 +213,8 @@ class ZkTerm:
         self.max_ops = MAX_OPS  # limits per transaction; tests make them tiny
         self.max_bytes = MAX_BYTES
         # Test-only: called after each transaction of a commit in several transactions
-        # ("delta <i>", "delta complete", "logs <i>") or of a migration ("migrate <i>", "upgrade <i>"); a test
-        # makes the term deposed there.
+        # ("delta <i>", "delta complete", "logs <i>") or of a migration ("migrate <i>",
+        # "upgrade <i>"); a test makes the term deposed there.
         self.fault: Callable[[str], None] | None = None
 
     def lost(self) -> bool:
