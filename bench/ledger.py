@@ -24,6 +24,7 @@ set of a transaction), so the figure does not depend on how the term counts.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import queue
 import statistics
@@ -198,6 +199,10 @@ def scenario(hosts: str, n: Scenario) -> None:
         line("commit wall time per turn, mean", f"{got['commit_s'] * 1000:.1f} ms")
         done.set()
         newer, done2 = lead.term()
+        # A successor is another process: keep what this one made out of its collections.
+        del term, ledger
+        gc.collect()
+        gc.freeze()
         t0 = time.perf_counter()
         loaded = newer.load()
         loaded_in = time.perf_counter() - t0
@@ -208,6 +213,7 @@ def scenario(hosts: str, n: Scenario) -> None:
              f"({len(state.cursors):,} cursors, {len(state.runs):,} active runs, "
              f"{len(state.overrides):,} overrides)")
         done2.set()
+        gc.unfreeze()
     finally:
         lead.close()
         root.delete(chroot, recursive=True)

@@ -5,8 +5,9 @@ The ledger is a key/value map. Its base is `BUCKET_COUNT` buckets, each a msgpac
 keys whose CRC-32 modulo the count is its number; on top of them lie deltas, one per commit,
 each a msgpack map of only the keys that commit changed (a value, or nil for a deleted key).
 The ledger is the buckets with every complete delta applied in order. A commit creates its
-delta and, in the same transaction, rewrites a few buckets (the ones stale the longest) and
-deletes the deltas every bucket now reflects: compaction in small steps, never a pause.
+delta and, in the same transaction, rewrites a few buckets (those whose changes wait the
+longest) and deletes the deltas nothing needs any more: compaction in small steps, never a
+pause.
 
 Why deltas, measured with `python -m bench.ledger` (see bench/README.md): with format 2 (a
 commit rewrote every bucket it touched) each bucket also carried the cursors and last-run
@@ -17,17 +18,20 @@ as large as the turn's changes; a run that is dispatched and ends between two re
 bucket never reaches a bucket at all. Separate key spaces by churn would still rewrite a whole
 bucket per touched key, and coalescing cursors saves only the cursors; a delta does both.
 
-Compaction budget: each commit earns `COMPACT_RATIO` times its own delta bytes of credit and
-rewrites the longest-stale buckets while the credit covers them, so the bytes written stay
-proportional to what changed (amortized: a small commit saves up for a later rewrite), and
-the deltas waiting to be folded stay about as large as the buckets (a successor reads at
-most about twice the ledger). Past `BACKLOG_BYTES` (or twice the buckets' bytes) or
-`BACKLOG_DELTAS` deltas, each commit may rewrite `PRESSURE_BUDGET` until the backlog shrinks.
-A bucket rewritten reflects every delta committed so far (its content is
-the term's current view), and applying a delta again over a bucket that already reflects it
-changes nothing, so a delta may go once every bucket it touched was rewritten after it:
-`stale[b]` is the oldest delta bucket b does not reflect, and the deltas older than every
-`stale` entry are deleted, oldest first.
+Compaction budget: each commit earns `COMPACT_RATIO` times its own delta bytes of credit
+(saved up to `PRESSURE_BUDGET`) and, once the deltas weigh more than `BACKLOG_FLOOR` and half
+the buckets, rewrites the buckets whose changes wait the longest while the credit covers
+them. So the bytes written stay proportional to what changed (amortized: a small commit saves
+up for a later rewrite), and the deltas stay about as large as the buckets at most (a
+successor reads at most about twice the ledger). Past `BACKLOG_BYTES` (or twice the buckets'
+bytes) or `BACKLOG_DELTAS` deltas, each commit may rewrite `PRESSURE_BUDGET` until the
+backlog shrinks.
+A rewritten bucket holds the term's current view, and a delta may go once no key needs it:
+a key whose value differs from its bucket's znode (dirty) needs the delta that last wrote it,
+so the deltas older than every dirty key's last write are deleted, oldest first (see
+`Layout`). A key that changes often (a cursor) keeps being written by recent deltas, and one
+that comes back to its bucket's value (a run that ended) is clean again: neither holds old
+deltas back, so under churn compaction mostly rewrites the buckets of keys that change seldom.
 
 A commit larger than one transaction becomes a delta of several parts, each created in a
 transaction of its own; a delta counts only when all its parts exist, so a leader killed
@@ -37,15 +41,16 @@ are written as znodes of their own only after it is complete (`pending_logs` unt
 
 from __future__ import annotations
 
+import heapq
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 BUCKET_COUNT = 256  # of a new ledger; a ledger keeps the count it was made with
 LOG_PREFIX = "log/"
-COMPACT_RATIO = 1.0  # bucket bytes rewritten per delta byte
-PRESSURE_BUDGET = 256_000  # bucket bytes per commit while the backlog is over its bound;
-# also the most compaction credit a ledger with nothing stale may save up
+COMPACT_RATIO = 2.0  # bucket bytes rewritten per delta byte
+PRESSURE_BUDGET = 256_000  # the most credit saved up: bucket bytes one commit may rewrite
+BACKLOG_FLOOR = 1_000_000  # deltas' bytes (or half the buckets') below which none is rewritten
 BACKLOG_BYTES = 2_000_000  # deltas' bytes past which (or twice the buckets') commits catch up
 BACKLOG_DELTAS = 1_000  # deltas past which commits catch up
 _ENTRY = 6  # msgpack bytes of a map entry besides its key and value
@@ -112,14 +117,27 @@ def split(writes: Mapping[str, bytes | None], max_bytes: int) -> list[dict[str, 
 
 @dataclass
 class Layout:
-    """What a term knows of the ledger in ZooKeeper: its contents, and what lags behind."""
+    """What a term knows of the ledger in ZooKeeper: its contents, and what lags behind.
+
+    A key is dirty while its value differs from the one in its bucket's znode; `dirty[b]`
+    maps each dirty key of bucket b to the delta that last wrote it, `was[b]` to its value in
+    the znode (None: absent there). A key written back to that value is clean again (a run
+    that was dispatched and ended since its bucket was last written, say); a rewritten bucket
+    has no dirty key. A successor reads each bucket and applies the deltas left, in order: for
+    a clean key that gives the znode's value or a later one written since, and a dirty key
+    gets its value from the delta that last wrote it, so the deltas older than every dirty
+    key's last write can go (`deletable`). `heaps[b]` finds bucket b's oldest last write
+    without a scan; entries that no longer match `dirty` are dropped when they surface.
+    """
 
     count: int
     buckets: list[dict[str, bytes]]
     sizes: list[int]  # about the encoded bytes of each bucket
     logs: dict[str, bytes] = field(default_factory=dict)
     deltas: list[Delta] = field(default_factory=list)  # complete, oldest first
-    stale: dict[int, Order] = field(default_factory=dict)  # bucket -> oldest delta it lacks
+    dirty: list[dict[str, Order]] = field(default_factory=list)
+    was: list[dict[str, bytes | None]] = field(default_factory=list)
+    heaps: list[list[tuple[Order, str]]] = field(default_factory=list)
     pending_logs: set[str] = field(default_factory=set)  # log keys a delta holds, maybe unwritten
     existing: set[str] = field(default_factory=set)  # bucket, log and marker paths
     marker: bool = False  # the format-3 marker exists
@@ -127,13 +145,19 @@ class Layout:
     legacy: list[str] = field(default_factory=list)  # format-1 znodes to delete
     credit: float = 0.0  # bucket bytes commits have earned and not spent on rewrites
 
+    def __post_init__(self) -> None:
+        self.dirty = [{} for _ in range(self.count)]
+        self.was = [{} for _ in range(self.count)]
+        self.heaps = [[] for _ in range(self.count)]
+
     @classmethod
     def empty(cls, count: int) -> Layout:
         return cls(count, [{} for _ in range(count)], [1] * count)
 
     def apply(self, writes: Mapping[str, bytes | None], order: Order | None = None) -> None:
-        """Apply writes. With `order`, they are a delta's: the buckets they touch are stale
-        from it on."""
+        """Apply writes. With `order`, they are a delta's, and the keys they change are dirty
+        until their bucket is rewritten; without, they are meant for the buckets as a whole
+        (a migration), which the caller rewrites."""
         for key, value in writes.items():
             if key.startswith(LOG_PREFIX):
                 if value is None:
@@ -143,19 +167,34 @@ class Layout:
                 continue
             index = bucket_of(key, self.count)
             bucket = self.buckets[index]
-            self.sizes[index] += entry_size(key, value) - entry_size(key, bucket.get(key))
+            old = bucket.get(key)
+            self.sizes[index] += entry_size(key, value) - entry_size(key, old)
+            if order is not None:
+                self._track(index, key, old, value, order)
             if value is None:
                 bucket.pop(key, None)
             else:
                 bucket[key] = value
-            if order is not None and index not in self.stale:
-                self.stale[index] = order
+
+    def _track(self, index: int, key: str, old: bytes | None, value: bytes | None,
+               order: Order) -> None:
+        dirty, was = self.dirty[index], self.was[index]
+        if key in dirty:
+            if value == was[key]:
+                del dirty[key], was[key]
+                return
+        elif value == old:
+            return
+        else:
+            was[key] = old
+        dirty[key] = order
+        heapq.heappush(self.heaps[index], (order, key))
 
     def replay(self, writes: Mapping[str, bytes | None], order: Order) -> None:
         """`apply` for a delta read back by a successor (which holds its log keys), faster:
         sizes grow by what is set and never shrink until the bucket is rewritten."""
         buckets, sizes, count, crc = self.buckets, self.sizes, self.count, zlib.crc32
-        touched: set[int] = set()
+        track = self._track
         for key, value in writes.items():
             if key.startswith(LOG_PREFIX):
                 self.pending_logs.add(key)
@@ -165,14 +204,36 @@ class Layout:
                     self.logs[key] = value
                 continue
             index = crc(key.encode("utf-8")) % count
+            bucket = buckets[index]
+            track(index, key, bucket.get(key), value, order)
             if value is None:
-                buckets[index].pop(key, None)
+                bucket.pop(key, None)
             else:
-                buckets[index][key] = value
+                bucket[key] = value
                 sizes[index] += len(key) + len(value) + _ENTRY
-            touched.add(index)
-        for index in touched:
-            self.stale.setdefault(index, order)
+
+    def doubt(self, index: int) -> None:
+        """Bucket `index` may not be in ZooKeeper as this term believes: every key is dirty
+        (since the oldest possible delta) until the bucket is rewritten."""
+        self.dirty[index] = dict.fromkeys(self.buckets[index], (0, 0))
+        self.was[index] = dict.fromkeys(self.buckets[index])
+        self.heaps[index] = [((0, 0), key) for key in self.buckets[index]]
+
+    def oldest(self, index: int) -> Order | None:
+        """The oldest last write of bucket `index`'s dirty keys (None: none is dirty)."""
+        heap, dirty = self.heaps[index], self.dirty[index]
+        while heap and dirty.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    @property
+    def stale(self) -> dict[int, Order]:
+        """Buckets with dirty keys, each with its oldest last write."""
+        out = {}
+        for index in range(self.count):
+            if self.dirty[index] and (order := self.oldest(index)) is not None:
+                out[index] = order
+        return out
 
     def grown(self, writes: Mapping[str, bytes | None]) -> dict[int, int]:
         """The size each touched bucket would have after `writes`."""
@@ -197,23 +258,25 @@ class Layout:
         return sum(d.size for d in self.deltas)
 
     def earn(self, delta_bytes: int) -> float:
-        """Credit a commit of `delta_bytes` earns; the bucket bytes it may now rewrite."""
-        self.credit += COMPACT_RATIO * delta_bytes
-        if (len(self.deltas) > BACKLOG_DELTAS
-                or self.backlog() > max(BACKLOG_BYTES, 2 * sum(self.sizes))):
-            self.credit = max(self.credit, PRESSURE_BUDGET)
-        elif not self.stale:
-            self.credit = min(self.credit, PRESSURE_BUDGET)
+        """Add a commit's credit; the bucket bytes it should rewrite now (0 while the deltas
+        are few enough that churn alone keeps them short)."""
+        backlog, ledger = self.backlog(), sum(self.sizes)
+        self.credit = min(self.credit + COMPACT_RATIO * delta_bytes, PRESSURE_BUDGET)
+        if len(self.deltas) > BACKLOG_DELTAS or backlog > max(BACKLOG_BYTES, 2 * ledger):
+            self.credit = PRESSURE_BUDGET
+        elif backlog <= max(BACKLOG_FLOOR, ledger // 2):
+            return 0.0
         return self.credit
 
-    def stalest(self) -> list[int]:
-        """Stale buckets, the longest stale first."""
-        return sorted(self.stale, key=lambda b: (self.stale[b], b))
+    @staticmethod
+    def stalest(stale: Mapping[int, Order]) -> list[int]:
+        """Buckets with dirty keys, the one with the oldest last write first."""
+        return sorted(stale, key=lambda b: (stale[b], b))
 
-    def deletable(self, rewritten: Iterable[int]) -> list[Delta]:
-        """The oldest deltas that every bucket reflects once `rewritten` are written."""
+    def deletable(self, stale: Mapping[int, Order], rewritten: Iterable[int]) -> list[Delta]:
+        """The oldest deltas no dirty key needs once `rewritten` are written."""
         done = set(rewritten)
-        horizon = min((o for b, o in self.stale.items() if b not in done), default=None)
+        horizon = min((o for b, o in stale.items() if b not in done), default=None)
         out = []
         for delta in self.deltas:
             if horizon is not None and delta.order >= horizon:
@@ -224,6 +287,8 @@ class Layout:
     def compacted(self, rewritten: Iterable[int], gone: list[Delta]) -> None:
         """Bookkeeping once buckets were rewritten and deltas deleted."""
         for index in rewritten:
-            self.stale.pop(index, None)
+            self.dirty[index].clear()
+            self.was[index].clear()
+            self.heaps[index].clear()
         drop = {d.order for d in gone}
         self.deltas = [d for d in self.deltas if d.order not in drop]

@@ -15,8 +15,8 @@ Znodes, under the chroot given in `hosts` (e.g. "zk1:2181,zk2:2181/rota-prod"):
     CRC-32 (stable across processes, unlike `hash()`) modulo the count is its number.
   - `/rota/deltas/<epoch>-<seq>-<part>-<parts>`: one per commit, a msgpack map of the keys it
     set (or nil: deleted). The ledger is the buckets with the complete deltas applied in
-    order. Each commit also rewrites a few of the buckets stale the longest and deletes the
-    deltas every bucket then reflects.
+    order. Each commit also rewrites a few of the buckets whose changes wait the longest and
+    deletes the deltas nothing needs any more.
   - `/rota/log/<key>`: keys starting with `log/` (written once, deleted later: finished runs
     kept for a successor) are a znode each, so adding one rewrites nothing else.
   - `/rota/ledger/<FORMAT_KEY encoded>`: the format marker, msgpack `{"format": 3,
@@ -494,9 +494,10 @@ class ZkTerm:
         ops += [_Op("delete", p) for p in
                 layout.legacy[: max(0, min(CLEANUP_PER_COMMIT, room_ops // 2 - len(ops)))]]
         room_ops -= len(ops)
+        stale = layout.stale
         credit = layout.earn(delta_bytes)
         rewritten: list[int] = []
-        for index in layout.stalest():
+        for index in layout.stalest(stale):
             if room_ops <= 1 or min(layout.sizes[index], PRESSURE_BUDGET) > credit:
                 break
             data = msgpack.packb(layout.buckets[index])
@@ -511,7 +512,7 @@ class ZkTerm:
             room_ops -= 1
             room_bytes -= op.size
         gone: list[Delta] = []
-        for delta in layout.deletable(rewritten):
+        for delta in layout.deletable(stale, rewritten):
             if len(delta.names) > room_ops:
                 break
             ops += [_Op("delete", f"{DELTAS}/{n}") for n in delta.names]
@@ -625,7 +626,7 @@ class ZkTerm:
         # A bucket that vanished, or any doubt: every bucket is rewritten before a delta goes.
         for index in range(layout.count):
             if bucket_path(index) not in layout.existing and layout.buckets[index]:
-                layout.stale[index] = (0, 0)
+                layout.doubt(index)
         present = {f"{LEDGER}/{n}" for n in names} | {f"{DELTAS}/{n}" for n in deltas}
         present |= {f"{JOURNAL}/{n}" for n in journals}
         layout.legacy = [p for p in layout.legacy if p in present]

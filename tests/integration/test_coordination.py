@@ -36,6 +36,7 @@ from protocol.coordination import (
     MemoryCoordination,
     Term,
 )
+from protocol.ledger_layout import COMPACT_RATIO, PRESSURE_BUDGET
 from protocol.zk import (
     BUCKET_COUNT,
     BUCKETS,
@@ -504,15 +505,15 @@ def test_zk_leftover_announcement_is_replaced(zk: Backend) -> None:
 def test_zk_commit_recovers_when_keys_change_behind_its_back(zk: Backend) -> None:
     racer = Contender(zk.new("a"), "a")
     term, done = racer.next_term()
-    term.commit({"run/a": b"1", "run/b": b"2"})
+    term.commit({"run/a": b"1", "run/b": b"2", "log/gone": b"g"})
     term.load()
 
     def meddle(client: KazooClient) -> None:  # a znode the term thinks absent, and the reverse
         client.create(f"{LOG}/surprise", b"planted")
-        client.delete(f"{BUCKETS}/{bucket_of('run/b', BUCKET_COUNT):04d}")
+        client.delete(f"{LOG}/gone")
 
     raw_zk(zk.hosts or "", meddle)
-    term.commit({"log/surprise": b"mine", "run/a": None, "run/b": b"3"})
+    term.commit({"log/surprise": b"mine", "log/gone": None, "run/a": None, "run/b": b"3"})
     assert term.load() == {"run/b": b"3", "log/surprise": b"mine"}
     assert not term.lost()
     done.set()
@@ -643,15 +644,20 @@ def test_zk_commit_writes_what_changed_and_compacts_in_steps(zk: Backend) -> Non
     expected = _applied({k: v for k, v in base.items() if v is not None},
                         {"cursor/svc-7": b"moved", "cursor/svc-8": None, "log/ended/9": b"new"})
 
-    # Later commits fold the deltas into the buckets a few at a time, each writing about as
-    # many bucket bytes as delta bytes (plus a bucket of credit saved up), never all of them.
+    # Later commits fold the deltas into the buckets a few at a time, writing in all about
+    # COMPACT_RATIO bucket bytes per delta byte (credit saved up at most PRESSURE_BUDGET),
+    # never all the buckets at once.
     first = list(deltas)[0]
+    spent = changed = 0
     for i in range(300):
         change = {f"cursor/svc-{(i * 100 + j) % 5000}": b"d" * 200 for j in range(100)}
         written = term.written
         term.commit(change)
         expected.update(change)
-        assert term.written - written < 2 * 23_000 + 5_000
+        spent += term.written - written
+        changed += len(msgpack.packb(change))
+        assert term.written - written < len(msgpack.packb(change)) + PRESSURE_BUDGET + 1_000
+        assert spent < (1 + COMPACT_RATIO) * changed + PRESSURE_BUDGET + 100 * (i + 1)
         if first not in _zk_read(hosts, lambda c: c.get_children(DELTAS)):
             break
     else:
