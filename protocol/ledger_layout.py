@@ -50,8 +50,8 @@ BUCKET_COUNT = 256  # of a new ledger; a ledger keeps the count it was made with
 LOG_PREFIX = "log/"
 COMPACT_RATIO = 2.0  # bucket bytes rewritten per delta byte
 PRESSURE_BUDGET = 256_000  # the most credit saved up: bucket bytes one commit may rewrite
-BACKLOG_FLOOR = 1_000_000  # deltas' bytes (or half the buckets') below which none is rewritten
-BACKLOG_BYTES = 2_000_000  # deltas' bytes past which (or twice the buckets') commits catch up
+BACKLOG_FLOOR = 4_000_000  # deltas' bytes (or half the buckets') below which none is rewritten
+BACKLOG_BYTES = 8_000_000  # deltas' bytes past which (or twice the buckets') commits catch up
 BACKLOG_DELTAS = 1_000  # deltas past which commits catch up
 _ENTRY = 6  # msgpack bytes of a map entry besides its key and value
 

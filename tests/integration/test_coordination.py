@@ -620,7 +620,7 @@ def _deltas_of(client: KazooClient) -> dict[str, dict[str, bytes | None]]:
             for n in sorted(client.get_children(DELTAS))}
 
 
-def test_zk_commit_writes_what_changed_and_compacts_in_steps(zk: Backend) -> None:
+def test_zk_commit_writes_what_changed_and_churn_retires_deltas(zk: Backend) -> None:
     hosts = zk.hosts or ""
     racer = Contender(zk.new("a"), "a")
     term, done = racer.next_term()
@@ -644,25 +644,55 @@ def test_zk_commit_writes_what_changed_and_compacts_in_steps(zk: Backend) -> Non
     expected = _applied({k: v for k, v in base.items() if v is not None},
                         {"cursor/svc-7": b"moved", "cursor/svc-8": None, "log/ended/9": b"new"})
 
-    # Later commits fold the deltas into the buckets a few at a time, writing in all about
-    # COMPACT_RATIO bucket bytes per delta byte (credit saved up at most PRESSURE_BUDGET),
-    # never all the buckets at once.
+    # Later commits write every key again: the first delta is no longer needed and goes,
+    # with no bucket written at all (the deltas are far under the compaction floor).
     first = list(deltas)[0]
-    spent = changed = 0
-    for i in range(300):
+    for i in range(60):
         change = {f"cursor/svc-{(i * 100 + j) % 5000}": b"d" * 200 for j in range(100)}
+        written = term.written
+        term.commit(change)
+        expected.update(change)
+        assert term.written - written < len(msgpack.packb(change)) + 1_000
+        if first not in _zk_read(hosts, lambda c: c.get_children(DELTAS)):
+            break
+    else:
+        raise AssertionError("the first delta was never deleted")
+    assert _zk_read(hosts, _buckets_of) == {}
+    done.set()
+    newer, done2 = racer.next_term()
+    assert newer.load() == expected
+    done2.set()
+    racer.stop()
+
+
+def test_zk_keys_that_change_seldom_are_folded_into_buckets_in_steps(zk: Backend) -> None:
+    hosts = zk.hosts or ""
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    assert isinstance(term, ZkTerm)
+    term.load()
+    cold: dict[str, bytes | None] = {f"override/svc-{i}": b"o" * 1_000 for i in range(4_500)}
+    term.commit(cold)  # 4.6 MB of deltas: past the floor, so compaction begins
+    first = _zk_read(hosts, lambda c: sorted(c.get_children(DELTAS))[0])
+    expected: dict[str, bytes] = {k: v for k, v in cold.items() if v is not None}
+    spent = changed = 0
+    for i in range(400):
+        change = {f"cursor/hot-{j}": b"%d" % i * 1_000 for j in range(20)}
         written = term.written
         term.commit(change)
         expected.update(change)
         spent += term.written - written
         changed += len(msgpack.packb(change))
+        # each commit: its delta, plus at most the credit saved up; in all about
+        # COMPACT_RATIO bucket bytes per delta byte
         assert term.written - written < len(msgpack.packb(change)) + PRESSURE_BUDGET + 1_000
-        assert spent < (1 + COMPACT_RATIO) * changed + PRESSURE_BUDGET + 100 * (i + 1)
+        assert spent < (1 + COMPACT_RATIO) * changed + PRESSURE_BUDGET + 200 * (i + 1)
         if first not in _zk_read(hosts, lambda c: c.get_children(DELTAS)):
             break
     else:
         raise AssertionError("the first delta was never folded into the buckets")
     buckets = _zk_read(hosts, _buckets_of)
+    assert sum(len(c) for c in buckets.values()) >= 4_500  # type: ignore[attr-defined]
     for index, content in buckets.items():  # type: ignore[attr-defined]
         assert all(bucket_of(k, BUCKET_COUNT) == index for k in content)
     done.set()
