@@ -298,7 +298,7 @@ class Coordinator:
         return False
 
     def _finish_turn(self, term: Term, engine: Engine, turn: Turn) -> None:
-        transactions, ops = term.transactions, term.ops
+        transactions, ops, written = term.transactions, term.ops, term.written
         try:
             self.outbox.finish(term, self.ledger, engine.drain_changes(), turn, self.catalogue,
                                engine.nodes, self.clock.now())
@@ -309,6 +309,7 @@ class Coordinator:
         finally:
             metrics.LEDGER_TRANSACTIONS.inc(term.transactions - transactions)
             metrics.LEDGER_WRITES.inc(term.ops - ops)
+            metrics.LEDGER_BYTES.inc(term.written - written)
         now = time.monotonic()
         # The snapshot costs O(services): while turns come back to back it is rebuilt at most
         # every SNAPSHOT_EVERY; a turn that empties the inbox, or answers an operator, always

@@ -27,6 +27,9 @@ LEDGER_TRANSACTIONS = Counter(
 LEDGER_WRITES = Counter(
     "rota_ledger_writes_total", "Writes in ledger transactions (znodes created, set, deleted)"
 )
+LEDGER_BYTES = Counter(
+    "rota_ledger_bytes_total", "Bytes in ledger transactions (data and paths of znodes written)"
+)
 LEDGER_COMMIT = Histogram(
     "rota_ledger_commit_seconds", "Time to commit one turn's ledger writes to ZooKeeper",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),

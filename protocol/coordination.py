@@ -38,6 +38,7 @@ class Term(Protocol):
     epoch: int
     transactions: int  # ledger transactions this term committed
     ops: int  # writes in them (znodes on ZooKeeper, keys in memory)
+    written: int  # bytes written in them (data and paths on ZooKeeper, keys and values)
 
     def lost(self) -> bool: ...
 
@@ -109,6 +110,7 @@ class _MemoryTerm:
         self.owner = owner
         self.transactions = 0
         self.ops = 0
+        self.written = 0
 
     def lost(self) -> bool:
         return self.owner._stopped.is_set() or self.store.epoch != self.epoch
@@ -136,6 +138,7 @@ class _MemoryTerm:
             if writes:
                 self.transactions += 1
                 self.ops += len(writes)
+                self.written += sum(len(k) + len(v or b"") for k, v in writes.items())
 
 
 class MemoryCoordination:

@@ -9,27 +9,33 @@ Znodes, under the chroot given in `hosts` (e.g. "zk1:2181,zk2:2181/rota-prod"):
   so only the holder of the election can bump it; the version after the set is the term's
   epoch. 0 means no leader was ever elected.
 - `/rota/nodes/<node id>`: ephemeral, data = the node's announcement bytes.
-- The ledger (format 2), a key/value map packed into a bounded number of znodes:
+- The ledger (format 3), a key/value map; `protocol/ledger_layout.py` says how it is laid
+  out and why:
   - `/rota/buckets/<nnnn>`: `BUCKET_COUNT` buckets, each a msgpack map of the keys whose
-    CRC-32 (stable across processes, unlike `hash()`) modulo the count is its number. A
-    commit rewrites only the buckets it touches.
+    CRC-32 (stable across processes, unlike `hash()`) modulo the count is its number.
+  - `/rota/deltas/<epoch>-<seq>-<part>-<parts>`: one per commit, a msgpack map of the keys it
+    set (or nil: deleted). The ledger is the buckets with the complete deltas applied in
+    order. Each commit also rewrites a few of the buckets whose changes wait the longest and
+    deletes the deltas nothing needs any more.
   - `/rota/log/<key>`: keys starting with `log/` (written once, deleted later: finished runs
     kept for a successor) are a znode each, so adding one rewrites nothing else.
-  - `/rota/ledger/<FORMAT_KEY encoded>`: the format marker, msgpack `{"format": 2,
+  - `/rota/ledger/<FORMAT_KEY encoded>`: the format marker, msgpack `{"format": 3,
     "buckets": N}`. `/rota/ledger` held format 1, one znode per key; a leader meeting it
     migrates it once (see `ZkTerm._migrate`); a coordinator of format 1 reads the marker as an
-    undecodable run and refuses the ledger, naming the marker.
-  - `/rota/journal/<epoch>-<seq>-<part>-<parts>`: a commit too large for one transaction.
+    undecodable run and refuses the ledger, naming the marker. A format-2 ledger (buckets
+    rewritten whole, and `/rota/journal` for commits too large for one transaction) is
+    upgraded once (`ZkTerm._upgrade`); a format-2 coordinator refuses format 3, naming it.
 
 Commits: `term.commit(writes)` is one transaction, `check(/rota/epoch, version=term.epoch)`
-then the touched buckets and log keys, as long as it fits ZooKeeper's request limit
-(`jute.maxbuffer`, 1 MB by default; at most `MAX_OPS` ops and about `MAX_BYTES`). A larger
-commit is journaled (`ZkTerm._journaled`) so that a successor sees all of it or none of it.
-A failed epoch check, or any connection error, raises `Fenced`. One value may be at most
-`MAX_VALUE` bytes, and so may a bucket (`ValueError` before anything is written).
-`term.transactions` and `term.ops` count the transactions and znode writes committed.
+then the delta, the log keys and the compaction step, as long as the delta and log keys fit
+ZooKeeper's request limit (`jute.maxbuffer`, 1 MB by default; at most `MAX_OPS` ops and about
+`MAX_BYTES`). A larger commit is a delta in several parts (`ZkTerm._in_parts`), which a
+successor sees all of or none of. A failed epoch check, or any connection error, raises
+`Fenced`. One value may be at most `MAX_VALUE` bytes, and so may a bucket (`ValueError`
+before anything is written). `term.transactions`, `term.ops` and `term.written` count the
+transactions, znode writes and bytes committed.
 
-Loads: the marker, every bucket, log key and journal part are read with pipelined
+Loads: the marker, every bucket, log key and delta part are read with pipelined
 asynchronous gets, so a successor's load is a few round trips whatever the ledger's size.
 
 Terms end when the client's connection leaves CONNECTED (SUSPENDED counts, as in Curator), when
@@ -57,9 +63,8 @@ import logging
 import queue
 import threading
 import uuid
-import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -84,6 +89,18 @@ from protocol.coordination import (
     Term,
     announcement,
 )
+from protocol.ledger_layout import (
+    BUCKET_COUNT,
+    LOG_PREFIX,
+    PRESSURE_BUDGET,
+    Delta,
+    Layout,
+    Order,
+    bucket_of,
+    complete_deltas,
+    delta_name,
+    split,
+)
 
 log = logging.getLogger("rota.zk")
 
@@ -93,12 +110,13 @@ EPOCH = f"{ROOT}/epoch"
 NODES = f"{ROOT}/nodes"
 LEDGER = f"{ROOT}/ledger"  # format 1's keys, and the format marker
 BUCKETS = f"{ROOT}/buckets"
+DELTAS = f"{ROOT}/deltas"
 LOG = f"{ROOT}/log"
-JOURNAL = f"{ROOT}/journal"
+JOURNAL = f"{ROOT}/journal"  # format 2's commits too large for one transaction
 
-LEDGER_FORMAT = 2
-BUCKET_COUNT = 256  # of a new ledger; a ledger keeps the count it was made with
-LOG_PREFIX = "log/"
+LEDGER_FORMAT = 3
+# The marker's name stays that of format 2, where it was introduced: a format-1 coordinator
+# reads it as an undecodable run key and names it; a format-2 one reads the format in it.
 FORMAT_KEY = "run/LEDGER FORMAT 2 (written by a newer Rota: upgrade this coordinator)"
 MAX_OPS = 400  # operations per transaction, the epoch check included
 MAX_BYTES = 700_000  # estimated request size per transaction
@@ -124,11 +142,6 @@ def decode_name(name: str) -> str:
 
 
 MARKER = f"{LEDGER}/{encode_name(FORMAT_KEY)}"
-
-
-def bucket_of(key: str, count: int) -> int:
-    """The bucket holding `key`: the same in every process and Python version."""
-    return zlib.crc32(key.encode("utf-8")) % count
 
 
 def bucket_path(index: int) -> str:
@@ -184,64 +197,6 @@ class _Stale(Exception):
     """The ledger's znodes differ from what the term believed (create of an existing one...)."""
 
 
-@dataclass
-class _Layout:
-    """What a term knows of the ledger in ZooKeeper: the contents it wrote or read."""
-
-    count: int
-    buckets: list[dict[str, bytes]]
-    logs: dict[str, bytes] = field(default_factory=dict)
-    existing: set[str] = field(default_factory=set)  # bucket, log and marker paths
-    marker: bool = False
-    carry: dict[str, bytes | None] = field(default_factory=dict)  # a replayed journal
-    journals: list[str] = field(default_factory=list)  # journal parts to delete
-    legacy: list[str] = field(default_factory=list)  # format-1 znodes to delete
-
-    @classmethod
-    def empty(cls, count: int) -> _Layout:
-        return cls(count, [{} for _ in range(count)])
-
-    def apply(self, writes: Mapping[str, bytes | None]) -> None:
-        for key, value in writes.items():
-            if key.startswith(LOG_PREFIX):
-                target = self.logs
-            else:
-                target = self.buckets[bucket_of(key, self.count)]
-            if value is None:
-                target.pop(key, None)
-            else:
-                target[key] = value
-
-    def view(self) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        for bucket in self.buckets:
-            out.update(bucket)
-        out.update(self.logs)
-        return out
-
-
-def _journal_name(epoch: int, seq: int, part: int, parts: int) -> str:
-    return f"{epoch:010d}-{seq:06d}-{part:04d}-{parts:04d}"
-
-
-def _complete_journals(names: list[str]) -> list[list[str]]:
-    """Journals all of whose parts exist, oldest first, each its part names in order."""
-    groups: dict[tuple[str, str], dict[int, str]] = {}
-    sizes: dict[tuple[str, str], int] = {}
-    for name in names:
-        bits = name.split("-")
-        if len(bits) != 4 or not all(b.isdigit() for b in bits):
-            continue
-        group = (bits[0], bits[1])
-        groups.setdefault(group, {})[int(bits[2])] = name
-        sizes[group] = int(bits[3])
-    return [
-        [parts[i] for i in range(sizes[g])]
-        for g, parts in sorted(groups.items())
-        if set(parts) == set(range(sizes[g]))
-    ]
-
-
 class ZkTerm:
     """One term of leadership: the epoch it won and the fenced ledger operations."""
 
@@ -249,15 +204,17 @@ class ZkTerm:
         self.epoch = epoch
         self._client = owner.client
         self._lost = threading.Event()
-        self._layout: _Layout | None = None
+        self._layout: Layout | None = None
         self._commit_lock = threading.Lock()
-        self._journal_seq = 0
+        self._seq = 0  # of this term's deltas
         self.transactions = 0  # ledger transactions committed by this term
         self.ops = 0  # znode writes (create, set, delete) in them
+        self.written = 0  # bytes of the znodes created and set in them (data and path)
         self.max_ops = MAX_OPS  # limits per transaction; tests make them tiny
         self.max_bytes = MAX_BYTES
-        # Test-only: called after each transaction of a journaled commit with "journal <i>"
-        # or "apply <i>"; a test makes the term deposed there.
+        # Test-only: called after each transaction of a commit in several transactions
+        # ("delta <i>", "delta complete", "logs <i>") or of a migration ("migrate <i>",
+        # "upgrade <i>"); a test makes the term deposed there.
         self.fault: Callable[[str], None] | None = None
 
     def lost(self) -> bool:
@@ -315,27 +272,29 @@ class ZkTerm:
                 out[path] = data or b""
         return out
 
-    def _read_layout(self) -> _Layout:
-        """Read the ledger; migrate format 1 once; replay a complete journal in memory."""
-        names, buckets, logs, journals = self._children(LEDGER, BUCKETS, LOG, JOURNAL)
+    def _read_layout(self) -> Layout:
+        """Read the ledger: buckets, log keys and complete deltas, all in one pipelined batch.
+        A format-1 ledger is migrated, a format-2 one upgraded, each once and fenced."""
+        names, buckets, logs, deltas, journals = self._children(LEDGER, BUCKETS, LOG, DELTAS,
+                                                                JOURNAL)
         marker_name = MARKER.rsplit("/", 1)[1]
         legacy = [f"{LEDGER}/{n}" for n in names if n != marker_name]
         if marker_name not in names and legacy:
-            return self._migrate(legacy, buckets, logs, journals)
-        count = BUCKET_COUNT
+            return self._migrate(legacy, buckets, logs, deltas, journals)
+        complete, junk = complete_deltas(deltas)
         paths = [bucket_path(int(n)) for n in buckets if n.isdigit()]
         paths += [f"{LOG}/{n}" for n in logs]
-        complete = _complete_journals(journals)
-        paths += [f"{JOURNAL}/{n}" for parts in complete for n in parts]
+        paths += [f"{DELTAS}/{n}" for d in complete for n in d.names]
+        paths += [f"{JOURNAL}/{n}" for parts in _complete_journals(journals) for n in parts]
         if marker_name in names:
             paths.append(MARKER)
         found = self._get_many(paths)
+        fmt, count = LEDGER_FORMAT, BUCKET_COUNT
         if marker_name in names:
-            count = _format_of(found.get(MARKER, b""))
-        layout = _Layout.empty(count)
-        layout.marker = marker_name in names
+            fmt, count = _format_of(found.get(MARKER, b""))
+        layout = Layout.empty(count)
+        layout.marker = marker_name in names and fmt == LEDGER_FORMAT
         layout.legacy = legacy
-        layout.journals = [f"{JOURNAL}/{n}" for n in journals]
         for path, data in found.items():
             if path.startswith(BUCKETS + "/"):
                 index = int(path.rsplit("/", 1)[1])
@@ -343,25 +302,31 @@ class ZkTerm:
                     raise LedgerFormatError(f"ledger bucket {path} is beyond the ledger's "
                                             f"{count} buckets: repair or delete it")
                 layout.buckets[index] = _decode_map(path, data)
+                layout.sizes[index] = len(data)
                 layout.existing.add(path)
             elif path.startswith(LOG + "/"):
-                key = LOG_PREFIX + decode_name(path.rsplit("/", 1)[1])
-                layout.logs[key] = data
+                layout.logs[LOG_PREFIX + decode_name(path.rsplit("/", 1)[1])] = data
                 layout.existing.add(path)
-        if layout.marker:
+        if marker_name in names:
             layout.existing.add(MARKER)
-        for parts in complete:
-            for name in parts:
-                writes = _decode_map(f"{JOURNAL}/{name}", found[f"{JOURNAL}/{name}"])
-                layout.carry.update(writes)
-        if layout.carry:
-            log.warning("term %d replays a journaled commit of %d key(s) left by a deposed "
-                        "leader", self.epoch, len(layout.carry))
-            layout.apply(layout.carry)
+        if fmt == 2:
+            return self._upgrade(layout, found, journals, deltas)
+        layout.junk = [f"{DELTAS}/{n}" for n in junk] + [f"{JOURNAL}/{n}" for n in journals]
+        for delta in complete:
+            writes: dict[str, bytes | None] = {}
+            for name in delta.names:
+                data = found[f"{DELTAS}/{name}"]
+                delta.size += len(data)
+                writes.update(_decode_map(f"{DELTAS}/{name}", data))
+            layout.replay(writes, delta.order)
+            layout.deltas.append(delta)
+        if layout.pending_logs:
+            log.info("term %d: %d log key(s) of a delta left by a deposed leader are written "
+                     "with the next commit", self.epoch, len(layout.pending_logs))
         return layout
 
     def _migrate(self, legacy: list[str], buckets: list[str], logs: list[str],
-                 journals: list[str]) -> _Layout:
+                 deltas: list[str], journals: list[str]) -> Layout:
         """Move a format-1 ledger (one znode per key) into buckets, once, fenced.
 
         Every bucket is written (leftovers of an interrupted migration are overwritten), then,
@@ -372,18 +337,21 @@ class ZkTerm:
         """
         found = self._get_many(legacy)
         values = {decode_name(p.rsplit("/", 1)[1]): v for p, v in found.items()}
-        layout = _Layout.empty(BUCKET_COUNT)
+        layout = Layout.empty(BUCKET_COUNT)
         layout.existing = {bucket_path(int(n)) for n in buckets if n.isdigit()}
         layout.apply(values)
         ops = []
         for index, bucket in enumerate(layout.buckets):
             path = bucket_path(index)
             if bucket or path in layout.existing:
-                ops.append(self._put(layout, path, msgpack.packb(bucket)))
+                data = msgpack.packb(bucket)
+                layout.sizes[index] = len(data)
+                ops.append(self._put(layout, path, data))
         for key, value in layout.logs.items():
             ops.append(self._put(layout, log_path(key), value))
         ops += [_Op("delete", f"{LOG}/{n}") for n in logs
                 if LOG_PREFIX + decode_name(n) not in layout.logs]
+        ops += [_Op("delete", f"{DELTAS}/{n}") for n in deltas]
         ops += [_Op("delete", f"{JOURNAL}/{n}") for n in journals]
         ops.append(_Op("create", MARKER, _marker(BUCKET_COUNT)))
         for i, chunk in enumerate(self._plan(ops)):
@@ -395,6 +363,43 @@ class ZkTerm:
         log.warning("term %d migrated the ledger from format 1 (%d keys, one znode each) to "
                     "format %d (%d buckets)", self.epoch, len(values), LEDGER_FORMAT,
                     BUCKET_COUNT)
+        return layout
+
+    def _upgrade(self, layout: Layout, found: Mapping[str, bytes], journals: list[str],
+                 deltas: list[str]) -> Layout:
+        """Make a format-2 ledger (the same buckets, no deltas) format 3, once, fenced.
+
+        Format 2 kept a commit too large for one transaction in a journal that a successor
+        applies over the buckets. A complete journal's writes are put into the buckets and
+        log keys first; the last transaction deletes the journals and sets the marker to
+        format 3. Deposed before that, the ledger is still format 2 (a format-2 coordinator
+        can still read it) and the next leader upgrades it again.
+        """
+        carry: dict[str, bytes | None] = {}
+        for parts in _complete_journals(journals):
+            for name in parts:
+                carry.update(_decode_map(f"{JOURNAL}/{name}", found[f"{JOURNAL}/{name}"]))
+        layout.apply(carry)
+        ops: list[_Op] = []
+        for index in sorted({bucket_of(k, layout.count) for k in carry
+                             if not k.startswith(LOG_PREFIX)}):
+            data = msgpack.packb(layout.buckets[index])
+            layout.sizes[index] = len(data)
+            ops.append(self._put(layout, bucket_path(index), data))
+        for key in (k for k in carry if k.startswith(LOG_PREFIX)):
+            ops += self._log_sync(layout, key)
+        ops += [_Op("delete", f"{DELTAS}/{n}") for n in deltas]  # none, unless planted
+        ops += [_Op("delete", f"{JOURNAL}/{n}") for n in journals]
+        ops.append(_Op("set", MARKER, _marker(layout.count)))
+        for i, chunk in enumerate(self._plan(ops)):
+            self._transaction(chunk, journaled=True)
+            if self.fault:
+                self.fault(f"upgrade {i}")
+        self._installed(layout, ops)
+        layout.marker = True
+        log.warning("term %d upgraded the ledger from format 2 to format %d (%d buckets%s)",
+                    self.epoch, LEDGER_FORMAT, layout.count,
+                    f", {len(carry)} journaled key(s) applied" if carry else "")
         return layout
 
     def _reply(self, result: Any) -> Any:
@@ -423,6 +428,10 @@ class ZkTerm:
             try:
                 if self._layout is None:
                     self._layout = self._read_layout()
+                for index, size in self._layout.grown(writes).items():
+                    if size > MAX_VALUE:
+                        raise ValueError(f"ledger bucket {bucket_path(index)} would hold "
+                                         f"about {size} bytes, over the {MAX_VALUE}-byte limit")
                 for _attempt in range(3):
                     try:
                         self._commit(self._layout, dict(writes))
@@ -435,111 +444,117 @@ class ZkTerm:
                 raise self._fenced("connection lost during a commit") from exc
             raise self._fenced("ledger znodes keep changing under this leader")
 
-    def _put(self, layout: _Layout, path: str, value: bytes) -> _Op:
+    def _put(self, layout: Layout, path: str, value: bytes) -> _Op:
         return _Op("set" if path in layout.existing else "create", path, value)
 
-    def _commit(self, layout: _Layout, writes: dict[str, bytes | None]) -> None:
-        logical = {**layout.carry, **writes}
-        touched: dict[int, dict[str, bytes]] = {}
-        logs: dict[str, bytes | None] = {}
-        for key, value in logical.items():
-            if key.startswith(LOG_PREFIX):
-                logs[key] = value
-                continue
-            index = bucket_of(key, layout.count)
-            bucket = touched.get(index)
-            if bucket is None:
-                bucket = touched[index] = dict(layout.buckets[index])
-            if value is None:
-                bucket.pop(key, None)
-            else:
-                bucket[key] = value
+    def _log_sync(self, layout: Layout, key: str) -> list[_Op]:
+        """The op that makes a log key's znode what the layout says, if any."""
+        path, value = log_path(key), layout.logs.get(key)
+        if value is not None:
+            return [self._put(layout, path, value)]
+        return [_Op("delete", path)] if path in layout.existing else []
+
+    def _commit(self, layout: Layout, writes: dict[str, bytes | None]) -> None:
+        """One commit: a delta of the changed keys, the log keys, and a compaction step."""
+        self._seq += 1
+        order = (self.epoch, self._seq)
+        keys = {k: v for k, v in writes.items() if not k.startswith(LOG_PREFIX)}
+        data = msgpack.packb(keys) if keys else b""
         ops: list[_Op] = []
         if not layout.marker:
             ops.append(_Op("create", MARKER, _marker(layout.count)))
-        # A replayed journal's buckets are rewritten even if they look unchanged in memory:
-        # ZooKeeper may hold them as they were before that commit.
-        forced = {bucket_of(k, layout.count) for k in layout.carry if not k.startswith(LOG_PREFIX)}
-        for index in sorted(touched):
-            path = bucket_path(index)
-            if index not in forced and touched[index] == layout.buckets[index]:
-                continue
-            data = msgpack.packb(touched[index])
-            if len(data) > MAX_VALUE:
-                raise ValueError(f"ledger bucket {path} would hold {len(data)} bytes, over "
-                                 f"the {MAX_VALUE}-byte limit")
-            ops.append(self._put(layout, path, data))
-        for key, value in logs.items():
-            path = log_path(key)
-            if value is not None:
-                ops.append(self._put(layout, path, value))
-            elif path in layout.existing:
-                ops.append(_Op("delete", path))
-        journals = [_Op("delete", p) for p in layout.journals]
-        chunks = self._plan(ops + journals)
-        cleanup: list[_Op] = []
-        if len(chunks) <= 1:
-            # Leftover format-1 znodes go along, a few at a time, where there is room.
-            room = min(CLEANUP_PER_COMMIT, self.max_ops - 1 - len(ops) - len(journals))
-            cleanup = [_Op("delete", p) for p in layout.legacy[: max(0, room)]]
-            if chunks or cleanup:
-                self._transaction([*ops, *journals, *cleanup])
-        else:
-            self._journaled(logical, ops, journals)
-        layout.buckets[:] = [touched.get(i, b) for i, b in enumerate(layout.buckets)]
-        for key, value in logs.items():
-            if value is None:
-                layout.logs.pop(key, None)
-            else:
-                layout.logs[key] = value
-        self._installed(layout, ops)
-        layout.legacy = layout.legacy[len(cleanup):]
-        layout.carry = {}
-        layout.journals = []
+        name = delta_name(order, 0, 1)
+        if keys:
+            ops.append(_Op("create", f"{DELTAS}/{name}", data))
+        layout.apply(writes, order)  # again on a retry: the same result
+        for key in sorted(layout.pending_logs | {k for k in writes if k.startswith(LOG_PREFIX)}):
+            ops += self._log_sync(layout, key)
+        size = len(EPOCH) + _OP_OVERHEAD + sum(op.size for op in ops)
+        if len(ops) + 1 > self.max_ops or size > self.max_bytes:
+            self._in_parts(layout, writes, order, ops)
+            return
+        extra, rewritten, gone = self._compaction(layout, self.max_ops - 1 - len(ops),
+                                                  self.max_bytes - size, len(data))
+        self._transaction([*ops, *extra])
+        self._installed(layout, [*ops, *extra])
+        if keys:
+            layout.deltas.append(Delta(order, [name], len(data)))
+        layout.pending_logs.clear()
+        layout.compacted(rewritten, gone)
+        dropped = {op.path for op in extra if op.kind == "delete"}
+        layout.junk = [p for p in layout.junk if p not in dropped]
+        layout.legacy = [p for p in layout.legacy if p not in dropped]
 
-    def _journaled(self, logical: dict[str, bytes | None], ops: list[_Op],
-                   old_journals: list[_Op]) -> None:
+    def _compaction(self, layout: Layout, room_ops: int, room_bytes: int, delta_bytes: int
+                    ) -> tuple[list[_Op], list[int], list[Delta]]:
+        """What a commit adds where its transaction has room: leftovers to delete, the
+        longest-stale buckets its credit covers, rewritten, and the deltas they make
+        redundant."""
+        ops = [_Op("delete", p) for p in layout.junk[: max(0, room_ops // 2)]]
+        ops += [_Op("delete", p) for p in
+                layout.legacy[: max(0, min(CLEANUP_PER_COMMIT, room_ops // 2 - len(ops)))]]
+        room_ops -= len(ops)
+        stale = layout.stale
+        credit = layout.earn(delta_bytes)
+        rewritten: list[int] = []
+        for index in layout.stalest(stale):
+            if room_ops <= 1 or min(layout.sizes[index], PRESSURE_BUDGET) > credit:
+                break
+            data = msgpack.packb(layout.buckets[index])
+            op = self._put(layout, bucket_path(index), data)
+            if len(data) > credit or op.size > room_bytes:
+                break
+            ops.append(op)
+            layout.sizes[index] = len(data)
+            rewritten.append(index)
+            credit -= len(data)
+            layout.credit -= len(data)  # a failed transaction ends the term or is retried
+            room_ops -= 1
+            room_bytes -= op.size
+        gone: list[Delta] = []
+        for delta in layout.deletable(stale, rewritten):
+            if len(delta.names) > room_ops:
+                break
+            ops += [_Op("delete", f"{DELTAS}/{n}") for n in delta.names]
+            room_ops -= len(delta.names)
+            gone.append(delta)
+        return ops, rewritten, gone
+
+    def _in_parts(self, layout: Layout, writes: dict[str, bytes | None], order: Order,
+                  ops: list[_Op]) -> None:
         """A commit larger than one transaction, made all-or-nothing for a successor.
 
-        1. The commit's key writes are stored as a journal: parts under `/rota/journal`, each
-           created by a transaction of its own, every one checking the epoch; the last part's
-           transaction also deletes any older journal. A journal is complete when all its
-           parts exist.
-        2. Only then are the buckets and log keys written, chunk by chunk, each chunk checking
-           the epoch; the last one also deletes this journal.
-
-        A leader deposed (or killed) during step 1 leaves an incomplete journal and untouched
-        buckets: the successor ignores the journal (and deletes it) and reads the ledger as it
-        was before the commit. Deposed during step 2, it leaves a complete journal and some
-        buckets rewritten: the successor applies the journal's writes over the buckets when it
-        loads (they set or delete keys, so applying them again is harmless), carries them into
-        its own first commit, and deletes the journal in that commit's transaction. Either way
-        the successor resumes from the ledger before the commit or after all of it; and since
-        an older journal is deleted only in the transaction completing the newer (which carries
-        its writes), there is never a moment with a complete journal missing.
+        Its writes, log keys included, become a delta of several parts under
+        `/rota/deltas`, each created by a transaction of its own that checks the epoch; the
+        delta counts once all its parts exist. Only then are its log keys written as znodes
+        (chunked, each chunk checking the epoch). A leader deposed (or killed) before the last
+        part leaves an incomplete delta, which a successor ignores and deletes: the ledger is
+        as before the commit. Deposed after it, the delta holds the whole commit and the
+        successor writes the log keys it may lack with its own first commit.
         """
-        self._journal_seq += 1
-        parts: list[dict[str, bytes | None]] = [{}]
-        size = 0
-        for key, value in logical.items():
-            item = len(key) + len(value or b"") + 16
-            if parts[-1] and size + item > self.max_bytes:
-                parts.append({})
-                size = 0
-            parts[-1][key] = value
-            size += item
-        names = [f"{JOURNAL}/{_journal_name(self.epoch, self._journal_seq, i, len(parts))}"
-                 for i in range(len(parts))]
+        parts = split(writes, self.max_bytes - 4_096)
+        names = [delta_name(order, i, len(parts)) for i in range(len(parts))]
+        sizes = []
         for i, (name, part) in enumerate(zip(names, parts, strict=True)):
-            last = i == len(parts) - 1
-            self._transaction([_Op("create", name, msgpack.packb(part)),
-                               *(old_journals if last else [])], journaled=True)
+            data = msgpack.packb(part)
+            sizes.append(len(data))
+            first = [op for op in ops if op.path == MARKER] if i == 0 else []
+            self._transaction([*first, _Op("create", f"{DELTAS}/{name}", data)],
+                              journaled=True)
+            self._installed(layout, first)
             if self.fault:
-                self.fault(f"journal {i}")
-        for i, chunk in enumerate(self._plan([*ops, *(_Op("delete", n) for n in names)])):
+                self.fault(f"delta {i}")
+        if self.fault:
+            self.fault("delta complete")
+        layout.deltas.append(Delta(order, names, sum(sizes)))
+        layout.pending_logs |= {k for k in writes if k.startswith(LOG_PREFIX)}
+        logs = [op for key in sorted(layout.pending_logs) for op in self._log_sync(layout, key)]
+        for i, chunk in enumerate(self._plan(logs)):
             self._transaction(chunk, journaled=True)
+            self._installed(layout, chunk)
             if self.fault:
-                self.fault(f"apply {i}")
+                self.fault(f"logs {i}")
+        layout.pending_logs.clear()
 
     def _plan(self, ops: list[_Op]) -> list[list[_Op]]:
         """Ops in order, cut into transactions within the op and byte limits."""
@@ -558,7 +573,8 @@ class ZkTerm:
 
     def _transaction(self, ops: list[_Op], *, journaled: bool = False) -> None:
         """One fenced transaction. A refused one raises `Fenced` (the epoch moved; or, in a
-        journaled commit, anything at all: the successor sorts it out) or `_Stale`."""
+        commit of several transactions, anything at all: the successor sorts it out) or
+        `_Stale`."""
         txn = self._client.transaction()
         txn.check(EPOCH, self.epoch)
         for op in ops:
@@ -573,18 +589,22 @@ class ZkTerm:
         if not failures:
             self.transactions += 1
             self.ops += len(ops)
+            self.written += sum(len(op.path) + len(op.value) for op in ops if op.value)
             return
         if isinstance(results[0], BadVersionError | NoNodeError):
             raise self._fenced(f"the epoch moved past {self.epoch}")
         culprit = next((f for f in failures if not isinstance(f, RolledBackError)), failures[0])
         if journaled:
-            raise self._fenced(f"a journaled commit was refused: {type(culprit).__name__}")
+            raise self._fenced(f"a commit in several transactions was refused: "
+                               f"{type(culprit).__name__}")
         if isinstance(culprit, NodeExistsError | NoNodeError):
             raise _Stale(type(culprit).__name__)
         raise culprit
 
-    def _installed(self, layout: _Layout, ops: list[_Op]) -> None:
+    def _installed(self, layout: Layout, ops: list[_Op]) -> None:
         for op in ops:
+            if op.path.startswith(DELTAS + "/"):
+                continue
             if op.kind == "delete":
                 layout.existing.discard(op.path)
             else:
@@ -592,36 +612,62 @@ class ZkTerm:
         if any(op.path == MARKER for op in ops):
             layout.marker = True
 
-    def _resync(self, layout: _Layout) -> None:
+    def _resync(self, layout: Layout) -> None:
         """Learn again which ledger znodes exist; the contents this term wrote stay."""
-        names, buckets, logs, journals = self._children(LEDGER, BUCKETS, LOG, JOURNAL)
+        names, buckets, logs, deltas, journals = self._children(LEDGER, BUCKETS, LOG, DELTAS,
+                                                                JOURNAL)
         layout.marker = MARKER.rsplit("/", 1)[1] in names
         layout.existing = {bucket_path(int(n)) for n in buckets if n.isdigit()}
         layout.existing |= {f"{LOG}/{n}" for n in logs}
         if layout.marker:
             layout.existing.add(MARKER)
-        present = {f"{LEDGER}/{n}" for n in names} | {f"{JOURNAL}/{n}" for n in journals}
+        present = set(deltas)
+        layout.deltas = [d for d in layout.deltas if all(n in present for n in d.names)]
+        # A bucket that vanished, or any doubt: every bucket is rewritten before a delta goes.
+        for index in range(layout.count):
+            if bucket_path(index) not in layout.existing and layout.buckets[index]:
+                layout.doubt(index)
+        present = {f"{LEDGER}/{n}" for n in names} | {f"{DELTAS}/{n}" for n in deltas}
+        present |= {f"{JOURNAL}/{n}" for n in journals}
         layout.legacy = [p for p in layout.legacy if p in present]
-        layout.journals = [p for p in layout.journals if p in present]
+        layout.junk = [p for p in layout.junk if p in present]
+
+
+def _complete_journals(names: list[str]) -> list[list[str]]:
+    """Format 2's journals all of whose parts exist, oldest first, each its part names."""
+    groups: dict[tuple[str, str], dict[int, str]] = {}
+    sizes: dict[tuple[str, str], int] = {}
+    for name in names:
+        bits = name.split("-")
+        if len(bits) != 4 or not all(b.isdigit() for b in bits):
+            continue
+        group = (bits[0], bits[1])
+        groups.setdefault(group, {})[int(bits[2])] = name
+        sizes[group] = int(bits[3])
+    return [
+        [parts[i] for i in range(sizes[g])]
+        for g, parts in sorted(groups.items())
+        if set(parts) == set(range(sizes[g]))
+    ]
 
 
 def _marker(count: int) -> bytes:
     return msgpack.packb({"format": LEDGER_FORMAT, "buckets": count})
 
 
-def _format_of(data: bytes) -> int:
-    """The bucket count of a format-2 marker; refuses any other format."""
+def _format_of(data: bytes) -> tuple[int, int]:
+    """(format, bucket count) of a format marker; refuses a format this code cannot read."""
     try:
         info = msgpack.unpackb(data)
         fmt, count = int(info["format"]), int(info["buckets"])
     except Exception as exc:
         raise LedgerFormatError(f"the ledger format marker {MARKER} cannot be read ({exc}): "
                                 f"repair it from a backup") from exc
-    if fmt != LEDGER_FORMAT or count < 1:
+    if fmt not in (2, LEDGER_FORMAT) or count < 1:
         raise LedgerFormatError(
             f"the ledger is in format {fmt}, which this coordinator (format {LEDGER_FORMAT}) "
             f"does not know: run a coordinator of the Rota version that wrote it")
-    return count
+    return fmt, count
 
 
 def _decode_map(path: str, data: bytes) -> dict[str, Any]:
@@ -682,7 +728,7 @@ class ZkCoordination:
         if not self._connected.wait(connect_timeout):
             self._shutdown()
             raise ConnectionError(f"no ZooKeeper session with {hosts} in {connect_timeout}s")
-        for path in (ELECTION, NODES, LEDGER, BUCKETS, LOG, JOURNAL, EPOCH):
+        for path in (ELECTION, NODES, LEDGER, BUCKETS, DELTAS, LOG, JOURNAL, EPOCH):
             self.client.retry(self.client.ensure_path, path)
         self.client.DataWatch(EPOCH, self._on_epoch)
 

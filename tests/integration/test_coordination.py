@@ -36,9 +36,11 @@ from protocol.coordination import (
     MemoryCoordination,
     Term,
 )
+from protocol.ledger_layout import COMPACT_RATIO, PRESSURE_BUDGET
 from protocol.zk import (
     BUCKET_COUNT,
     BUCKETS,
+    DELTAS,
     ELECTION,
     EPOCH,
     JOURNAL,
@@ -503,15 +505,15 @@ def test_zk_leftover_announcement_is_replaced(zk: Backend) -> None:
 def test_zk_commit_recovers_when_keys_change_behind_its_back(zk: Backend) -> None:
     racer = Contender(zk.new("a"), "a")
     term, done = racer.next_term()
-    term.commit({"run/a": b"1", "run/b": b"2"})
+    term.commit({"run/a": b"1", "run/b": b"2", "log/gone": b"g"})
     term.load()
 
     def meddle(client: KazooClient) -> None:  # a znode the term thinks absent, and the reverse
         client.create(f"{LOG}/surprise", b"planted")
-        client.delete(f"{BUCKETS}/{bucket_of('run/b', BUCKET_COUNT):04d}")
+        client.delete(f"{LOG}/gone")
 
     raw_zk(zk.hosts or "", meddle)
-    term.commit({"log/surprise": b"mine", "run/a": None, "run/b": b"3"})
+    term.commit({"log/surprise": b"mine", "log/gone": None, "run/a": None, "run/b": b"3"})
     assert term.load() == {"run/b": b"3", "log/surprise": b"mine"}
     assert not term.lost()
     done.set()
@@ -613,39 +615,88 @@ def _buckets_of(client: KazooClient) -> dict[int, dict[str, bytes]]:
             for n in client.get_children(BUCKETS)}
 
 
-def test_zk_ledger_is_packed_into_buckets(zk: Backend) -> None:
+def _deltas_of(client: KazooClient) -> dict[str, dict[str, bytes | None]]:
+    return {n: msgpack.unpackb(client.get(f"{DELTAS}/{n}")[0])
+            for n in sorted(client.get_children(DELTAS))}
+
+
+def test_zk_commit_writes_what_changed_and_churn_retires_deltas(zk: Backend) -> None:
     hosts = zk.hosts or ""
     racer = Contender(zk.new("a"), "a")
     term, done = racer.next_term()
     assert isinstance(term, ZkTerm)
     assert term.load() == {}
-    writes: dict[str, bytes | None] = {f"cursor/svc-{i}": b"c%d" % i for i in range(2000)}
-    writes.update({f"log/ended/{i}": b"e" for i in range(3)})
-    term.commit(writes)
-    touched = {bucket_of(k, BUCKET_COUNT) for k in writes if k.startswith("cursor/")}
-    assert (term.transactions, term.ops) == (1, len(touched) + 3 + 1)  # + logs + marker
+    base: dict[str, bytes | None] = {f"cursor/svc-{i}": b"c" * 200 for i in range(5000)}
+    base.update({f"log/ended/{i}": b"e" for i in range(3)})
+    term.commit(base)  # 1.1 MB: over one transaction, a delta in parts
+    assert _zk_read(hosts, lambda c: len(c.get_children(DELTAS))) > 1
 
-    def layout(client: KazooClient) -> tuple[dict[int, dict[str, bytes]], list[str], list[str]]:
-        return _buckets_of(client), client.get_children(LOG), client.get_children(LEDGER)
+    # A commit of a few keys writes a delta of those keys, not the buckets that hold them.
+    written, transactions = term.written, term.transactions
+    term.commit({"cursor/svc-7": b"moved", "cursor/svc-8": None, "log/ended/9": b"new"})
+    assert term.transactions - transactions == 1
+    assert term.written - written < 1_000, "a delta and a log key, no 4 kB bucket"
+    deltas = _zk_read(hosts, _deltas_of)
+    assert list(deltas.values())[-1] == {"cursor/svc-7": b"moved", "cursor/svc-8": None}
+    assert _zk_read(hosts, lambda c: sorted(c.get_children(LOG))) == sorted(
+        encode_name(f"ended/{i}") for i in (0, 1, 2, 9))
+    assert _zk_read(hosts, lambda c: c.get_children(LEDGER)) == [MARKER.rsplit("/", 1)[1]]
+    expected = _applied({k: v for k, v in base.items() if v is not None},
+                        {"cursor/svc-7": b"moved", "cursor/svc-8": None, "log/ended/9": b"new"})
 
-    buckets, logs, ledger = _zk_read(hosts, layout)  # type: ignore[misc]
-    assert set(buckets) == touched and len(buckets) <= BUCKET_COUNT
-    for index, content in buckets.items():
-        assert all(bucket_of(k, BUCKET_COUNT) == index for k in content)
-    assert sum(len(c) for c in buckets.values()) == 2000
-    assert sorted(logs) == [encode_name(f"ended/{i}") for i in range(3)]
-    assert ledger == [MARKER.rsplit("/", 1)[1]], "no znode per key any more"
-
-    ops = term.ops
-    term.commit({"cursor/svc-7": b"moved"})
-    assert (term.transactions, term.ops - ops) == (2, 1), "one bucket rewritten"
-    ops = term.ops
-    term.commit({"log/ended/0": None, "cursor/never-written": None})
-    assert (term.transactions, term.ops - ops) == (3, 1), "one log key deleted, nothing else"
+    # Later commits write every key again: the first delta is no longer needed and goes,
+    # with no bucket written at all (the deltas are far under the compaction floor).
+    first = list(deltas)[0]
+    for i in range(60):
+        change = {f"cursor/svc-{(i * 100 + j) % 5000}": b"d" * 200 for j in range(100)}
+        written = term.written
+        term.commit(change)
+        expected.update(change)
+        assert term.written - written < len(msgpack.packb(change)) + 1_000
+        if first not in _zk_read(hosts, lambda c: c.get_children(DELTAS)):
+            break
+    else:
+        raise AssertionError("the first delta was never deleted")
+    assert _zk_read(hosts, _buckets_of) == {}
     done.set()
     newer, done2 = racer.next_term()
-    expected = {k: v for k, v in writes.items() if v is not None and k != "log/ended/0"}
-    expected["cursor/svc-7"] = b"moved"
+    assert newer.load() == expected
+    done2.set()
+    racer.stop()
+
+
+def test_zk_keys_that_change_seldom_are_folded_into_buckets_in_steps(zk: Backend) -> None:
+    hosts = zk.hosts or ""
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    assert isinstance(term, ZkTerm)
+    term.load()
+    cold: dict[str, bytes | None] = {f"override/svc-{i}": b"o" * 1_000 for i in range(4_500)}
+    term.commit(cold)  # 4.6 MB of deltas: past the floor, so compaction begins
+    first = _zk_read(hosts, lambda c: sorted(c.get_children(DELTAS))[0])
+    expected: dict[str, bytes] = {k: v for k, v in cold.items() if v is not None}
+    spent = changed = 0
+    for i in range(400):
+        change = {f"cursor/hot-{j}": b"%d" % i * 1_000 for j in range(20)}
+        written = term.written
+        term.commit(change)
+        expected.update(change)
+        spent += term.written - written
+        changed += len(msgpack.packb(change))
+        # each commit: its delta, plus at most the credit saved up; in all about
+        # COMPACT_RATIO bucket bytes per delta byte
+        assert term.written - written < len(msgpack.packb(change)) + PRESSURE_BUDGET + 1_000
+        assert spent < (1 + COMPACT_RATIO) * changed + PRESSURE_BUDGET + 200 * (i + 1)
+        if first not in _zk_read(hosts, lambda c: c.get_children(DELTAS)):
+            break
+    else:
+        raise AssertionError("the first delta was never folded into the buckets")
+    buckets = _zk_read(hosts, _buckets_of)
+    assert sum(len(c) for c in buckets.values()) >= 4_500  # type: ignore[attr-defined]
+    for index, content in buckets.items():  # type: ignore[attr-defined]
+        assert all(bucket_of(k, BUCKET_COUNT) == index for k in content)
+    done.set()
+    newer, done2 = racer.next_term()
     assert newer.load() == expected
     done2.set()
     racer.stop()
@@ -680,34 +731,34 @@ def test_zk_leader_deposed_mid_chunked_commit_resumes_exactly(zk: Backend) -> No
     change.update({"log/ended/a": None, "log/ended/b": b"added", "cursor/x": b"1"})
     after = _applied(before, change)
 
-    # Deposed after the journal, with only the first chunk of buckets written.
+    # Deposed after the last part of the delta, before its log keys were written.
     term.max_bytes = 5_000
-    _fence_at(zk, term, "apply 0")
+    _fence_at(zk, term, "delta complete")
     with pytest.raises(Fenced):
         term.commit(change)
-    assert term.transactions >= 3  # journal parts, then one chunk
-    half = _zk_read(hosts, lambda c: {k: v for b in _buckets_of(c).values()
-                                      for k, v in b.items()})
-    assert half != {k: v for k, v in after.items() if not k.startswith("log/")}, \
-        "the buckets are half written"
-    assert _zk_read(hosts, lambda c: c.get_children(JOURNAL))
+    assert term.transactions >= 3  # delta parts
+    logs = _zk_read(hosts, lambda c: sorted(c.get_children(LOG)))
+    assert logs == [encode_name("ended/a")], "the log keys are not written yet"
     done.set()
 
-    # The successor sees all of the commit; its own first commit, chunked too and deposed
-    # before its journal is complete, loses nothing either.
+    # The successor sees all of the commit and writes the log keys with its first commit;
+    # that one, in parts too and deposed before its delta is complete, loses nothing either.
     second, done2 = racer.next_term()
     assert isinstance(second, ZkTerm)
     assert second.load() == after
     second.max_bytes = 5_000
-    _fence_at(zk, second, "journal 0")
+    _fence_at(zk, second, "delta 0")
     with pytest.raises(Fenced):
         second.commit({"cursor/y": b"2", **{f"run/{i:04d}": b"z" * 200 for i in range(1, 50)}})
     done2.set()
 
     third, done3 = racer.next_term()
     assert third.load() == after
-    third.commit({"cursor/z": b"3"})  # one transaction: the journal's keys, and it is deleted
-    assert _zk_read(hosts, lambda c: c.get_children(JOURNAL)) == []
+    third.commit({"cursor/z": b"3"})  # one transaction: log keys written, leftovers deleted
+    assert _zk_read(hosts, lambda c: sorted(c.get_children(LOG))) == [encode_name("ended/b")]
+    names = _zk_read(hosts, lambda c: c.get_children(DELTAS))
+    assert not [n for n in names if n.startswith(f"{second.epoch:010d}-")], \
+        "the incomplete delta is deleted"
     done3.set()
     fourth, done4 = racer.next_term()
     assert fourth.load() == {**after, "cursor/z": b"3"}
@@ -715,21 +766,112 @@ def test_zk_leader_deposed_mid_chunked_commit_resumes_exactly(zk: Backend) -> No
     racer.stop()
 
 
-def test_zk_leader_deposed_mid_journal_leaves_the_ledger_as_before(zk: Backend) -> None:
+def test_zk_leader_deposed_mid_delta_leaves_the_ledger_as_before(zk: Backend) -> None:
     racer = Contender(zk.new("a"), "a")
     term, done = racer.next_term()
     assert isinstance(term, ZkTerm)
     before = {f"run/{i:04d}": b"old" for i in range(300)}
     term.commit(before)
     term.max_bytes = 3_000
-    _fence_at(zk, term, "journal 0")
+    _fence_at(zk, term, "delta 1")
     with pytest.raises(Fenced):
         term.commit({f"run/{i:04d}": b"new" * 50 for i in range(300)})
     done.set()
     newer, done2 = racer.next_term()
     assert newer.load() == before
     newer.commit({"run/0000": b"after"})
-    assert _zk_read(zk.hosts or "", lambda c: c.get_children(JOURNAL)) == []
+    names = _zk_read(zk.hosts or "", lambda c: c.get_children(DELTAS))
+    assert not [n for n in names if n.startswith(f"{term.epoch:010d}-000000000002-")], \
+        "the incomplete delta is deleted"
+    done2.set()
+    newer3, done3 = racer.next_term()
+    assert newer3.load() == {**before, "run/0000": b"after"}
+    done3.set()
+    racer.stop()
+
+
+def _format_2(hosts: str, values: dict[str, bytes], journal: dict[str, bytes | None],
+              partial: dict[str, bytes | None]) -> None:
+    """A ledger as Rota's format 2 stored it: buckets, log znodes, the marker, and journals
+    (one complete, of two parts, and one with a part missing) of commits too large for one
+    transaction."""
+    buckets: dict[int, dict[str, bytes]] = {}
+    for key, value in values.items():
+        if not key.startswith("log/"):
+            buckets.setdefault(bucket_of(key, BUCKET_COUNT), {})[key] = value
+
+    def plant(client: KazooClient) -> None:
+        for index, content in buckets.items():
+            client.create(f"{BUCKETS}/{index:04d}", msgpack.packb(content), makepath=True)
+        for key, value in values.items():
+            if key.startswith("log/"):
+                client.create(f"{LOG}/{encode_name(key[4:])}", value, makepath=True)
+        client.create(MARKER, msgpack.packb({"format": 2, "buckets": BUCKET_COUNT}),
+                      makepath=True)
+        half = len(journal) // 2
+        items = list(journal.items())
+        for part, chunk in enumerate((items[:half], items[half:])):
+            client.create(f"{JOURNAL}/0000000003-000001-{part:04d}-0002",
+                          msgpack.packb(dict(chunk)), makepath=True)
+        client.create(f"{JOURNAL}/0000000004-000001-0000-0002", msgpack.packb(partial))
+
+    raw_zk(hosts, plant)
+
+
+def _format_2_ledger() -> tuple[dict[str, bytes], dict[str, bytes | None],
+                                dict[str, bytes | None]]:
+    values = {k: v for k, v in _legacy_ledger().items() if k != "history/Tick"}
+    values.update({f"cursor/S{i:03d}": msgpack.packb(float(i)) for i in range(300)})
+    values["log/ended/old"] = b"ended-runs"
+    journal: dict[str, bytes | None] = {f"cursor/S{i:03d}": msgpack.packb(-1.0)
+                                        for i in range(0, 300, 2)}
+    journal.update({"run/tick-2": None, "log/ended/old": None, "log/ended/new": b"more"})
+    partial: dict[str, bytes | None] = {"cursor/Tick": None, "cursor/S001": b"never"}
+    return values, journal, partial
+
+
+def test_zk_format_2_ledger_is_upgraded_once(zk: Backend) -> None:
+    hosts = zk.hosts or ""
+    values, journal, partial = _format_2_ledger()
+    _format_2(hosts, values, journal, partial)
+    expected = _applied(values, journal)
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    assert term.load() == expected, "the complete journal applied, the incomplete one not"
+    marker = _zk_read(hosts, lambda c: msgpack.unpackb(c.get(MARKER)[0]))
+    assert marker == {"format": 3, "buckets": BUCKET_COUNT}
+    assert _zk_read(hosts, lambda c: c.get_children(JOURNAL)) == []
+    assert _zk_read(hosts, lambda c: sorted(c.get_children(LOG))) == [encode_name("ended/new")]
+    state = Ledger().restore({k: v for k, v in term.load().items() if k.startswith("cursor/")
+                              or k.startswith("override/")})
+    assert state.cursors["S000"] == -1.0 and state.cursors["S001"] == 1.0
+    assert state.runs == [] and state.overrides == {"Tick/B": {"enabled": False}}
+    term.commit({"cursor/Tick": msgpack.packb(3e9)})
+    done.set()
+    newer, done2 = racer.next_term()
+    assert newer.load() == {**expected, "cursor/Tick": msgpack.packb(3e9)}, "upgraded once"
+    done2.set()
+    racer.stop()
+
+
+def test_zk_format_2_upgrade_deposed_half_way_is_done_again(zk: Backend) -> None:
+    hosts = zk.hosts or ""
+    values, journal, partial = _format_2_ledger()
+    _format_2(hosts, values, journal, partial)
+    racer = Contender(zk.new("a"), "a")
+    term, done = racer.next_term()
+    assert isinstance(term, ZkTerm)
+    term.max_bytes = 2_000
+    _fence_at(zk, term, "upgrade 0")
+    with pytest.raises(Fenced):
+        term.load()
+    marker = _zk_read(hosts, lambda c: msgpack.unpackb(c.get(MARKER)[0]))
+    assert marker["format"] == 2, "still format 2: a format-2 coordinator could still read it"
+    assert _zk_read(hosts, lambda c: c.get_children(JOURNAL))
+    done.set()
+    newer, done2 = racer.next_term()
+    assert newer.load() == _applied(values, journal)
+    assert _zk_read(hosts, lambda c: msgpack.unpackb(c.get(MARKER)[0]))["format"] == 3
     done2.set()
     racer.stop()
 
@@ -810,10 +952,10 @@ def test_zk_migration_deposed_half_way_is_done_again(zk: Backend) -> None:
 
 def test_zk_newer_ledger_format_is_refused(zk: Backend) -> None:
     raw_zk(zk.hosts or "", lambda c: c.create(
-        MARKER, msgpack.packb({"format": 3, "buckets": 64}), makepath=True))
+        MARKER, msgpack.packb({"format": 4, "buckets": 64}), makepath=True))
     racer = Contender(zk.new("a"), "a")
     term, done = racer.next_term()
-    with pytest.raises(LedgerFormatError, match="format 3.*Rota version that wrote it"):
+    with pytest.raises(LedgerFormatError, match="format 4.*Rota version that wrote it"):
         term.load()
     with pytest.raises(LedgerFormatError):
         term.commit({"run/x": b"1"})
@@ -861,7 +1003,7 @@ def test_zk_load_time_of_a_large_ledger(zk: Backend, capsys: pytest.CaptureFixtu
 
 def test_zk_load_time_against_format_1(zk: Backend, capsys: pytest.CaptureFixture[str]) -> None:
     """The same ledger (10,000 services, 10% with overrides, 100 active runs) loaded from
-    format 1 (one znode per key: what the migration reads) and from format 2, in one run:
+    format 1 (one znode per key: what the migration reads) and from format 3, in one run:
     printed, not bounded."""
     hosts = zk.hosts or ""
     names = [f"Service {i:05d}" for i in range(10_000)]
@@ -906,5 +1048,5 @@ def test_zk_load_time_against_format_1(zk: Backend, capsys: pytest.CaptureFixtur
     racer.stop()
     with capsys.disabled():
         print(f"\n[zk] {len(values):,} ledger keys: format 1 (a znode each) read in "
-              f"{format_1 * 1000:.0f} ms; format 2 ({BUCKET_COUNT} buckets) loaded in "
+              f"{format_1 * 1000:.0f} ms; format 3 ({BUCKET_COUNT} buckets and deltas) loaded in "
               f"{format_2 * 1000:.0f} ms")
