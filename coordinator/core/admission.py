@@ -102,11 +102,12 @@ class Admission(EngineBase):
     def _dispatch(self, run: Run, now: float) -> list[Action]:
         svc = self.services[run.service]
         if run.node is None:
-            run.node = placement.choose_one(svc, self.nodes.values(), self._load, self.rank)
+            run.node, run.placement = placement.choose_one(
+                svc, self.nodes.values(), self._load, self.rank, self.nodes_out)
         elif run.node not in self.nodes:
             run.node = None
         if run.node is None:
-            if not run.target and placement.eligible(svc, self.nodes.values()):
+            if not run.target and placement.eligible(svc, self.nodes.values(), self.nodes_out):
                 # Every eligible node is at capacity: wait (FIFO) until one frees a slot.
                 if run.run_id not in self._full:
                     self._full.append(run.run_id)

@@ -50,6 +50,8 @@ class EngineBase:
         self.expiry_grace = expiry_grace
         self.report_grace = report_grace  # at least this long past a run's timeout
         self.rank = rank
+        self.nodes_out: frozenset[str] = frozenset()
+        """Nodes taken out of placement (by ranking thresholds): no `one` run goes there."""
         self.epoch = 0
         self.nodes: dict[str, Node] = {}  # the live nodes: the one record of membership
         self.runs: dict[str, Run] = {}

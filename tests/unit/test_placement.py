@@ -45,25 +45,25 @@ def test_one_is_chosen_at_dispatch() -> None:
 
 def test_one_picks_the_least_loaded_node_ties_by_id() -> None:
     s = svc("Master", "Processing")
-    assert placement.choose_one(s, NODES, {}) == "n1-master"
-    assert placement.choose_one(s, NODES, {"n1-master": 2, "n2-master-calc": 1}) == "n3-proc"
-    assert placement.choose_one(s, NODES, {"n1-master": 1, "n3-proc": 1}) == "n2-master-calc"
+    assert placement.choose_one(s, NODES, {})[0] == "n1-master"
+    assert placement.choose_one(s, NODES, {"n1-master": 2, "n2-master-calc": 1})[0] == "n3-proc"
+    assert placement.choose_one(s, NODES, {"n1-master": 1, "n3-proc": 1})[0] == "n2-master-calc"
 
 
 def test_one_never_picks_a_node_without_an_allowed_role() -> None:
     s = svc("Processing")
-    assert placement.choose_one(s, NODES, {"n3-proc": 50}) == "n3-proc"
+    assert placement.choose_one(s, NODES, {"n3-proc": 50})[0] == "n3-proc"
 
 
 def test_no_eligible_node() -> None:
-    assert placement.choose_one(svc("Reporting"), NODES, {}) is None
-    assert placement.choose_one(svc("Master"), [], {}) is None
+    assert placement.choose_one(svc("Reporting"), NODES, {})[0] is None
+    assert placement.choose_one(svc("Master"), [], {})[0] is None
 
 
 def test_a_node_at_capacity_is_not_chosen() -> None:
     s = svc("Calculation")
-    assert placement.choose_one(s, NODES, {"n2-master-calc": 5}) == "n4-calc"
-    assert placement.choose_one(s, NODES, {"n2-master-calc": 64, "n4-calc": 1}) is None
+    assert placement.choose_one(s, NODES, {"n2-master-calc": 5})[0] == "n4-calc"
+    assert placement.choose_one(s, NODES, {"n2-master-calc": 64, "n4-calc": 1})[0] is None
 
 
 def test_rank_orders_candidates_best_first() -> None:
@@ -74,10 +74,10 @@ def test_rank_orders_candidates_best_first() -> None:
         seen.append(ranking_id)
         return ["n3-proc", "n9-gone", "n2-master-calc"]
 
-    assert placement.choose_one(s, NODES, {}, rank) == "n3-proc"
+    assert placement.choose_one(s, NODES, {}, rank)[0] == "n3-proc"
     assert seen == ["fastest"]
     # A node missing from the ranking comes after the ranked ones.
-    assert placement.choose_one(s, NODES, {"n3-proc": 64}, rank) == "n2-master-calc"
+    assert placement.choose_one(s, NODES, {"n3-proc": 64}, rank)[0] == "n2-master-calc"
     # Without rank_by the ranking is not consulted.
-    assert placement.choose_one(svc("Master"), NODES, {}, rank) == "n1-master"
+    assert placement.choose_one(svc("Master"), NODES, {}, rank)[0] == "n1-master"
     assert seen == ["fastest", "fastest"]
