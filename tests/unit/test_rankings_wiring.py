@@ -169,7 +169,7 @@ def test_rest_and_json_rpc_answer_cgrates_shaped_requests(
                    Tokens({"alice": TOKEN}))
     with TestClient(app) as client:
         listed = client.get("/api/v1/rankings").json()
-        assert [r["id"] for r in listed["rankings"]] == ["node-health"]
+        assert [r["id"] for r in listed["rankings"]] == ["node-health", "node-health-slow"]
         assert listed["rankings"][0]["ranking"]["SortedStatIDs"][2] == "node-c"
         one = client.get("/api/v1/rankings/rota/node-health").json()
         assert set(one) == {"Tenant", "ID", "LastUpdate", "Metrics", "Sorting",
@@ -179,7 +179,11 @@ def test_rest_and_json_rpc_answer_cgrates_shaped_requests(
         missing = client.get("/api/v1/rankings/rota/nope")
         assert missing.status_code == 404 and "nope" in missing.json()["error"]
         sched = client.get("/api/v1/ranking-schedule/rota", params={"prefix": "node"}).json()
-        assert [e["RankingID"] for e in sched["schedule"]] == ["node-health"]
+        assert [e["RankingID"] for e in sched["schedule"]] == ["node-health",
+                                                                "node-health-slow"]
+        sched = client.get("/api/v1/ranking-schedule/rota",
+                           params={"prefix": "node-health-s"}).json()
+        assert [e["RankingID"] for e in sched["schedule"]] == ["node-health-slow"]
         refused = client.post("/api/v1/ranking-schedule/rota", json={"ranking_ids": []})
         assert refused.status_code == 401
         done = client.post("/api/v1/ranking-schedule/rota", json={"ranking_ids":
@@ -222,7 +226,7 @@ def test_rest_and_json_rpc_answer_cgrates_shaped_requests(
         assert got == {"id": 8, "result": 1, "error": None}
         got = rpc('{"method":"RankingSv1.ScheduleQueries","params":[{"Tenant":"rota",'
                   f'"RankingIDs":[],"APIOpts":{{"*apiKey":"{TOKEN}"}}}}],"id":9}}')
-        assert got == {"id": 9, "result": 1, "error": None}
+        assert got == {"id": 9, "result": 2, "error": None}  # all of the tenant's
         got = rpc('{"method":"RankingSv1.ScheduleQueries","params":[{"Tenant":"rota",'
                   '"RankingIDs":["nope"]}],"id":10}', AUTH)
         assert got["result"] is None and got["error"].startswith("NOT_FOUND")
