@@ -107,7 +107,7 @@ class Admission(EngineBase):
         elif run.node not in self.nodes:
             run.node = None
         if run.node is None:
-            if not run.target and placement.eligible(svc, self.nodes.values(), self.nodes_out):
+            if not run.target and placement.eligible(svc, self.nodes.values()):
                 # Every eligible node is at capacity: wait (FIFO) until one frees a slot.
                 if run.run_id not in self._full:
                     self._full.append(run.run_id)

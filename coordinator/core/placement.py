@@ -4,7 +4,8 @@
 first by a ranking when the service names one (`rank_by`, "best node first"), otherwise the
 node with the fewest active runs (ties broken by node id, so placement is deterministic).
 A `one` run never goes to a node taken out of placement (`out`, by a ranking threshold)
-while another eligible node is live. `choose_one` also says why it chose that node.
+while another eligible node is live; `all` services and daemons still run there, so the
+node's stats can show it recovered. `choose_one` also says why it chose that node.
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ def choose_one(
 ) -> tuple[str | None, str]:
     """The node for a `one` run (None when no live node with an allowed role has room),
     and why: which ranking it followed, or the fallback and why it was taken."""
-    candidates = [n for n in eligible(service, nodes, out) if load.get(n.id, 0) < n.capacity]
+    nodes = list(nodes)
+    allowed = eligible(service, nodes, out)
     skipped = f"; {', '.join(sorted(out))} out of placement" if out else ""
+    if not allowed and out:  # every eligible node is out: better there than nowhere
+        allowed = eligible(service, nodes)
+        skipped = "; every eligible node is out of placement"
+    candidates = [n for n in allowed if load.get(n.id, 0) < n.capacity]
     if not candidates:
         return None, "no eligible node with room" + skipped
     fewest = min(candidates, key=lambda n: (load.get(n.id, 0), n.id))

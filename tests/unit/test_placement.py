@@ -81,3 +81,31 @@ def test_rank_orders_candidates_best_first() -> None:
     # Without rank_by the ranking is not consulted.
     assert placement.choose_one(svc("Master"), NODES, {}, rank)[0] == "n1-master"
     assert seen == ["fastest", "fastest"]
+
+
+def test_rank_by_explains_the_choice_and_its_fallbacks() -> None:
+    s = svc("Master", "Processing", rank_by="fastest")
+    node, why = placement.choose_one(s, NODES, {}, lambda _: ["n3-proc", "n1-master"])
+    assert node == "n3-proc"
+    assert why == "ranking fastest: best-ranked eligible node #1 of n3-proc, n1-master"
+    # An empty (or stale) ranking: the normal choice, and why.
+    node, why = placement.choose_one(s, NODES, {"n1-master": 1}, lambda _: [])
+    assert node == "n2-master-calc"
+    assert why == "ranking fastest: the ranking is empty or stale; fewest active runs (0)"
+    # Ranked nodes none of which may take it: the normal choice.
+    node, why = placement.choose_one(s, NODES, {}, lambda _: ["n4-calc"])
+    assert node == "n1-master" and why.startswith("ranking fastest: no ranked node is eligible")
+    assert placement.choose_one(svc("Master"), NODES, {}) == ("n1-master",
+                                                              "fewest active runs (0)")
+
+
+def test_a_node_out_of_placement_is_never_chosen() -> None:
+    s = svc("Master", "Processing", rank_by="fastest")
+    node, why = placement.choose_one(s, NODES, {}, lambda _: ["n3-proc", "n1-master"],
+                                     out={"n3-proc"})
+    assert node == "n1-master" and why.endswith("; n3-proc out of placement")
+    # Every eligible node out: better there than nowhere.
+    node, why = placement.choose_one(svc("Processing"), NODES, {}, out={"n3-proc"})
+    assert node == "n3-proc" and why.endswith("; every eligible node is out of placement")
+    assert [n.id for n in placement.eligible(svc("Master"), NODES, {"n1-master"})] == [
+        "n2-master-calc"]
