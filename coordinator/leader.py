@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rota.leader")
 GAUGES_EVERY = 1.0  # seconds between two settings of the state gauges
 SNAPSHOT_EVERY = 0.25  # seconds between two snapshots while the leader is busy
+FLUSH_WAIT = 5.0  # seconds `stop` waits for the leader to store its rankings
 KEEP_CHANGES = 1000
 """Operator edits (applied or refused) a coordinator keeps in memory for its change log."""
 
@@ -116,6 +117,7 @@ class Coordinator:
         self.ledger = Ledger()
         self._rankings: LeaderRankings | None = None  # the leader thread's only
         self._rankings_view: RankingsView | None = None
+        self._flushed = threading.Event()  # set once a stopping leader stored its rankings
         self.changes: deque[ServiceChange] = deque(maxlen=KEEP_CHANGES)
         """The latest operator edits this coordinator made as leader, oldest first."""
         self.outbox = Outbox(self.transport, events, list(history_sinks or []), self._stopping,
@@ -136,6 +138,8 @@ class Coordinator:
     def stop(self) -> None:
         self._stopping.set()
         self._inbox.put(Wake())
+        if self.leading.is_set():  # let the leader store its rankings while it still leads
+            self._flushed.wait(FLUSH_WAIT)
         self.coordination.stop()
 
     # -- what others read ----------------------------------------------------------------
@@ -185,6 +189,7 @@ class Coordinator:
         if self._stopping.is_set():
             return
         self._clear_inbox()
+        self._flushed.clear()
         self._in_term = True
         log.info("%s leads with epoch %d", self.identifier, term.epoch)
         metrics.LEADER.set(1)
@@ -220,6 +225,7 @@ class Coordinator:
             log.exception("%s stops leading after an unexpected error", self.identifier)
             failed = True
         finally:
+            self._flushed.set()
             self.leading.clear()
             self._in_term = False
             metrics.LEADER.set(0)
@@ -324,6 +330,7 @@ class Coordinator:
                 return True
         if self._stopping.is_set() and not term.lost():
             self._flush_rankings(term)
+        self._flushed.set()
         return False
 
     def _flush_rankings(self, term: Term) -> None:
@@ -334,8 +341,8 @@ class Coordinator:
         writes = self._rankings.flush(self.clock.now())
         try:
             term.commit(writes)
-        except Fenced:
-            log.warning("%s could not store the rankings: deposed", self.identifier)
+        except Exception as exc:  # deposed, or the store went away: the last state stands
+            log.warning("%s could not store the rankings: %s", self.identifier, exc)
 
     def _finish_turn(self, term: Term, engine: Engine, turn: Turn) -> None:
         rankings = self._rankings

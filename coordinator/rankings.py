@@ -156,7 +156,7 @@ class LeaderRankings:
         if state is not None:
             self._recent = OrderedDict.fromkeys(str(i) for i in state.get("recent", ()))
             self.feed([r for r in ended if r.run_id not in self._recent], now)
-        self._state_dirty = True
+        self._state_dirty = self._state_force = True  # the first turn writes the schedule
         self._publish()
 
     def feed(self, runs: Iterable[Run], now: float) -> int:
@@ -220,9 +220,11 @@ class LeaderRankings:
         if result.computed:
             self._state_dirty = True
             self._show(result.computed)
-        every = STATE_EVERY if interval == 0 else max(interval, 0.0)
-        due = (self._state_force or (interval == -1 and result.computed)
-               or now >= self._state_at + every)
+        if interval == -1:  # with every computation
+            due = self._state_force or bool(result.computed)
+        else:
+            every = STATE_EVERY if interval == 0 else interval
+            due = self._state_force or now >= self._state_at + every
         if self._state_dirty and due:
             self._write_state(now, out.writes)
         if result.computed or result.actions:

@@ -296,3 +296,42 @@ def test_state_parts_stay_bounded_and_shrink(tmp_path: Path) -> None:
 
 def _stored(ledger: dict[str, bytes]) -> list[str]:
     return sorted(k for k in ledger if k.startswith(STORED))
+
+
+def test_a_clean_shutdown_stores_what_the_interval_had_not(tmp_path: Path) -> None:
+    path, behaviour = catalogue_at(tmp_path)
+    path.write_text(path.read_text().replace("store_interval = -1", "store_interval = 3600"))
+    behave(behaviour, {"node-c": {"fail": True}})
+    cluster = Cluster(load_catalogue(path), SystemClock(),
+                      parse_nodes("node-a=Worker;node-b=Worker;node-c=Worker"))
+    cluster.start()
+    ledger = cluster._memory.store.ledger
+    try:
+        wait_for(lambda: len(order(cluster)) == 3)
+        assert _stored(ledger) == []  # an hour's interval: not stored yet
+        stored_view = cluster.coordinator.rankings()
+    finally:
+        cluster.stop()
+    assert _stored(ledger) == ["rankings/stored/rota/node-health"]
+    assert stored_view is not None
+    successor = LeaderRankings(load_catalogue(path).rankings, zone("UTC"))
+    successor.start(dict(ledger), [], time.time())
+    kept = successor.view.get_ranking("rota", "node-health")
+    assert kept.sorted_stat_ids[2] == "node-c"
+    # stored as RFC 3339 with microseconds
+    assert kept.last_update >= stored_view.get_ranking("rota", "node-health").last_update - 1e-6
+
+
+def test_with_every_computation_the_state_is_written_on_computations_only(
+        tmp_path: Path) -> None:
+    path, _ = catalogue_at(tmp_path)
+    r = LeaderRankings(load_catalogue(path).rankings, zone("UTC"), random.Random(1))
+    t0 = 1_700_000_000.0
+    r.start({}, [], t0)
+    assert any(k.startswith(STATE) for k in r.turn(t0, 1).writes)  # the first turn
+    r.feed([ended("x1", "node-a", True, t0 + 0.1)], t0 + 0.1)
+    assert r.turn(t0 + 0.2, 1).writes == {}  # a run alone writes nothing
+    out = r.turn(t0 + 1.0, 1)  # node-health is due: computed, stored, state written
+    assert sorted(k for k in out.writes if not k.startswith(STATE)) == [
+        "rankings/stored/rota/node-health"]
+    assert any(k.startswith(STATE) for k in out.writes)
