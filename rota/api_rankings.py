@@ -173,7 +173,10 @@ def mount(app: FastAPI, coordinator: Coordinator, tokens: Tokens, *,
         try:
             v = view()
         except Exception:
-            leader = coordinator.coordination.leader()
+            try:
+                leader = coordinator.coordination.leader()
+            except Exception:
+                leader = None
             raise RpcError("SERVER_ERROR: this coordinator is not the leader"
                            + (f"; {leader} leads" if leader else "")) from None
         if method in ("RankingSv1.GetRanking", "RankingSv1.GetRankingSummary"):
