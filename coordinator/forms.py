@@ -72,6 +72,7 @@ def record_of(run: Run) -> RunRecord:
         output_tail=run.output_tail,
         reason=run.reason,
         attempt=run.attempt,
+        placement=run.placement,
     )
 
 
@@ -158,6 +159,7 @@ def run_to_message(run: Run) -> LedgerRun:
         reason=run.reason,
         metrics=dict(run.metrics),
         incarnation=run.incarnation,
+        placement=run.placement,
     )
 
 
@@ -183,4 +185,5 @@ def run_from_message(m: LedgerRun) -> Run:
         reason=m.reason,
         metrics=dict(m.metrics),
         incarnation=m.incarnation,
+        placement=m.placement,
     )

@@ -67,6 +67,16 @@ class EditRequest:
     edit: Edit
 
 
+@dataclass(frozen=True, slots=True)
+class ScheduleRequest:
+    """RankingSv1.ScheduleQueries: schedule a tenant's rankings (all of them with no ids)."""
+
+    request_id: str
+    tenant: str
+    ranking_ids: tuple[str, ...]
+    by: str
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     request_id: str
@@ -85,7 +95,15 @@ class EditOutcome:
         return next((c for c in self.changes if c.outcome == "refused"), None)
 
 
-Outcome = RunOutcome | EditOutcome
+@dataclass(frozen=True)
+class ScheduleOutcome:
+    request_id: str
+    scheduled: int = 0
+    refused: str | None = None
+    """Why nothing was scheduled (an unknown ranking id)."""
+
+
+Outcome = RunOutcome | EditOutcome | ScheduleOutcome
 
 
 class Reply:
@@ -112,7 +130,7 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Submitted:
-    request: RunRequest | EditRequest
+    request: RunRequest | EditRequest | ScheduleRequest
     reply: Reply
 
 

@@ -145,6 +145,7 @@ def on_submitted(engine: Engine, item: Submitted, now: float, turn: Turn) -> lis
         actions, run_outcome = on_run(engine, req, now, turn)
         turn.replies.append((item.reply, run_outcome))
         return actions
+    assert isinstance(req, EditRequest), "schedule requests are the leader's (RankingS)"
     actions, edit_outcome = on_edit(engine, req, now, turn)
     turn.replies.append((item.reply, edit_outcome))
     return actions

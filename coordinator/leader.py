@@ -11,7 +11,8 @@ the table show; they read it without taking any lock.
 
 The parts: `inbox` (typed items from other threads), `intake` (what a turn does with each),
 `outbox` (ledger first, then publish), `forms` (a run as order, record and ledger entry),
-`view` (the table rows and the snapshot), `ledger` (the store's keys).
+`view` (the table rows and the snapshot), `ledger` (the store's keys), `rankings` (RankingS:
+fed by the runs each turn ends, computed on schedule, published as an immutable view).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from coordinator import forms, intake, metrics, view
 from coordinator.adapters.events import EventBus
+from coordinator.core.actions import Record
 from coordinator.core.engine import Engine
 from coordinator.inbox import (
     Delivered,
@@ -37,6 +39,8 @@ from coordinator.inbox import (
     Reload,
     Reply,
     RunRequest,
+    ScheduleOutcome,
+    ScheduleRequest,
     Source,
     Submitted,
     Wake,
@@ -44,11 +48,14 @@ from coordinator.inbox import (
 from coordinator.intake import schedule_of_update
 from coordinator.ledger import REPUBLISH_WINDOW, Ledger, LedgerError
 from coordinator.outbox import ChangeSink, FaultHook, Outbox, Turn
+from coordinator.rankings import LeaderRankings, RankingsView
 from protocol import ManualRunRequest, RunRecord, ServiceChange, encode
 from protocol.backoff import Backoff
 from protocol.catalogue import Catalogue
 from protocol.clock import Clock
 from protocol.coordination import Coordination, Fenced, Term
+from protocol.rankings import RankingError
+from protocol.schedule import zone
 from protocol.transport import Consumer, Delivery, Transport
 
 if TYPE_CHECKING:
@@ -57,6 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rota.leader")
 GAUGES_EVERY = 1.0  # seconds between two settings of the state gauges
 SNAPSHOT_EVERY = 0.25  # seconds between two snapshots while the leader is busy
+FLUSH_WAIT = 5.0  # seconds `stop` waits for the leader to store its rankings
 KEEP_CHANGES = 1000
 """Operator edits (applied or refused) a coordinator keeps in memory for its change log."""
 
@@ -108,6 +116,9 @@ class Coordinator:
         self._failed_terms = Backoff(self.options.failed_term_pause, 60.0)
         self._failed_in_a_row = 0
         self.ledger = Ledger()
+        self._rankings: LeaderRankings | None = None  # the leader thread's only
+        self._rankings_view: RankingsView | None = None
+        self._flushed = threading.Event()  # set once a stopping leader stored its rankings
         self.changes: deque[ServiceChange] = deque(maxlen=KEEP_CHANGES)
         """The latest operator edits this coordinator made as leader, oldest first."""
         self.outbox = Outbox(self.transport, events, list(history_sinks or []), self._stopping,
@@ -128,12 +139,18 @@ class Coordinator:
     def stop(self) -> None:
         self._stopping.set()
         self._inbox.put(Wake())
+        if self.leading.is_set():  # let the leader store its rankings while it still leads
+            self._flushed.wait(FLUSH_WAIT)
         self.coordination.stop()
 
     # -- what others read ----------------------------------------------------------------
     def snapshot(self) -> view.Snapshot | None:
         """The table as of the last turn; None while not leading. Never blocks."""
         return self._snapshot
+
+    def rankings(self) -> RankingsView | None:
+        """The rankings as of the last turn; None while not leading. Never blocks."""
+        return self._rankings_view
 
     # -- operator API (in-process callers; remote ones publish to rota.requests) --------
     def request_manual_run(self, service: str, requested_by: str = "operator") -> str:
@@ -145,7 +162,8 @@ class Coordinator:
         self.outbox.request(encode(msg))
         return request_id
 
-    def submit(self, request: RunRequest | EditRequest, timeout: float = 10.0) -> Outcome:
+    def submit(self, request: RunRequest | EditRequest | ScheduleRequest,
+               timeout: float = 10.0) -> Outcome:
         """Hand a request to this leader's next turn and wait for its outcome, which comes
         once the turn's ledger write is done. Raises NotLeading when this coordinator does
         not lead (or stops leading first), TimeoutError when no turn handled it in time
@@ -172,6 +190,7 @@ class Coordinator:
         if self._stopping.is_set():
             return
         self._clear_inbox()
+        self._flushed.clear()
         self._in_term = True
         log.info("%s leads with epoch %d", self.identifier, term.epoch)
         metrics.LEADER.set(1)
@@ -207,6 +226,7 @@ class Coordinator:
             log.exception("%s stops leading after an unexpected error", self.identifier)
             failed = True
         finally:
+            self._flushed.set()
             self.leading.clear()
             self._in_term = False
             metrics.LEADER.set(0)
@@ -215,6 +235,8 @@ class Coordinator:
             for r in readers:
                 r.stop()
             self._snapshot = None
+            self._rankings_view = None
+            self._rankings = None
             # Deliveries still in the inbox were never acknowledged: RabbitMQ redelivers them.
             self._clear_inbox()
         if failed:
@@ -240,20 +262,27 @@ class Coordinator:
     def _build(self, term: Term) -> Engine:
         """A fresh engine resumed from the ledger; its first actions are carried out."""
         self.ledger = Ledger()
-        state = self.ledger.restore(term.load())
+        loaded = term.load()
+        state = self.ledger.restore(loaded)
         ended = self.ledger.recent_all(since=float("-inf"))
         # Membership read after the epoch bump, not the watch's view, which may lag: a run
         # adopted on a node missing from it died with its node while no leader was running.
         members = term.nodes()
+        now = self.clock.now()
+        rankings = self._rankings = LeaderRankings(self.catalogue.rankings,
+                                                   zone(self.catalogue.timezone))
+        rankings.start(loaded, ended, now)
+        self._rankings_view = rankings.view
         engine = Engine(
             self.catalogue.services.values(),
             self.catalogue.timezone,
             order_ttl=self.options.order_ttl,
             lead=self.options.lead_time,
+            rank=rankings.rank,
         )
+        engine.nodes_out = rankings.nodes_out()
         for run in ended:  # reports of them may still come, late or twice
             engine.note_ended(run.run_id)
-        now = self.clock.now()
         # Events are published after each ledger write, so a leader killed in between never
         # sent some: say again what the ledger knows of the last minutes (at least once).
         recent = [r for r in ended if (r.finished_at or r.queued_at) >= now - REPUBLISH_WINDOW]
@@ -269,8 +298,10 @@ class Coordinator:
     def _loop(self, term: Term, engine: Engine) -> bool:
         """Lead until deposed or stopped (False), or until a new catalogue arrives (True)."""
         opts = self.options
+        rankings = self._rankings
+        assert rankings is not None
         while not self._stopping.is_set() and not term.lost():
-            nxt = engine.next_wakeup()
+            nxt = _earliest(engine.next_wakeup(), rankings.next_wakeup())
             wait = opts.idle_wait
             if nxt is not None:
                 wait = min(wait, max(0.0, self.clock.to_real(nxt - self.clock.now())))
@@ -279,6 +310,7 @@ class Coordinator:
             turn = Turn()
             reload: Catalogue | None = None
             now = self.clock.now()
+            rankings.now = now
             for item in items:
                 if isinstance(item, Reload):
                     reload = item.catalogue
@@ -286,6 +318,8 @@ class Coordinator:
                     turn.actions += intake.nodes_changed(engine, item.nodes, now)
                 elif isinstance(item, Delivered):
                     intake.delivered(engine, item, now, turn, self.outbox)
+                elif isinstance(item, Submitted) and isinstance(item.request, ScheduleRequest):
+                    turn.replies.append((item.reply, _schedule(rankings, item.request, now)))
                 elif isinstance(item, Submitted):
                     turn.actions += intake.on_submitted(engine, item, now, turn)
             turn.actions += engine.tick(self.clock.now())
@@ -293,11 +327,35 @@ class Coordinator:
             if items or turn.actions:
                 metrics.TURN.observe(time.perf_counter() - began)
             if reload is not None:
+                self._flush_rankings(term)
                 self.catalogue = reload
                 return True
+        if self._stopping.is_set() and not term.lost():
+            self._flush_rankings(term)
+        self._flushed.set()
         return False
 
+    def _flush_rankings(self, term: Term) -> None:
+        """A clean shutdown (or a reload) stores the rankings changed since the last store,
+        and the state."""
+        if self._rankings is None:
+            return
+        writes = self._rankings.flush(self.clock.now())
+        try:
+            term.commit(writes)
+        except Exception as exc:  # deposed, or the store went away: the last state stands
+            log.warning("%s could not store the rankings: %s", self.identifier, exc)
+
     def _finish_turn(self, term: Term, engine: Engine, turn: Turn) -> None:
+        rankings = self._rankings
+        if rankings is not None:
+            now = self.clock.now()
+            rankings.feed([a.run for a in turn.actions if isinstance(a, Record)], now)
+            out = rankings.turn(now, term.epoch)
+            turn.writes.update(out.writes)
+            turn.events += out.events
+            engine.nodes_out = rankings.nodes_out()
+            self._rankings_view = rankings.view
         transactions, ops, written = term.transactions, term.ops, term.written
         try:
             self.outbox.finish(term, self.ledger, engine.drain_changes(), turn, self.catalogue,
@@ -333,6 +391,19 @@ class Coordinator:
             waiting_for_capacity=waiting_room,
             oldest_wait=0.0 if oldest is None else max(0.0, self.clock.now() - oldest),
         )
+
+
+def _earliest(*times: float | None) -> float | None:
+    present = [t for t in times if t is not None]
+    return min(present) if present else None
+
+
+def _schedule(rankings: LeaderRankings, req: ScheduleRequest, now: float) -> ScheduleOutcome:
+    try:
+        return ScheduleOutcome(req.request_id,
+                               rankings.schedule_queries(req.tenant, req.ranking_ids, now))
+    except RankingError as exc:
+        return ScheduleOutcome(req.request_id, refused=str(exc))
 
 
 def _transport_of(given: Transport | dramatiq.Broker) -> Transport:

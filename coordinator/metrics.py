@@ -1,9 +1,10 @@
 """Prometheus metrics of a coordinator (served on /metrics by the HTTP adapter).
 
 Labels stay bounded whatever arrives from the network: `service` is only ever a catalogue
-service, `node` only a node with a live registration, `role` and `group` only names the
-catalogue declares. Run outcomes are counted from the leader's own records of runs that
-ended (never from a report as such), so a forged or unknown report adds no series.
+service, `node` only a node with a live registration (or named by a ranking threshold),
+`role`, `group`, `tenant`, `ranking`, `stat` and `threshold` only names the catalogue
+declares. Run outcomes are counted from the leader's own records of runs that ended (never
+from a report as such), so a forged or unknown report adds no series.
 """
 
 from __future__ import annotations
@@ -76,6 +77,25 @@ DAEMON_EXITS = Counter(
     ["service", "node"],
 )
 
+RANK = Gauge(
+    "rota_ranking_position",
+    "Position of a stat queue in a ranking (1 = first; 0 = not ranked), by the catalogue's "
+    "tenant, ranking and stat ids", ["tenant", "ranking", "stat"],
+)
+NODE_OUT = Gauge(
+    "rota_node_out_of_placement",
+    "1 while a ranking threshold keeps the node out of placement (nodes named by thresholds)",
+    ["node"],
+)
+RANKING_UPDATES = Counter(
+    "rota_ranking_updates_total", "Ranking computations that changed the ranking",
+    ["tenant", "ranking"],
+)
+RANKING_ALERTS = Counter(
+    "rota_ranking_alerts_total", "Ranking thresholds that fired or recovered",
+    ["tenant", "threshold", "state"],
+)
+
 
 def count_ended(runs: Iterable[Run]) -> None:
     """Count the runs of one turn's records that ended: outcome, lateness, duration, wait.
@@ -114,6 +134,6 @@ def show_state(
 def forget_state() -> None:
     """Drop the state gauges when this coordinator stops leading: only the leader reports
     them, so a standby never shows a state it no longer knows."""
-    for gauge in (NODES_BY_ROLE, GROUPS_HELD, WAITING):
+    for gauge in (NODES_BY_ROLE, GROUPS_HELD, WAITING, RANK, NODE_OUT):
         gauge.clear()
     OLDEST_WAITING.set(0)

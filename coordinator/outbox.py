@@ -43,6 +43,10 @@ class Turn:
     changes: list[ServiceChange] = field(default_factory=list)  # operator edits, or refusals
     replies: list[tuple[Reply, Outcome]] = field(default_factory=list)
     """In-process requests handled this turn: answered once it is carried out."""
+    writes: dict[str, bytes | None] = field(default_factory=dict)
+    """Ledger writes beside the engine's (RankingS), committed in the same batch."""
+    events: list[tuple[str, bytes]] = field(default_factory=list)
+    """Other events for `rota.events` (ranking updates and alerts): (routing key, body)."""
 
 
 class Outbox:
@@ -68,11 +72,12 @@ class Outbox:
     def finish(self, term: Term, ledger: Ledger, changes: Changes, turn: Turn,
                catalogue: Catalogue, nodes: Mapping[str, Node], now: float) -> None:
         """Carry out a turn: ledger, orders, controls, records, acknowledgements."""
-        if changes or changes.finished:
-            writes = ledger.writes(changes)
-            if writes:
-                with metrics.LEDGER_COMMIT.time():
-                    term.commit(writes)  # raises Fenced when deposed: nothing below happens
+        writes = ledger.writes(changes) if changes or changes.finished else {}
+        if turn.writes:
+            writes = {**writes, **turn.writes}
+        if writes:
+            with metrics.LEDGER_COMMIT.time():
+                term.commit(writes)  # raises Fenced when deposed: nothing below happens
         dispatches: list[Dispatch] = []
         controls_due: list[Control] = []
         recorded: list[Record | DaemonInterval] = []
@@ -124,6 +129,8 @@ class Outbox:
         # bus stores batches in order): a leader killed before then leaves them to its
         # successor, and no event is lost with it.
         self.publish_changes(turn.changes)
+        if turn.events:
+            self.events.publish_batch(turn.events)
         self.publish_all(records, then=acknowledge)
         metrics.count_ended(a.run for a in recorded if isinstance(a, Record))
 

@@ -62,6 +62,8 @@ class NodeView(NamedTuple):
     runs_now: int
     daemons: tuple[str, ...]
     capacity: int
+    out_of_placement: bool = False
+    """A ranking threshold keeps `one` runs off this node until it recovers."""
 
 
 def definition(svc: Service) -> dict[str, Any]:
@@ -174,7 +176,7 @@ def snapshot(engine: Engine, leader: str = "") -> Snapshot:
     table = rows(engine, active, daemons_on, runs_on)
     nodes = tuple(
         NodeView(n.id, tuple(sorted(n.roles)), n.started_at, runs_on.get(n.id, 0),
-                 tuple(sorted(daemons_on.get(n.id, ()))), n.capacity)
+                 tuple(sorted(daemons_on.get(n.id, ()))), n.capacity, n.id in engine.nodes_out)
         for n in sorted(engine.nodes.values(), key=lambda n: n.id)
     )
     return Snapshot(

@@ -356,6 +356,9 @@ class Message:
     _RULES: ClassVar[Mapping[str, Check]] = {}
     _CHECKS: ClassVar[tuple[tuple[str, Check], ...]] = ()
     _FIELD_SET: ClassVar[frozenset[str]] = frozenset()
+    _ADDED: ClassVar[Mapping[str, Any]] = {}
+    """Fields added to a message after its first version, with the value a message written
+    before them means: decoding one that lacks them gives them that value."""
     _values: ClassVar[Callable[[Any], tuple[Any, ...]]]
 
     def __post_init__(self) -> None:
@@ -394,6 +397,10 @@ class Message:
         expected = cls._FIELD_SET
         if version is not None and cls.SINCE:
             expected = frozenset(cls.fields_at(version))
+        if keys != expected and cls._ADDED and not keys - expected:
+            data = {**{k: v for k, v in cls._ADDED.items() if k not in keys and k in expected},
+                    **data}
+            keys = data.keys()
         if keys != expected:
             unknown = sorted(k if isinstance(k, str) else repr(k) for k in keys - expected)
             if unknown:
@@ -766,7 +773,11 @@ class RunRecord(Message):
     output_tail: str = ""
     reason: str | None = None
     attempt: int = 1
+    placement: str | None = None
+    """Why the run went to its node (a `one` service): the ranking it followed, or the
+    fallback and why. Absent from records written before it existed."""
 
+    _ADDED = {"placement": None}
     _RULES = {
         "run_id": _ID,
         "service": _NAME,
@@ -784,6 +795,7 @@ class RunRecord(Message):
         "output_tail": _OUTPUT_TAIL,
         "reason": _OPT_TEXT,
         "attempt": _ATTEMPT,
+        "placement": _OPT_TEXT,
     }
 
     @property
@@ -857,7 +869,10 @@ class LedgerRun(Message):
     metrics: dict[str, float] = field(default_factory=dict)
     incarnation: str | None = None
     """The session of `node` the run was dispatched to."""
+    placement: str | None = None
+    """Why the run went to its node, as in `RunRecord.placement`."""
 
+    _ADDED = {"placement": None}
     _RULES = {
         "run_id": _ID,
         "service": _NAME,
@@ -879,7 +894,98 @@ class LedgerRun(Message):
         "reason": _OPT_TEXT,
         "metrics": _METRICS,
         "incarnation": _OPT_NAME,
+        "placement": _OPT_TEXT,
     }
+
+
+_STAT_IDS = _str_list(_NAME)
+
+
+def _moves(value: Any) -> list[dict[str, Any]]:
+    """`RankingUpdate.moved`: [{"stat_id": str, "before": int | None, "after": int | None}]."""
+    if not isinstance(value, list | tuple):
+        raise _wrong("list of moves", value)
+    position = _optional(_integer(minimum=0))
+    out = []
+    for index, move in enumerate(value):
+        if not isinstance(move, dict) or set(move) != {"stat_id", "before", "after"}:
+            raise _Invalid(BAD_VALUE, "expected a map of stat_id, before, after",
+                           ).inside(f"[{index}]")
+        try:
+            out.append({"stat_id": _NAME(move["stat_id"]), "before": position(move["before"]),
+                        "after": position(move["after"])})
+        except _Invalid as exc:
+            raise exc.inside(f"[{index}]") from None
+    return out
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankingUpdate(Message):
+    """Coordinator → `rota.events` (routing key ``ranking.update``): a ranking changed when
+    it was computed (its order, or a metric of a ranked stat). `moved` lists the stats whose
+    0-based position changed (`before` None: newly ranked; `after` None: no longer ranked)."""
+
+    tenant: str
+    id: str
+    last_update: float
+    sorted_stat_ids: list[str] = field(default_factory=list)
+    moved: list[dict[str, Any]] = field(default_factory=list)
+    epoch: int
+
+    _RULES = {
+        "tenant": _NAME,
+        "id": _NAME,
+        "last_update": _TIME,
+        "sorted_stat_ids": _STAT_IDS,
+        "moved": _moves,
+        "epoch": _EPOCH,
+    }
+
+    ROUTING_KEY: ClassVar[str] = "ranking.update"
+
+    @property
+    def routing_key(self) -> str:
+        return self.ROUTING_KEY
+
+
+RANKING_ALERT_STATES: Final = frozenset({"firing", "recovered"})
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankingAlert(Message):
+    """Coordinator → `rota.events` (routing key ``ranking.alert``): a ranking threshold fired
+    or recovered; `node_out` names the node it took out of placement (firing) or that went
+    back (recovered), when it did."""
+
+    tenant: str
+    threshold_id: str
+    ranking_id: str
+    stat_id: str
+    state: str
+    at: float
+    message: str
+    node_out: str | None = None
+    epoch: int
+
+    _RULES = {
+        "tenant": _NAME,
+        "threshold_id": _NAME,
+        "ranking_id": _NAME,
+        "stat_id": _NAME,
+        "state": _choice(RANKING_ALERT_STATES),
+        "at": _TIME,
+        "message": _TEXT,
+        "node_out": _OPT_NAME,
+        "epoch": _EPOCH,
+    }
+
+    ROUTING_KEY: ClassVar[str] = "ranking.alert"
+
+    @property
+    def routing_key(self) -> str:
+        return self.ROUTING_KEY
 
 
 @_register

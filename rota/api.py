@@ -1,4 +1,5 @@
-"""The operators' HTTP API (FastAPI): the service table, runs, nodes, edits and manual runs.
+"""The operators' HTTP API (FastAPI): the service table, runs, nodes, edits and manual runs;
+the rankings and CGRateS-style JSON-RPC on `/jsonrpc` (`rota/api_rankings.py`).
 
 Everything is under `/api/v1`, described at `/openapi.json` and `/docs`; `/metrics` is the
 Prometheus exposition; `/` is the System Services page (`rota/static/`).
@@ -29,9 +30,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator import view
 from coordinator.core.edits import Edit
-from coordinator.inbox import EditOutcome, EditRequest, RunOutcome, RunRequest
+from coordinator.inbox import (
+    EditOutcome,
+    EditRequest,
+    Outcome,
+    RunOutcome,
+    RunRequest,
+    ScheduleRequest,
+)
 from coordinator.leader import Coordinator, NotLeading
 from protocol import RunRecord, ServiceChange
+from rota import api_rankings
 from rota.auth import Tokens
 from rota.runs import RunQuery, RunSource
 
@@ -216,7 +225,7 @@ def make_app(coordinator: Coordinator, runs: RunSource, tokens: Tokens, *,
                            "body")
         return parsed
 
-    def submit(req: RunRequest | EditRequest) -> RunOutcome | EditOutcome:
+    def submit(req: RunRequest | EditRequest | ScheduleRequest) -> Outcome:
         try:
             return coordinator.submit(req, SUBMIT_TIMEOUT)
         except NotLeading as exc:
@@ -318,7 +327,8 @@ def make_app(coordinator: Coordinator, runs: RunSource, tokens: Tokens, *,
         snap = snapshot()
         return {"nodes": [{"id": n.id, "roles": list(n.roles), "live_since": n.live_since,
                            "runs_now": n.runs_now, "daemons": list(n.daemons),
-                           "capacity": n.capacity} for n in snap.nodes]}
+                           "capacity": n.capacity, "out_of_placement": n.out_of_placement}
+                          for n in snap.nodes]}
 
     @app.get("/api/v1/changes", tags=["services"])
     def get_changes(request: Request, service: str | None = None,
@@ -390,6 +400,17 @@ def make_app(coordinator: Coordinator, runs: RunSource, tokens: Tokens, *,
             where = "node" if node is not None and "node" in outcome.refused else "service"
             raise ApiError(status, outcome.refused, where, request_id=request_id)
         return JSONResponse({"request_id": request_id, "run_ids": outcome.run_ids}, 202)
+
+    # -- RankingS: REST and JSON-RPC (rota/api_rankings.py) --------------------------------
+    def not_leading() -> ApiError:
+        leader, _ = leader_info()
+        return ApiError(503, "this coordinator is not the leader"
+                        + (f"; {leader} leads" if leader else "; no leader right now"),
+                        leader=leader)
+
+    api_rankings.mount(app, coordinator, tokens, reader=reader, who=who,
+                       not_leading=not_leading, submit=submit, body_of=body_of,
+                       error=ApiError)
 
     # -- page and metrics -----------------------------------------------------------------
     @app.get("/metrics", include_in_schema=False)

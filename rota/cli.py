@@ -208,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("service", nargs="?", default=None, help="only this service")
     ch.add_argument("--limit", type=int, default=50, help="changes shown (default 50)")
     op.add_common(ch, env)
+    rk = sub.add_parser("rankings", help="the rankings and their schedule",
+                        description="Every ranking profile: when it was last computed, its "
+                        "stats best first, its next computation; the nodes ranking "
+                        "thresholds keep out of placement.")
+    op.add_common(rk, env)
+    ro = sub.add_parser("ranking", help="one ranking: sorted stats and their metrics",
+                        description="One ranking (RankingSv1.GetRanking): its stats best "
+                        "first with the metrics they were ranked on.")
+    ro.add_argument("tenant", help="the ranking's tenant (the catalogue's default: rota)")
+    ro.add_argument("id", help="the ranking's id")
+    op.add_common(ro, env)
     en = sub.add_parser("enable", help="enable a service",
                         description="Enable a service; it takes effect at its next slot.")
     en.add_argument("service", help="service name, as in the catalogue")
@@ -610,7 +621,7 @@ COMMANDS = {
     "set": cmd_set,
     "check": cmd_check,
     **{name: _operator(name) for name in ("services", "show", "history", "nodes", "changes",
-                                          "enable", "disable")},
+                                          "enable", "disable", "rankings", "ranking")},
 }
 
 

@@ -1,5 +1,6 @@
 """The operator commands of the `rota` CLI, on the HTTP API: services, show, history, nodes,
-changes, enable, disable, run and set. Each prints a table, or JSON with `--json`.
+changes, rankings, ranking, enable, disable, run and set. Each prints a table, or JSON with
+`--json`.
 
 Exit codes: 0 done (a waited run succeeded); 1 refused, or a waited run failed; 2 usage;
 3 no coordinator could be reached.
@@ -15,6 +16,7 @@ import time
 import uuid
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from rota.client import Api, ClientError, saved_token
 
@@ -163,6 +165,51 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     for n in body["nodes"]:
         print(f"{n['id'][:18]:18} {','.join(n['roles'])[:32]:32} {_time(n['live_since']):19} "
               f"{n['runs_now']:>8}  {', '.join(n['daemons']) or '—'}")
+    return 0
+
+
+def _metric(value: float) -> str:
+    return "N/A" if value == -1 else f"{value:g}"
+
+
+def cmd_rankings(args: argparse.Namespace) -> int:
+    try:
+        _, body = api_of(args).call("GET", "/api/v1/rankings")
+    except ClientError as exc:
+        return _fail(args, exc)
+    if args.json:
+        _print_json(body)
+        return 0
+    print(f"{'tenant':10} {'ranking':24} {'last update':19} {'next':19}  stats, best first")
+    for r in body["rankings"]:
+        ranking = r["ranking"]
+        last = ranking["LastUpdate"][:19].replace("T", " ") if ranking else "—"
+        stats = ", ".join(ranking["SortedStatIDs"]) if ranking else "(not computed yet)"
+        print(f"{r['tenant'][:10]:10} {r['id'][:24]:24} {last:19} {_time(r['next']):19}  "
+              f"{stats or '—'}")
+    if body["nodes_out"]:
+        print(f"out of placement: {', '.join(body['nodes_out'])}")
+    return 0
+
+
+def cmd_ranking(args: argparse.Namespace) -> int:
+    api = api_of(args)
+    path = f"/api/v1/rankings/{quote(args.tenant, safe='')}/{quote(args.id, safe='')}"
+    try:
+        _, body = api.call("GET", path)
+    except ClientError as exc:
+        return _fail(args, exc)
+    if args.json:
+        _print_json(body)
+        return 0
+    print(f"{body['Tenant']}/{body['ID']}  last update {body['LastUpdate']}  "
+          f"{body['Sorting']} by {', '.join(body['SortingParameters'])}")
+    names = sorted({m for values in body["Metrics"].values() for m in values})
+    print(f"{'#':>3} {'stat':24} " + " ".join(f"{m[:14]:>14}" for m in names))
+    for i, stat in enumerate(body["SortedStatIDs"], 1):
+        values = body["Metrics"].get(stat, {})
+        cells = " ".join(f"{_metric(values[m]) if m in values else '—':>14}" for m in names)
+        print(f"{i:>3} {stat[:24]:24} {cells}")
     return 0
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pika
 
-from protocol import ProtocolError, RunRecord, ServiceChange, decode
+from protocol import ProtocolError, RankingAlert, RankingUpdate, RunRecord, ServiceChange, decode
 
 SECONDS_CATALOGUE = Path(__file__).parent / "integration" / "catalogues" / "seconds.toml"
 """A catalogue on second-level cron schedules, for cluster tests."""
@@ -42,6 +42,7 @@ class EventRecorder:
         self.amqp_url = amqp_url
         self.records: list[RunRecord] = []
         self.changes: list[ServiceChange] = []  # operator edits, routing key service.changed
+        self.rankings: list[RankingUpdate | RankingAlert] = []  # ranking.update, ranking.alert
         self.bad: list[bytes] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -81,6 +82,8 @@ class EventRecorder:
                             self.records.append(msg)
                         elif isinstance(msg, ServiceChange):
                             self.changes.append(msg)
+                        elif isinstance(msg, RankingUpdate | RankingAlert):
+                            self.rankings.append(msg)
                         else:
                             self.bad.append(body)
                     ch.basic_ack(method.delivery_tag)  # kept: the queue may let it go

@@ -15,6 +15,7 @@ supervisor's restart shows in a long demo.
 from __future__ import annotations
 
 import functools
+import json
 import random
 from collections.abc import Callable
 
@@ -126,6 +127,30 @@ def ticker(ctx: RunContext) -> None:
 def fail(ctx: RunContext) -> None:
     """Raises RuntimeError(params["message"])."""
     raise RuntimeError(str(ctx.params.get("message", "demo failure")))
+
+
+def per_node(ctx: RunContext) -> None:
+    """Behaves as the JSON file `params["behaviour"]` says for the node it runs on, read at
+    each run (so it can change while the cluster runs): `{"<node>": {"seconds": 0.2,
+    "fail": true, "acc": 1.5}}` sleeps that long, fails when `fail`, and reports metric
+    `acc` when given. A node not in the file returns at once."""
+    path = ctx.params.get("behaviour")
+    plan: dict[str, object] = {}
+    if isinstance(path, str):
+        try:
+            with open(path, encoding="utf-8") as f:
+                found = json.load(f).get(ctx.node, {})
+            plan = found if isinstance(found, dict) else {}
+        except (OSError, ValueError):
+            plan = {}
+    seconds = plan.get("seconds", 0.0)
+    if isinstance(seconds, int | float) and seconds > 0:
+        _Job(ctx).wait(float(seconds))
+    acc = plan.get("acc")
+    if isinstance(acc, int | float):
+        ctx.metric("acc", float(acc))
+    if plan.get("fail"):
+        raise RuntimeError(f"{ctx.node} is set to fail")
 
 
 # -- daemon services -----------------------------------------------------------------------

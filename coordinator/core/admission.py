@@ -170,7 +170,8 @@ class Admission(EngineBase):
     def _dispatch(self, run: Run, now: float) -> list[Action]:
         svc = self.services[run.service]
         if run.node is None:
-            run.node = placement.choose_one(svc, self.nodes.values(), self._load, self.rank)
+            run.node, run.placement = placement.choose_one(
+                svc, self.nodes.values(), self._load, self.rank, self.nodes_out)
         elif run.node not in self.nodes:
             run.node = None
         if run.node is None:

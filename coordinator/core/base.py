@@ -55,6 +55,8 @@ class EngineBase:
             raise ValueError(f"lead time must be >= 0 and under the order deadline "
                              f"({order_ttl:g} s), got {lead:g}")
         self.lead = lead  # dispatch runs this long before their slot (0: at the slot)
+        self.nodes_out: frozenset[str] = frozenset()
+        """Nodes taken out of placement (by ranking thresholds): no `one` run goes there."""
         self.epoch = 0
         self.nodes: dict[str, Node] = {}  # the live nodes: the one record of membership
         self.runs: dict[str, Run] = {}

@@ -1,20 +1,28 @@
 """Placement: on which live nodes a service's slot runs.
 
 `all` runs on every live node holding an allowed role. `one` picks a single such node: the
-first by a ranking when the service names one ("best node first"), otherwise the node with
-the fewest active runs (ties broken by node id, so placement is deterministic).
+first by a ranking when the service names one (`rank_by`, "best node first"), otherwise the
+node with the fewest active runs (ties broken by node id, so placement is deterministic).
+A `one` run never goes to a node taken out of placement (`out`, by a ranking threshold)
+while another eligible node is live; `all` services and daemons still run there, so the
+node's stats can show it recovered. `choose_one` also says why it chose that node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from coordinator.core.node import Node
 from protocol.service import Placement, Service
 
+Rank = Callable[[str], list[str]]
+"""A ranking's node order, best first; empty when the ranking is empty or stale."""
 
-def eligible(service: Service, nodes: Iterable[Node]) -> list[Node]:
-    return sorted((n for n in nodes if n.allows(service.allowed_roles)), key=lambda n: n.id)
+
+def eligible(service: Service, nodes: Iterable[Node],
+             out: Collection[str] = ()) -> list[Node]:
+    return sorted((n for n in nodes if n.allows(service.allowed_roles) and n.id not in out),
+                  key=lambda n: n.id)
 
 
 def targets(service: Service, nodes: Iterable[Node]) -> list[str] | None:
@@ -28,15 +36,30 @@ def choose_one(
     service: Service,
     nodes: Iterable[Node],
     load: Mapping[str, int],
-    rank: Callable[[str], list[str]] | None = None,
-) -> str | None:
-    """The node for a `one` run, or None when no live node holds an allowed role."""
-    candidates = [n for n in eligible(service, nodes) if load.get(n.id, 0) < n.capacity]
+    rank: Rank | None = None,
+    out: Collection[str] = (),
+) -> tuple[str | None, str]:
+    """The node for a `one` run (None when no live node with an allowed role has room),
+    and why: which ranking it followed, or the fallback and why it was taken."""
+    nodes = list(nodes)
+    allowed = eligible(service, nodes, out)
+    skipped = f"; {', '.join(sorted(out))} out of placement" if out else ""
+    if not allowed and out:  # every eligible node is out: better there than nowhere
+        allowed = eligible(service, nodes)
+        skipped = "; every eligible node is out of placement"
+    candidates = [n for n in allowed if load.get(n.id, 0) < n.capacity]
     if not candidates:
-        return None
+        return None, "no eligible node with room" + skipped
+    fewest = min(candidates, key=lambda n: (load.get(n.id, 0), n.id))
     if service.rank_by and rank is not None:
         order = rank(service.rank_by)
         position = {node_id: i for i, node_id in enumerate(order)}
-        candidates.sort(key=lambda n: (position.get(n.id, len(order)), load.get(n.id, 0), n.id))
-        return candidates[0].id
-    return min(candidates, key=lambda n: (load.get(n.id, 0), n.id)).id
+        ranked = [n for n in candidates if n.id in position]
+        if ranked:
+            best = min(ranked, key=lambda n: (position[n.id], load.get(n.id, 0), n.id))
+            return best.id, (f"ranking {service.rank_by}: best-ranked eligible node "
+                             f"#{position[best.id] + 1} of {', '.join(order)}{skipped}")
+        why = ("no ranked node is eligible" if order else "the ranking is empty or stale")
+        return fewest.id, (f"ranking {service.rank_by}: {why}; fewest active runs "
+                           f"({load.get(fewest.id, 0)}){skipped}")
+    return fewest.id, f"fewest active runs ({load.get(fewest.id, 0)}){skipped}"

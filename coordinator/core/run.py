@@ -87,6 +87,7 @@ class Run:
     reason: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     incarnation: str | None = None  # the session of `node` it was dispatched to
+    placement: str | None = None  # why it went to its node (`one` services)
 
     @property
     def start_at(self) -> float | None:

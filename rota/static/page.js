@@ -36,6 +36,7 @@
     order: "",          // signature of the rows' order and groups
     groups: new Map(),  // kind -> {tbody, header, count}
     nodes: [],
+    rankings: null,     // the last answer of /rankings
     roleNodes: new Map(), // role -> node ids holding it
     nodesAt: 0,
     leaderAt: 0,
@@ -657,6 +658,7 @@
         jobs.push(pollNodes());
       }
       if (state.view === "service" && state.service) jobs.push(pollService(state.service));
+      if (state.view === "rankings") jobs.push(pollRankings());
       await Promise.all(jobs);
     } finally {
       state.busy = false;
@@ -1075,7 +1077,9 @@
         el("td", { text: (n.roles || []).join(" ") || "—" }),
         since,
         el("td", { text: String(n.runs_now ?? 0) }),
-        el("td", { text: (n.daemons || []).join(", ") || "—" }));
+        el("td", { text: (n.daemons || []).join(", ") || "—" }),
+        el("td", { class: n.out_of_placement ? "out" : "",
+                   text: n.out_of_placement ? "out (ranking threshold)" : "in" }));
     }));
     tickNodes(serverNow());
   }
@@ -1091,6 +1095,54 @@
     }
   }
 
+  // ---- rankings view --------------------------------------------------------------------
+
+  async function pollRankings() {
+    const reply = await call("GET", "/rankings");
+    if (!reply.ok) return;
+    state.rankings = reply.body;
+    if (state.view === "rankings") renderRankings();
+  }
+
+  function metricText(v) {
+    if (v === undefined || v === null) return "—";
+    if (v === -1) return "N/A";
+    return Number.isInteger(v) ? String(v) : v.toFixed(3);
+  }
+
+  let rankingsSig = "";
+  function renderRankings() {
+    const body = state.rankings;
+    if (!body) return;
+    const sig = JSON.stringify(body);
+    if (sig === rankingsSig) return;
+    rankingsSig = sig;
+    const list = Array.isArray(body.rankings) ? body.rankings : [];
+    setHidden($("rankings-empty"), list.length > 0);
+    const out = body.nodes_out || [];
+    setHidden($("rankings-out"), out.length === 0);
+    setText($("rankings-out"), out.length ? `Out of placement: ${out.join(", ")}` : "");
+    $("rankings").replaceChildren(...list.map((r) => {
+      const rk = r.ranking;
+      const title = el("h3", { text: `${r.tenant}/${r.id}` });
+      const when = el("p", { class: "note", text: rk
+        ? `Last update ${fmtTime(Date.parse(rk.LastUpdate) / 1000)} · ${rk.Sorting} by ${rk.SortingParameters.join(", ")}`
+          + (r.next ? ` · next ${fmtTime(r.next)}` : "")
+        : "Not computed yet" + (r.next ? ` · first at ${fmtTime(r.next)}` : "") });
+      if (!rk) return el("article", { class: "ranking", "data-ranking": r.id }, title, when);
+      const names = [...new Set(Object.values(rk.Metrics).flatMap((m) => Object.keys(m)))].sort();
+      const head = el("tr", {}, el("th", { scope: "col", text: "#" }),
+        el("th", { scope: "col", text: "Stat" }),
+        ...names.map((m) => el("th", { scope: "col", text: m })));
+      const rows = rk.SortedStatIDs.map((stat, i) => el("tr", { "data-stat": stat },
+        el("td", { text: String(i + 1) }),
+        el("th", { scope: "row", text: stat }),
+        ...names.map((m) => el("td", { text: metricText((rk.Metrics[stat] || {})[m]) }))));
+      const table = el("table", { class: "runs" }, el("thead", {}, head), el("tbody", {}, ...rows));
+      return el("article", { class: "ranking", "data-ranking": r.id }, title, when, table);
+    }));
+  }
+
   // ---- views ----------------------------------------------------------------------------
 
   function route() {
@@ -1098,6 +1150,7 @@
     let view = "services";
     let name = null;
     if (hash === "nodes") view = "nodes";
+    else if (hash === "rankings") view = "rankings";
     else if (hash.startsWith("service/")) {
       view = "service";
       try {
@@ -1111,10 +1164,13 @@
     setHidden($("view-services"), view !== "services");
     setHidden($("view-service"), view !== "service");
     setHidden($("view-nodes"), view !== "nodes");
+    setHidden($("view-rankings"), view !== "rankings");
+    setAttr($("nav-rankings"), "aria-current", view === "rankings" ? "page" : null);
     setAttr($("nav-services"), "aria-current", view === "services" ? "page" : null);
     setAttr($("nav-nodes"), "aria-current", view === "nodes" ? "page" : null);
     if (view === "service") showServiceView(name);
     if (view === "nodes") renderNodes();
+    if (view === "rankings") renderRankings();
     if (view === "services") applyFilter();
     tickClock();
     poll();

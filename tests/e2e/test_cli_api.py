@@ -91,6 +91,28 @@ def test_services_nodes_and_show(up: Up) -> None:
     assert missing.returncode == 1 and "unknown service 'No Such Service'" in missing.stderr
 
 
+def test_rankings_and_one_ranking(up: Up) -> None:
+    deadline = time.monotonic() + 60
+    while True:  # node-health is computed every simulated minute: a second here
+        listed = up.json("rankings")
+        (entry,) = listed["rankings"]
+        if entry["ranking"] and entry["ranking"]["SortedStatIDs"]:
+            break
+        assert time.monotonic() < deadline, listed
+        time.sleep(0.5)
+    assert entry["id"] == "node-health" and entry["next"] is not None
+    ranking = up.json("ranking", "rota", "node-health")
+    assert set(ranking["SortedStatIDs"]) <= {"node-master-1", "node-redundancy-1",
+                                             "node-processing-1"}
+    table = up.rota("ranking", "rota", "node-health")
+    assert table.returncode == 0 and "*asr" in table.stdout
+    assert ranking["SortedStatIDs"][0] in table.stdout.splitlines()[2]
+    text = up.rota("rankings")
+    assert text.returncode == 0 and "node-health" in text.stdout
+    missing = up.rota("ranking", "rota", "nope")
+    assert missing.returncode == 1 and "no ranking profile 'nope'" in missing.stderr
+
+
 def test_run_wait_exit_code_follows_the_outcome(up: Up) -> None:
     out = up.rota("run", "Summary", "--wait", "--json")
     state = json.loads(out.stdout)

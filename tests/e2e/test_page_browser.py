@@ -91,6 +91,22 @@ cron = "* * * * * */5"
 allowed_roles = ["Master"]
 utility = "workers.demo:noop"
 timeout = 10
+
+[[stat]]
+id = "master-runs"
+nodes = ["w-master"]
+
+[[stat]]
+id = "proc-runs"
+nodes = ["w-proc"]
+
+[[ranking]]
+id = "workers"
+schedule = "@every 2s"
+stat_ids = ["master-runs", "proc-runs"]
+metric_ids = ["*runs", "*asr"]
+sorting = "*desc"
+sorting_parameters = ["*runs"]
 """
 WORKERS = {"w-master": "Master", "w-proc": "Processing"}
 OPERATOR = "ops-alice"
@@ -405,7 +421,20 @@ def test_operator_reads_edits_and_runs_from_the_page(
     expect(page.locator('#nodes tr[data-node="w-master"]')).to_contain_text("Master")
     expect(page.locator('#nodes tr[data-node="w-proc"]')).to_contain_text("Processing")
     expect(page.locator('#nodes tr[data-node="w-proc"]')).to_contain_text("Radius Daemon")
+    expect(page.locator('#nodes tr[data-node="w-master"]')).to_contain_text("in")
     page.screenshot(path=str(shots / "5-nodes.png"))
+
+    # -- the rankings view: stats best first, with their metrics ----------------------------
+    page.get_by_role("link", name="Rankings", exact=True).click()
+    ranking = page.locator('#rankings article[data-ranking="workers"]')
+    expect(ranking).to_contain_text("rota/workers", timeout=WAIT_MS)
+    # w-master ran Heartbeat (and the manual run), w-proc only the periodic command
+    expect(ranking.locator("tbody tr").first).to_have_attribute(
+        "data-stat", "master-runs", timeout=WAIT_MS)
+    expect(ranking.locator("thead")).to_contain_text("*runs")
+    expect(ranking.locator("thead")).to_contain_text("*asr")
+    expect(ranking).to_contain_text("*desc by *runs")
+    page.screenshot(path=str(shots / "5b-rankings.png"))
 
     # -- the filter ---------------------------------------------------------------------------
     page.get_by_role("link", name="Services", exact=True).click()

@@ -20,7 +20,7 @@ from protocol.catalogue import load_catalogue
 from rota.cli import DEFAULT_CATALOGUE, build_parser
 
 SUBCOMMANDS = ("up", "coordinator", "worker", "run", "set", "check", "services", "show",
-               "history", "nodes", "changes", "enable", "disable")
+               "history", "nodes", "changes", "rankings", "ranking", "enable", "disable")
 _API = ["--url", "ROTA_URL", "--token", "ROTA_TOKEN", "--json"]
 KEY_OPTIONS = {
     "up": ["--catalogue", "--nodes", "--speed", "--for", "--start", "--history", "--http-port",
@@ -36,6 +36,8 @@ KEY_OPTIONS = {
     "show": ["service", "--limit", *_API],
     "history": ["service", "--node", "--outcome", "--since", "--until", "--limit", *_API],
     "nodes": _API,
+    "rankings": _API,
+    "ranking": ["tenant", "id", *_API],
     "changes": ["service", "--limit", *_API],
     "enable": ["service", *_API],
     "disable": ["service", "--yes", *_API],
@@ -113,7 +115,8 @@ VALID = {  # the least each command accepts, so that only the wrong option is wr
     "set": ["Summary", "--disable", *_SERVERS[2:]],
     "check": ["catalogue.toml"],
     **{c: ["--url", "http://127.0.0.1:1"] for c in ("services", "nodes", "changes",
-                                                     "history")},
+                                                     "history", "rankings")},
+    "ranking": ["rota", "node-health", "--url", "http://127.0.0.1:1"],
     **{c: ["Summary", "--url", "http://127.0.0.1:1"] for c in ("show", "enable", "disable")},
 }
 

@@ -26,6 +26,8 @@ from protocol import (
     Message,
     NodeAnnouncement,
     ProtocolError,
+    RankingAlert,
+    RankingUpdate,
     RunEvent,
     RunOrder,
     RunRecord,
@@ -179,6 +181,7 @@ RUN_RECORDS = st.builds(
     output_tail=st.text(max_size=300),
     reason=optional(TEXT),
     attempt=st.integers(1, 2**63 - 1),
+    placement=optional(TEXT),
 )
 LEDGER_RUNS = st.builds(
     LedgerRun,
@@ -202,6 +205,30 @@ LEDGER_RUNS = st.builds(
     reason=optional(TEXT),
     metrics=st.dictionaries(TEXT, FINITE | INT64, max_size=5),
     incarnation=optional(NAMES),
+    placement=optional(TEXT),
+)
+POSITIONS = optional(st.integers(0, 10_000))
+RANKING_UPDATES = st.builds(
+    RankingUpdate,
+    tenant=NAMES,
+    id=NAMES,
+    last_update=TIMES,
+    sorted_stat_ids=st.lists(NAMES, max_size=4),
+    moved=st.lists(st.fixed_dictionaries(
+        {"stat_id": NAMES, "before": POSITIONS, "after": POSITIONS}), max_size=4),
+    epoch=st.integers(0, 2**63 - 1),
+)
+RANKING_ALERTS = st.builds(
+    RankingAlert,
+    tenant=NAMES,
+    threshold_id=NAMES,
+    ranking_id=NAMES,
+    stat_id=NAMES,
+    state=st.sampled_from(["firing", "recovered"]),
+    at=TIMES,
+    message=TEXT,
+    node_out=optional(NAMES),
+    epoch=st.integers(0, 2**63 - 1),
 )
 DEAD_LETTERS = st.builds(
     DeadLetter,
@@ -223,6 +250,8 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
     RunRecord: RUN_RECORDS,
     LedgerRun: LEDGER_RUNS,
     DeadLetter: DEAD_LETTERS,
+    RankingUpdate: RANKING_UPDATES,
+    RankingAlert: RANKING_ALERTS,
 }
 ANY_MESSAGE = st.one_of(*STRATEGIES.values())
 ALL_TYPES = list(STRATEGIES)
@@ -462,6 +491,7 @@ KINDS: dict[type[Message], dict[str, str]] = {
         "output_tail": "str",
         "reason": "str?",
         "attempt": "int",
+        "placement": "str?",
     },
     LedgerRun: {
         "run_id": "str",
@@ -484,6 +514,26 @@ KINDS: dict[type[Message], dict[str, str]] = {
         "reason": "str?",
         "metrics": "dict",
         "incarnation": "str?",
+        "placement": "str?",
+    },
+    RankingUpdate: {
+        "tenant": "str",
+        "id": "str",
+        "last_update": "float",
+        "sorted_stat_ids": "list",
+        "moved": "list",
+        "epoch": "int",
+    },
+    RankingAlert: {
+        "tenant": "str",
+        "threshold_id": "str",
+        "ranking_id": "str",
+        "stat_id": "str",
+        "state": "str",
+        "at": "float",
+        "message": "str",
+        "node_out": "str?",
+        "epoch": "int",
     },
     DeadLetter: {
         "original": "bytes",

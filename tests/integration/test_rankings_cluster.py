@@ -1,0 +1,154 @@
+"""RankingS on a real cluster: two coordinators and three workers as processes on real
+RabbitMQ and ZooKeeper, every node probed each second by a utility that behaves per node as
+a file says (tests/integration/catalogues/rankings.toml).
+
+Observed from the outside (the HTTP API and `rota.events`): the nodes are ranked by success
+and speed; the ranking follows when a node starts failing; each change is a RankingUpdate
+event; a `one` service with rank_by runs on the best node and its run record says why; a
+failing node is taken out of placement and comes back after it recovers; a ranking stored
+by a leader killed with SIGKILL is what its successor serves, with its schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from protocol import RankingAlert, RankingUpdate, RunRecord
+from tests.harness import Cluster, EventRecorder, running_cluster
+
+CATALOGUE = Path(__file__).parent / "catalogues" / "rankings.toml"
+NODES = ("node-a", "node-b", "node-c")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _get(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _wait(what: str, probe: Callable[[], Any], c: Cluster, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+        except (OSError, urllib.error.URLError, ValueError, KeyError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: still {last!r} after {timeout:.0f} s\n{c.logs()}")
+
+
+def _behave(path: Path, plan: dict[str, dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(plan))
+    tmp.replace(path)
+
+
+def test_rankings_follow_the_nodes_place_take_out_and_survive_a_sigkill(
+        amqp_url: str, zk_hosts: str, tmp_path: Path) -> None:
+    behaviour = tmp_path / "behaviour.json"
+    _behave(behaviour, {"node-a": {"seconds": 0.05}, "node-b": {"seconds": 0.5},
+                        "node-c": {"fail": True}})
+    catalogue = tmp_path / "rankings.toml"
+    catalogue.write_text(CATALOGUE.read_text().replace("BEHAVIOUR", str(behaviour)))
+    with running_cluster(amqp_url, zk_hosts, catalogue, tmp_path) as (c, rec):
+        _run(c, rec, behaviour)
+
+
+def _run(c: Cluster, rec: EventRecorder, behaviour: Path) -> None:
+    for node in NODES:
+        c.worker(node, "Worker")
+    ports = {"coord-a": _free_port(), "coord-b": _free_port()}
+    c.coordinator("coord-a", http_port=ports["coord-a"])
+    leader = _wait("coord-a leads", lambda: c.leader() == "coord-a" and "coord-a", c)
+    c.coordinator("coord-b", http_port=ports["coord-b"])
+    port = ports[leader]
+
+    def health() -> dict[str, Any]:
+        body: dict[str, Any] = _get(port, "/api/v1/rankings/rota/node-health")
+        return body
+
+    # Ranked by success, then speed: fast node-a, slow node-b, failing node-c.
+    _wait("ranked a, b, c",
+          lambda: health()["SortedStatIDs"] == ["node-a", "node-b", "node-c"], c)
+    ranking = health()
+    assert ranking["Metrics"]["node-c"]["*asr"] == 0.0
+    assert ranking["Metrics"]["node-a"]["*acd"] < ranking["Metrics"]["node-b"]["*acd"]
+    updates = [m for m in list(rec.rankings) if isinstance(m, RankingUpdate)]
+    assert any(u.id == "node-health" and u.sorted_stat_ids == ["node-a", "node-b", "node-c"]
+               for u in updates)
+
+    # node-c is taken out of placement: on the nodes view and as an alert.
+    def out_nodes() -> set[str]:
+        return {n["id"] for n in _get(port, "/api/v1/nodes")["nodes"] if n["out_of_placement"]}
+
+    _wait("node-c out", lambda: out_nodes() == {"node-c"}, c)
+    fired = [m for m in list(rec.rankings) if isinstance(m, RankingAlert)]
+    assert (fired[0].threshold_id, fired[0].state, fired[0].node_out) == (
+        "node-c-failing", "firing", "node-c")
+
+    # A `one` service with rank_by runs on the best node and says so.
+    def picks(after: float) -> list[RunRecord]:
+        return [r for r in rec.finals() if r.service == "Pick" and r.state == "succeeded"
+                and (r.queued_at or 0) > after]
+
+    since = time.time()
+    first = _wait("Pick ran", lambda: picks(since)[:3], c)
+    assert {r.node for r in first} == {"node-a"}, [(r.node, r.placement) for r in first]
+    assert all((r.placement or "").startswith("ranking node-health: best-ranked")
+               for r in first)
+
+    # node-a starts failing: node-b is first, and Pick follows it.
+    _behave(behaviour, {"node-a": {"fail": True}, "node-b": {"seconds": 0.5},
+                        "node-c": {"fail": True}})
+    _wait("node-b first", lambda: health()["SortedStatIDs"][0] == "node-b", c)
+    since = time.time() + 1.0
+    later = _wait("Pick ran again", lambda: picks(since)[:3], c)
+    assert {r.node for r in later} == {"node-b"}, [(r.node, r.placement) for r in later]
+    moved = [m for m in list(rec.rankings) if isinstance(m, RankingUpdate)
+             and m.id == "node-health" and m.sorted_stat_ids[:1] == ["node-b"]]
+    assert moved and any(mv["stat_id"] == "node-b" and mv["after"] == 0
+                         for mv in moved[0].moved)
+
+    # node-c recovers and comes back.
+    _behave(behaviour, {"node-a": {"fail": True}, "node-b": {"seconds": 0.5}, "node-c": {}})
+    _wait("node-c back", lambda: out_nodes() == set(), c)
+    back = [m for m in list(rec.rankings) if isinstance(m, RankingAlert)
+            and m.state == "recovered"]
+    assert back and back[0].node_out == "node-c"
+
+    # A stored ranking survives a SIGKILL of the leader: the successor serves the last one
+    # computed (every 20 s) before its next computation is due, and keeps its schedule.
+    def slow() -> dict[str, Any]:
+        body: dict[str, Any] = _get(port, "/api/v1/rankings/rota/node-health-slow")
+        return body
+
+    seen = _wait("node-health-slow computed", lambda: slow()["LastUpdate"], c, timeout=40)
+    last = _wait("node-health-slow computed again",
+                 lambda: slow()["LastUpdate"] != seen and slow(), c, timeout=40)
+    c.procs[leader].kill()
+    successor = _wait("coord-b leads", lambda: c.leader() == "coord-b" and "coord-b", c)
+    port = ports[successor]
+    served = _wait("the successor serves node-health-slow", slow, c)
+    assert served == last
+    (entry,) = _get(port, "/api/v1/ranking-schedule/rota?prefix=node-health-slow")["schedule"]
+    assert entry["Next"] > time.time() - 1
+    # node-health goes on being computed by the successor from the stats it took over.
+    _wait("the successor computes node-health",
+          lambda: health()["Metrics"]["node-b"]["*runs"] == 4.0, c)
