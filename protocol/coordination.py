@@ -85,6 +85,13 @@ class Coordination(Protocol):
 
     def leader(self) -> str | None: ...
 
+    def advertise(self, url: str) -> None:
+        """Where this contender serves its page and API, told to the others while it leads
+        (set before `contend`)."""
+        ...
+
+    def leader_url(self) -> str | None: ...
+
     def close(self) -> None: ...
 
 
@@ -97,6 +104,7 @@ class _Store:
         self.cond = threading.Condition(self.lock)
         self.epoch = 0
         self.leader: str | None = None
+        self.urls: dict[str, str] = {}  # contender -> where it serves its page and API
         self.ledger: dict[str, bytes] = {}
         self.nodes: dict[str, bytes] = {}
         self.node_watchers: list[Callable[[dict[str, bytes]], None]] = []
@@ -148,6 +156,7 @@ class MemoryCoordination:
         self.store = store or _Store()
         self._stopped = threading.Event()
         self._announced: set[str] = set()
+        self._url = ""
 
     def handle(self) -> MemoryCoordination:
         """Another participant (coordinator or worker) on the same store."""
@@ -161,6 +170,8 @@ class MemoryCoordination:
                 if self._stopped.is_set():
                     return
                 self.store.leader = identifier
+                if self._url:
+                    self.store.urls[identifier] = self._url
                 self.store.epoch += 1
                 epoch = self.store.epoch
                 watchers = list(self.store.epoch_watchers)
@@ -219,6 +230,13 @@ class MemoryCoordination:
 
     def leader(self) -> str | None:
         return self.store.leader
+
+    def advertise(self, url: str) -> None:
+        self._url = url
+
+    def leader_url(self) -> str | None:
+        with self.store.lock:
+            return self.store.urls.get(self.store.leader or "")
 
     def close(self) -> None:
         self.stop()

@@ -2,7 +2,8 @@
 
 Znodes, under the chroot given in `hosts` (e.g. "zk1:2181,zk2:2181/rota-prod"):
 
-- `/rota/election/<uuid>-n_<seq>`: ephemeral sequential, data = contender identifier. The
+- `/rota/election/<uuid>-n_<seq>`: ephemeral sequential, data = contender identifier (and,
+  on a second line, the URL of its page and API when it advertised one). The
   lowest sequence leads; every other contender watches its predecessor only.
 - `/rota/epoch`: the fencing epoch is this znode's data *version*. A new leader sets it (data =
   its identifier) in one transaction with a check that its own election znode still exists,
@@ -150,6 +151,11 @@ def bucket_path(index: int) -> str:
 
 def log_path(key: str) -> str:
     return f"{LOG}/{encode_name(key[len(LOG_PREFIX):])}"
+
+
+def _contender_data(ident: str, url: str) -> bytes:
+    """An election znode's data: the identifier, then the URL it serves on, if any."""
+    return (ident + ("\n" + url if url else "")).encode()
 
 
 def _sequence(name: str) -> str | None:
@@ -692,6 +698,7 @@ class ZkCoordination:
         connect_timeout: float | None = 30.0,
     ) -> None:
         self.identifier = identifier
+        self._url = ""  # advertised with this contender's election znode
         self.hosts = hosts
         self.client = KazooClient(
             hosts=hosts,
@@ -823,8 +830,8 @@ class ZkCoordination:
                     else:
                         session = self._session_id()
                         created = self.client.create(
-                            f"{ELECTION}/{prefix}", ident.encode(), ephemeral=True,
-                            sequence=True,
+                            f"{ELECTION}/{prefix}", _contender_data(ident, self._url),
+                            ephemeral=True, sequence=True,
                         )
                         mine = created.rsplit("/", 1)[1]
                         continue
@@ -902,6 +909,19 @@ class ZkCoordination:
             return self._epoch_seen
 
     def leader(self) -> str | None:
+        first = self._first_contender()
+        return None if first is None else first[0]
+
+    def advertise(self, url: str) -> None:
+        self._url = url
+
+    def leader_url(self) -> str | None:
+        first = self._first_contender()
+        return None if first is None else first[1]
+
+    def _first_contender(self) -> tuple[str, str | None] | None:
+        """The identifier of the contender first in line (the leader, or the next one), and
+        the URL it advertised."""
         try:
             children = self.client.get_children_async(ELECTION).get(timeout=1.0)
             candidates = (c for c in children if _sequence(c))
@@ -910,7 +930,8 @@ class ZkCoordination:
                     data, _stat = self.client.get_async(f"{ELECTION}/{name}").get(timeout=1.0)
                 except NoNodeError:
                     continue
-                return (data or b"").decode()
+                ident, _, url = (data or b"").decode(errors="replace").partition("\n")
+                return ident, url or None
         except Exception:
             return None
         return None

@@ -190,13 +190,20 @@ def make_app(coordinator: Coordinator, runs: RunSource, tokens: Tokens, *,
             epoch = None
         return leader, epoch
 
+    def leader_url() -> str | None:
+        """Where the leader serves its page and API, as it advertised (None: unknown)."""
+        try:
+            return coordinator.coordination.leader_url()
+        except Exception:
+            return None
+
     def snapshot() -> view.Snapshot:
         snap = coordinator.snapshot()
         if snap is None:
             leader, _ = leader_info()
             raise ApiError(503, "this coordinator is not the leader"
                            + (f"; {leader} leads" if leader else "; no leader right now"),
-                           leader=leader)
+                           leader=leader, leader_url=leader_url())
         return snap
 
     def service_row(snap: view.Snapshot, name: str) -> view.Row:
@@ -246,6 +253,7 @@ def make_app(coordinator: Coordinator, runs: RunSource, tokens: Tokens, *,
         reader(request)
         leader, epoch = leader_info()
         return {"this": coordinator.identifier, "leader": leader, "epoch": epoch,
+                "leader_url": leader_url(),
                 "is_leader": coordinator.snapshot() is not None, "now": clock.now()}
 
     @app.get("/api/v1/services", tags=["services"])
@@ -406,7 +414,7 @@ def make_app(coordinator: Coordinator, runs: RunSource, tokens: Tokens, *,
         leader, _ = leader_info()
         return ApiError(503, "this coordinator is not the leader"
                         + (f"; {leader} leads" if leader else "; no leader right now"),
-                        leader=leader)
+                        leader=leader, leader_url=leader_url())
 
     api_rankings.mount(app, coordinator, tokens, reader=reader, who=who,
                        not_leading=not_leading, submit=submit, body_of=body_of,

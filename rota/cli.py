@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address for --http-port (default 127.0.0.1)")
     co.add_argument("--http-port", type=int, default=None, metavar="PORT",
                     help="serve the service page, the API (/api/v1, /docs) and /metrics")
+    co.add_argument("--public-url", default=None, metavar="URL",
+                    help="how operators reach this coordinator's page and API, told to the "
+                         "other coordinators so a standby's page links to the leader "
+                         "(default: http://HOST:PORT of --http-host and --http-port)")
     _add_tokens(co, "without one, every change through the API is refused (401)")
     co.add_argument("--session-timeout", type=float, default=2.0, metavar="SECONDS",
                     help="ZooKeeper session timeout: how fast a dead leader is replaced")
@@ -412,6 +417,14 @@ def _serve(coord, args: argparse.Namespace, runs, generate: bool):
                  protect_reads=args.protect_reads)
 
 
+def _own_url(host: str, port: int) -> str:
+    """This process's page and API as others may reach them: a wildcard address stands for
+    this host's name."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.adapters.events import RabbitEventBus
     from coordinator.leader import Coordinator, LeaderOptions, fault_from_spec
@@ -451,6 +464,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     if args.http_port:
         from rota.runs import StreamRuns
 
+        coordination.advertise(args.public_url or _own_url(args.http_host, args.http_port))
         stream = StreamRuns(args.amqp, coord).start()
         coord.outbox.history_sinks.append(stream.sink)
         try:

@@ -488,5 +488,8 @@ def test_operator_reads_edits_and_runs_from_the_page(
     expect(other.locator("#standby")).to_contain_text(
         f"This coordinator ({standby}) is a standby. The leader is {leader}", timeout=WAIT_MS)
     expect(other.locator("#leader")).to_contain_text(f"Leader: {leader}")
+    # ... and links to the leader's own page, at the address the leader advertised.
+    assert views[standby]["leader_url"] == apis[leader].base, views
+    expect(other.locator("#standby a")).to_have_attribute("href", apis[leader].base)
     other.screenshot(path=str(shots / "6-standby.png"))
     assert not errors, errors

@@ -193,6 +193,26 @@ def zk(zk_hosts: str) -> Iterator[Backend]:
 
 
 # -- the contract ------------------------------------------------------------------------
+def test_the_leaders_advertised_url_is_known_to_the_others(backend: Backend) -> None:
+    """A standby's page links to the leader's: contenders advertise where they serve."""
+    observer = backend.new("observer")
+    a, b = backend.new("a"), backend.new("b")
+    a.advertise("http://a.example:9400")
+    b.advertise("http://b.example:9400")
+    first = Contender(a, "a", max_terms=1)
+    term, done = first.next_term()
+    assert observer.leader() == "a"
+    assert observer.leader_url() == "http://a.example:9400"
+    second = Contender(b, "b", max_terms=1)
+    done.set()
+    term, done = second.next_term()
+    wait_for(lambda: observer.leader() == "b", what="b to lead")
+    assert observer.leader_url() == "http://b.example:9400"
+    done.set()
+    wait_for(lambda: observer.leader() is None, what="the election to empty")
+    assert observer.leader_url() is None
+
+
 def test_one_leader_at_a_time_and_epochs_increase(backend: Backend) -> None:
     observer = backend.new("observer")
     seen: list[int] = []
