@@ -139,12 +139,23 @@ def test_a_leader_gone_while_orders_are_held(how: str, amqp_url: str, zk_hosts: 
             c.worker(node, roles)
         for name in ("coord-a", "coord-b"):
             c.coordinator(name)
-        leader = _leader(c)
         assert rec.wait_for(lambda r: r.state == "succeeded", 30) is not None, c.logs()
         t0 = time.time()
         time.sleep(4)
-        old_epoch = max(r.epoch for r in rec.snapshot())
-        slot = _held_orders(rec, old_epoch)
+        # The leader whose orders are held now; on a loaded machine a term may end by itself
+        # meanwhile (a ZooKeeper session in trouble): then look again at the next one.
+        for _attempt in range(3):
+            leader = _leader(c)
+            old_epoch = max(r.epoch for r in rec.snapshot())
+            try:
+                slot = _held_orders(rec, old_epoch, timeout=15)
+            except AssertionError:
+                continue
+            if c.leader() == leader and max(r.epoch for r in rec.snapshot()) == old_epoch:
+                break
+        else:
+            raise AssertionError(f"no leader kept its term long enough to hold orders\n"
+                                 f"{c.logs()}")
         if how == "sigkill":
             c.procs[leader].kill()
         else:
