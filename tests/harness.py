@@ -283,6 +283,17 @@ class Cluster:
         finally:
             zk.close()
 
+
+    def wait_leader(self, not_: str | None = None, timeout: float = 20.0) -> str:
+        """The coordinator that leads (other than `not_`), a live process of this cluster."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            who = self.leader()
+            if who and who != not_ and self.procs.get(who) and self.procs[who].alive():
+                return who
+            time.sleep(0.1)
+        raise AssertionError(f"no leader (other than {not_}) after {timeout:.0f} s\n"
+                             f"{self.logs()}")
     def close(self) -> None:
         for p in list(self.procs.values()):
             p.stop(10)

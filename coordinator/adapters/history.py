@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,15 +94,8 @@ def read_history(
     bad = 0
     try:
         ch = conn.channel()
-        ch.basic_qos(prefetch_count=1000)  # a stream consumer must set a prefetch
         offset: Any = "first" if since is None else _offset_at(since)
-        deadline = time.monotonic() + timeout
-        consumer = ch.consume(STREAM, inactivity_timeout=idle,
-                              arguments={"x-stream-offset": offset})
-        for method, _props, body in consumer:
-            if method is None or time.monotonic() > deadline:
-                break
-            ch.basic_ack(method.delivery_tag)
+        for body in _bodies(ch, STREAM, offset, idle, timeout):
             try:
                 rec = decode_as(body, RunRecord)
             except ProtocolError as exc:
@@ -116,7 +109,6 @@ def read_history(
             out.append(rec)
             if limit is not None and len(out) > 4 * limit:
                 del out[: len(out) - limit]
-        ch.cancel()
     finally:
         conn.close()
     if limit is not None:
@@ -141,14 +133,7 @@ def read_changes(
     try:
         ch = conn.channel()
         declare_history(ch)
-        ch.basic_qos(prefetch_count=1000)
-        deadline = time.monotonic() + timeout
-        consumer = ch.consume(CHANGES, inactivity_timeout=idle,
-                              arguments={"x-stream-offset": "first"})
-        for method, _props, body in consumer:
-            if method is None or time.monotonic() > deadline:
-                break
-            ch.basic_ack(method.delivery_tag)
+        for body in _bodies(ch, CHANGES, "first", idle, timeout):
             try:
                 change = decode_as(body, ServiceChange)
             except ProtocolError as exc:
@@ -158,10 +143,24 @@ def read_changes(
                 out.append(change)
                 if len(out) > 4 * max(limit, 1):
                     del out[: len(out) - limit]
-        ch.cancel()
     finally:
         conn.close()
     return out[-limit:] if limit else []
+
+
+def _bodies(ch: Any, stream: str, offset: Any, idle: float, timeout: float) -> Iterator[bytes]:
+    """The bodies of a stream from `offset`, until none comes for `idle` seconds or after
+    `timeout`; the consumer is cancelled once read."""
+    ch.basic_qos(prefetch_count=1000)  # a stream consumer must set a prefetch
+    deadline = time.monotonic() + timeout
+    consumer = ch.consume(stream, inactivity_timeout=idle,
+                          arguments={"x-stream-offset": offset})
+    for method, _props, body in consumer:
+        if method is None or time.monotonic() > deadline:
+            break
+        ch.basic_ack(method.delivery_tag)
+        yield body
+    ch.cancel()
 
 
 def _offset_at(since: float) -> Any:

@@ -49,16 +49,6 @@ def _catalogue(path: Path) -> Path:
     return path
 
 
-def _leader(c: Cluster, not_: str | None = None, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        who = c.leader()
-        if who and who != not_ and c.procs.get(who) and c.procs[who].alive():
-            return who
-        time.sleep(0.1)
-    raise AssertionError(f"no leader (other than {not_}) after {timeout:.0f} s\n{c.logs()}")
-
-
 def _held_orders(rec: EventRecorder, epoch: int, timeout: float = 30.0) -> float:
     """Wait for orders of `epoch` sent ahead, whose slot has not come: that slot."""
     deadline = time.monotonic() + timeout
@@ -100,7 +90,7 @@ def test_orders_go_ahead_and_start_at_their_slot(amqp_url: str, zk_hosts: str,
         for node, roles in THREE_NODES.items():
             c.worker(node, roles)
         c.coordinator("coord-a")
-        _leader(c)
+        c.wait_leader(timeout=30)
         assert rec.wait_for(lambda r: r.state == "succeeded", 30) is not None, c.logs()
         t0 = time.time()
         time.sleep(20)
@@ -145,7 +135,7 @@ def test_a_leader_gone_while_orders_are_held(how: str, amqp_url: str, zk_hosts: 
         # The leader whose orders are held now; on a loaded machine a term may end by itself
         # meanwhile (a ZooKeeper session in trouble): then look again at the next one.
         for _attempt in range(3):
-            leader = _leader(c)
+            leader = c.wait_leader(timeout=30)
             old_epoch = max(r.epoch for r in rec.snapshot())
             try:
                 slot = _held_orders(rec, old_epoch, timeout=15)
@@ -161,7 +151,7 @@ def test_a_leader_gone_while_orders_are_held(how: str, amqp_url: str, zk_hosts: 
         else:
             c.procs[leader].stop()
         gone_at = time.time()
-        successor = _leader(c, not_=leader)
+        successor = c.wait_leader(not_=leader, timeout=30)
         new = rec.wait_for(lambda r: r.epoch > old_epoch, 30)
         assert new is not None, c.logs()
         time.sleep(12)

@@ -65,16 +65,6 @@ def _burst_catalogue(path: Path, slot: float) -> Path:
     return path
 
 
-def _leader(c: Cluster, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        who = c.leader()
-        if who and c.procs.get(who) and c.procs[who].alive():
-            return who
-        time.sleep(0.1)
-    raise AssertionError(f"no leader after {timeout:.0f} s\n{c.logs()}")
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_leader_sigkilled_mid_burst(amqp_url: str, zk_hosts: str, tmp_path: Path) -> None:
@@ -88,12 +78,13 @@ def test_leader_sigkilled_mid_burst(amqp_url: str, zk_hosts: str, tmp_path: Path
             c.worker(node, roles)
         for name in ("coord-a", "coord-b"):
             c.coordinator(name)
-        _leader(c, LEAD - 5)
+        c.wait_leader(timeout=LEAD - 5)
         assert rec.wait_for(lambda r: r.service == "Tick" and r.state == "succeeded",
                             max(1.0, slot - 3 - time.time())) is not None, c.logs()
         t0 = time.time()
         assert t0 < slot - 1, f"the cluster came up only {slot - t0:.1f} s before the burst"
-        leader = _leader(c, 1)  # asked before the burst: the kill follows its first order at once
+        # Asked before the burst: the kill follows its first order at once.
+        leader = c.wait_leader(timeout=1)
         old_epoch = max(r.epoch for r in rec.snapshot())
         deadline = time.monotonic() + slot + 20 - time.time()
         while not any(r.service in names for r in rec.snapshot()):

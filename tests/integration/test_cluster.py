@@ -25,16 +25,6 @@ def _start(c: Cluster) -> None:
     c.coordinator("coord-b")
 
 
-def _wait_leader(c: Cluster, not_: str | None = None, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        who = c.leader()
-        if who and who != not_:
-            return who
-        time.sleep(0.2)
-    raise AssertionError(f"no leader (other than {not_}) after {timeout}s\n{c.logs()}")
-
-
 def _node_roles() -> dict[str, list[str]]:
     return {n: r.split(",") for n, r in NODES.items()}
 
@@ -42,7 +32,7 @@ def _node_roles() -> dict[str, list[str]]:
 def test_two_coordinators_three_workers_run_every_slot_once(cluster) -> None:  # type: ignore[no-untyped-def]
     c, rec = cluster
     _start(c)
-    leader = _wait_leader(c)
+    leader = c.wait_leader()
     first = rec.wait_for(lambda r: r.state == "succeeded", 20)
     assert first is not None, c.logs()
     t0 = time.time()
@@ -50,7 +40,7 @@ def test_two_coordinators_three_workers_run_every_slot_once(cluster) -> None:  #
 
     # A graceful stop of the leader hands over without a missed or repeated slot.
     c.procs[leader].stop()
-    successor = _wait_leader(c, not_=leader)
+    successor = c.wait_leader(not_=leader)
     assert successor != leader
     time.sleep(15)
     t1 = time.time()
@@ -81,7 +71,7 @@ def test_two_coordinators_three_workers_run_every_slot_once(cluster) -> None:  #
 def test_worker_rejects_stale_epoch_and_late_orders(cluster, amqp_url: str) -> None:  # type: ignore[no-untyped-def]
     c, rec = cluster
     _start(c)
-    _wait_leader(c)
+    c.wait_leader()
     assert rec.wait_for(lambda r: r.state == "succeeded", 20) is not None, c.logs()
     broker = transport.make_broker(amqp_url)
     now = time.time()

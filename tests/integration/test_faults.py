@@ -27,16 +27,6 @@ NODES = THREE_NODES
 ROLES = THREE_NODES_ROLES
 
 
-def wait_leader(c: Cluster, not_: str | None = None, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        who = c.leader()
-        if who and who != not_ and c.procs.get(who) and c.procs[who].alive():
-            return who
-        time.sleep(0.1)
-    raise AssertionError(f"no new leader after {timeout}s\n{c.logs()}")
-
-
 def start_workers(c: Cluster) -> None:
     for node, roles in NODES.items():
         c.worker(node, roles)
@@ -61,13 +51,13 @@ def test_leader_sigkilled_ten_times(cluster) -> None:  # type: ignore[no-untyped
     start_workers(c)
     for name in ("coord-a", "coord-b", "coord-c"):
         c.coordinator(name)
-    wait_leader(c)
+    c.wait_leader()
     assert rec.wait_for(lambda r: r.state == "succeeded", 20) is not None, c.logs()
     t0 = time.time()
     rnd = random.Random(7)
     failovers: list[float] = []
     for i in range(10):
-        leader = wait_leader(c)
+        leader = c.wait_leader()
         old_epoch = max((r.epoch for r in rec.snapshot()), default=0)
         mode = ("kill", "after-ledger", "after-publish")[i % 3]
         if mode != "kill":
@@ -110,7 +100,7 @@ def test_worker_sigkilled_mid_run(cluster, zk_hosts: str) -> None:  # type: igno
     start_workers(c)
     c.worker("w-master-2", "Master")
     c.coordinator("coord-a")
-    wait_leader(c)
+    c.wait_leader()
     assert rec.wait_for(lambda r: r.state == "succeeded", 20) is not None, c.logs()
     t0 = time.time()
     # Kill the node while it runs a Stats A run (1 s, run group stats_processing).
@@ -148,7 +138,7 @@ def test_a_worker_dying_while_no_leader_runs_has_its_run_lost_by_the_next(cluste
     start_workers(c)
     c.worker("w-master-2", "Master")
     c.coordinator("coord-a")
-    wait_leader(c)
+    c.wait_leader()
     running = rec.wait_for(lambda r: r.service == "Stats A" and r.state == "running", 30)
     assert running is not None and running.node is not None, c.logs()
     victim = running.node
@@ -177,7 +167,7 @@ def test_orders_left_for_a_dead_worker_do_not_run_after_it_restarts(cluster) -> 
     c, rec = cluster
     start_workers(c)
     c.coordinator("coord-a")
-    wait_leader(c)
+    c.wait_leader()
     assert rec.wait_for(lambda r: r.service == "Everywhere" and r.node == "w-proc"
                         and r.state == "succeeded", 20), c.logs()
     # Kill w-proc half a second before the leader sends it an Everywhere order (slots every
@@ -218,7 +208,7 @@ def test_rabbitmq_and_zookeeper_restarts(cluster, servers) -> None:  # type: ign
     start_workers(c)
     c.coordinator("coord-a")
     c.coordinator("coord-b")
-    wait_leader(c)
+    c.wait_leader()
     assert rec.wait_for(lambda r: r.state == "succeeded", 20) is not None, c.logs()
     t0 = time.time()
     time.sleep(3)
