@@ -908,7 +908,9 @@ def _moves(value: Any) -> list[dict[str, Any]]:
     position = _optional(_integer(minimum=0))
     out = []
     for index, move in enumerate(value):
-        if not isinstance(move, dict) or set(move) != {"stat_id", "before", "after"}:
+        if not isinstance(move, dict):
+            raise _wrong("map of stat_id, before, after", move).inside(f"[{index}]")
+        if set(move) != {"stat_id", "before", "after"}:
             raise _Invalid(BAD_VALUE, "expected a map of stat_id, before, after",
                            ).inside(f"[{index}]")
         try:
