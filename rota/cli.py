@@ -436,7 +436,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     ident = args.id or f"{os.uname().nodename}-{os.getpid()}"
     coordination = ZkCoordination(args.zk, session_timeout=args.session_timeout,
                                   identifier=ident)
-    leader_transport = transport.make_transport(args.amqp)
+    leader_transport = transport.make_transport(args.amqp, role="coordinator")
     events = RabbitEventBus(args.amqp)
     try:
         fault = fault_from_spec(os.environ.get("ROTA_FAULT"))
@@ -502,7 +502,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         sys.exit("rota worker: --roles needs at least one role")
     coordination = ZkCoordination(args.zk, session_timeout=args.session_timeout,
                                   identifier=args.node)
-    worker_transport = transport.make_transport(args.amqp)
+    worker_transport = transport.make_transport(args.amqp, role="worker")
     metrics_url = None
     if args.http_port:
         from prometheus_client import start_http_server
@@ -541,11 +541,14 @@ def _publish_request(amqp: str, msg) -> None:
     logging.getLogger("pika").setLevel(logging.CRITICAL)
     where = urlsplit(amqp)
     try:
-        requests = transport.make_transport(amqp)
+        requests = transport.make_transport(amqp, role="operator")
         try:
             requests.send(transport.REQUESTS, encode(msg))
         finally:
             requests.close()
+    except transport.RefusedByBroker as exc:
+        sys.exit(f"rota: {exc}; the operator's RabbitMQ user needs write access to "
+                 "rota.x.requests, which a coordinator declares when it starts")
     except Exception as exc:
         sys.exit(f"rota: cannot reach RabbitMQ at {where.hostname}:{where.port or 5672} "
                  f"({type(exc).__name__}); check --amqp / ROTA_AMQP_URL and that it is running")
