@@ -66,8 +66,12 @@ class _RotaBroker(RabbitmqBroker):
                 break
             except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
                 del self.connection
+                code = getattr(e, "reply_code", 0)
+                if code == 404 and not self.binds:
+                    log.warning("cannot set up %s yet (%s): a coordinator declares Rota's "
+                                "exchanges when it starts", canonical_queue_name, e)
                 attempts += 1
-                if attempts >= MAX_DECLARE_ATTEMPTS or getattr(e, "reply_code", 0) == 403:
+                if attempts >= MAX_DECLARE_ATTEMPTS or code in _REFUSED:
                     raise ConnectionClosed(e) from None
 
     def _declare_bound(self, queue: str) -> None:

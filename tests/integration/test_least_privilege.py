@@ -196,9 +196,12 @@ def test_a_cluster_on_its_role_users_runs_its_schedule_and_an_operators_manual_r
 ) -> None:
     with running_cluster(amqp_url, zk_hosts, SECONDS_CATALOGUE, tmp_path) as (c, rec):
         c.role_urls.update(coordinator=role_urls["coordinator"], worker=role_urls["worker"])
-        c.coordinator("coord-a")
+        # Workers first: they wait for the exchanges the coordinator declares.
         for node, roles in THREE_NODES.items():
             c.worker(node, roles)
+        time.sleep(2.0)
+        c.coordinator("coord-a")
+        c.coordinator("coord-b")
 
         # Scheduled runs go out and come back: orders reach the workers, results the leader.
         for node in THREE_NODES:
