@@ -34,7 +34,6 @@ log = logging.getLogger("rota.transport")
 
 _PERSISTENT = pika.BasicProperties(delivery_mode=2)
 _SEND_ATTEMPTS = 6
-_REFUSED = (403, 404)  # access refused, no such exchange: trying again will not help
 
 
 class _RotaBroker(RabbitmqBroker):
@@ -53,8 +52,13 @@ class _RotaBroker(RabbitmqBroker):
         }
 
     def declare_exchanges(self) -> None:
+        """Rota's exchanges, declared once per connection of the calling thread."""
+        connection = self.connection
+        if getattr(self.state, "exchanges_on", None) is connection:
+            return
         for exchange in topology.EXCHANGES:
             self.channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+        self.state.exchanges_on = connection
 
     def _ensure_queue(self, canonical_queue_name):
         attempts = 0
@@ -71,7 +75,8 @@ class _RotaBroker(RabbitmqBroker):
                     log.warning("cannot set up %s yet (%s): a coordinator declares Rota's "
                                 "exchanges when it starts", canonical_queue_name, e)
                 attempts += 1
-                if attempts >= MAX_DECLARE_ATTEMPTS or code in _REFUSED:
+                if attempts >= MAX_DECLARE_ATTEMPTS or code == 403 or \
+                        (code == 404 and not self.binds):
                     raise ConnectionClosed(e) from None
 
     def _declare_bound(self, queue: str) -> None:
@@ -108,11 +113,11 @@ class _RotaBroker(RabbitmqBroker):
                     ConnectionClosed) as e:
                 del self.connection
                 code = getattr(e, "reply_code", None)
-                if code in _REFUSED:
+                if code == 403 or (code == 404 and not self.binds):
                     raise RefusedByBroker(f"RabbitMQ refused to publish to {queue}: "
                                           f"{getattr(e, 'reply_text', e)}") from None
-                if isinstance(e, pika.exceptions.UnroutableError):
-                    self.queues_pending.add(q_name(queue))
+                if code == 404 or isinstance(e, pika.exceptions.UnroutableError):
+                    self.queues_pending.add(q_name(queue))  # declared and bound again
                 attempts += 1
                 if attempts >= _SEND_ATTEMPTS:
                     raise ConnectionClosed(e) from None

@@ -11,6 +11,7 @@ and worker users runs its schedule, and an operator's manual-run request runs en
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,15 +20,19 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlparse
 
 import pika
 import pika.exceptions
 import pytest
 
+from ops import localservers
+from ops.localservers import ROLE_USERS
 from protocol import DaemonControl, RunEvent, RunOrder, encode
 from protocol.topology import (
     DEAD_EXCHANGE,
     ORDERS_EXCHANGE,
+    PERMISSIONS,
     REQUESTS_EXCHANGE,
     RESULTS_EXCHANGE,
     UNREADABLE_EXCHANGE,
@@ -223,3 +228,47 @@ def test_a_cluster_on_its_role_users_runs_its_schedule_and_an_operators_manual_r
 
         logs = "\n".join(p.log.read_text(errors="replace") for p in c.procs.values())
         assert "ACCESS_REFUSED" not in logs, logs[-4000:]
+
+
+def test_the_compose_definitions_load_into_rabbitmq_with_each_roles_permissions(
+    servers: localservers.Servers, amqp_url: str, tmp_path: Path
+) -> None:
+    """docker-compose.yml's definitions, imported as RabbitMQ imports them at boot (under
+    names of this test's own, so that the shared broker's users stay as they are)."""
+    yaml = pytest.importorskip("yaml")
+    from tests.unit.test_compose import COMPOSE, _interpolate
+
+    vhost = unquote(urlparse(amqp_url).path[1:])
+    tag = uuid.uuid4().hex[:8]
+    content = yaml.safe_load(COMPOSE.read_text())["configs"]["rabbitmq-definitions"]["content"]
+    passwords = {role: uuid.uuid4().hex for role in ROLE_USERS}
+    definitions = json.loads(_interpolate(
+        content, {f"ROTA_{role.upper()}_PASSWORD": pw for role, pw in passwords.items()}))
+    renamed = {user["name"]: f"{user['name']}-{tag}" for user in definitions["users"]}
+    definitions = {
+        "vhosts": [{"name": vhost}],
+        "users": [{**u, "name": renamed[u["name"]]} for u in definitions["users"]],
+        "permissions": [{**p, "user": renamed[p["user"]], "vhost": vhost}
+                        for p in definitions["permissions"]],
+    }
+    path = tmp_path / "definitions.json"
+    path.write_text(json.dumps(definitions))
+    try:
+        localservers.rabbitmqctl(servers, "-q", "import_definitions", str(path))
+        want = {renamed[ROLE_USERS[role]]: perms for role, perms in PERMISSIONS.items()}
+        listed: dict[str, tuple[str, ...]] = {}
+        deadline = time.monotonic() + 30
+        while listed != want and time.monotonic() < deadline:  # the import is asynchronous
+            out = localservers.rabbitmqctl(servers, "-q", "list_permissions", "-p", vhost).stdout
+            listed = {row[0]: tuple(row[1:]) for row in
+                      (line.split("\t") for line in out.splitlines()[1:]) if row[0] in want}
+            time.sleep(0.2)
+        assert listed == want
+        # Each user logs in with the password Compose gave it, and is held to its role.
+        port = servers.amqp_port
+        worker = f"amqp://{renamed['rota-worker']}:{passwords['worker']}@127.0.0.1:{port}/" \
+            + quote(vhost, safe="")
+        assert _attempt(worker, _publish("", RESULTS, b"x")) == ACCESS_REFUSED
+    finally:
+        for user in renamed.values():
+            localservers.rabbitmqctl(servers, "-q", "delete_user", user, check=False)

@@ -3,7 +3,8 @@
 No Docker engine runs here, so the compose file is checked for what it says: every Rota
 service's command parses with the real CLI parser in the compose environment, coordinators
 are redundant, workers hold every role the catalogue needs, Prometheus scrapes ports that
-are served, and alert rules use only metrics Rota defines.
+are served, alert rules use only metrics Rota defines, and each service connects to RabbitMQ
+as its role's user, created with the permissions of protocol/topology.py.
 """
 
 from __future__ import annotations
