@@ -13,11 +13,12 @@ as routing key, and each role gets write access to the exchanges of what it may 
 | `rota.x.deadletter`  | `rota.deadletter`        | coordinator  | coordinator, worker   |
 | `rota.x.unreadable`  | `<queue>.XQ`             | the declarer | RabbitMQ (dead-lettering) |
 
-`rota.events` (topic) carries run records from the leader; `rota.history` is the stream bound to
-it. Only the coordinator declares exchanges and binds queues that receive messages; a worker
-declares its own node queue and binds only that queue's `.XQ` (where RabbitMQ sets aside
-envelopes the transport could not decode). Queues dead-letter to `rota.x.unreadable`, so that
-declaring them needs no access to the default exchange either.
+`rota.events` (topic) carries run records and service changes from the leader; the streams
+`rota.history` and `rota.changes` are bound to it. Only the coordinator declares exchanges and
+binds queues that receive messages; a worker declares its own node queue and binds only that
+queue's `.XQ` (where RabbitMQ sets aside envelopes the transport could not decode). Queues
+dead-letter to `rota.x.unreadable`, so that declaring them needs no access to the default
+exchange either.
 
 `PERMISSIONS` gives each role's configure, write and read regular expressions (RabbitMQ matches
 them against queue and exchange names alike); ops/localservers.py and the compose definitions
@@ -66,17 +67,19 @@ def declares_topology(role: str | None) -> bool:
 
 
 _SHARED = r"rota\.(results|requests|deadletter)(\.DQ|\.XQ)?"
+_STREAMS = r"rota\.(history|changes)"
 _NODE = r"rota\.node\..+"
 
 PERMISSIONS: dict[str, tuple[str, str, str]] = {
-    # The leader declares every exchange, its input queues, the history stream and the node
-    # queues it dispatches to (so that an order waits in the queue of a node that has not
-    # consumed yet), and binds them. It reads results and requests, and the history (HTTP).
+    # The leader declares every exchange, its input queues, the history and change-log
+    # streams and the node queues it dispatches to (so that an order waits in the queue of a
+    # node that has not consumed yet), and binds them. It reads results and requests, and the
+    # streams (its HTTP API answers from them).
     COORDINATOR: (
-        rf"^(rota\.x\..+|rota\.events|rota\.history|{_SHARED}|{_NODE})$",
-        rf"^(rota\.x\.(orders|requests|deadletter|unreadable)|rota\.events|rota\.history"
+        rf"^(rota\.x\..+|rota\.events|{_STREAMS}|{_SHARED}|{_NODE})$",
+        rf"^(rota\.x\.(orders|requests|deadletter|unreadable)|rota\.events|{_STREAMS}"
         rf"|{_SHARED}|{_NODE})$",
-        rf"^(rota\.x\..+|rota\.events|rota\.history|{_SHARED}|{_NODE})$",
+        rf"^(rota\.x\..+|rota\.events|{_STREAMS}|{_SHARED}|{_NODE})$",
     ),
     # A worker declares and reads node queues; it binds only their .XQ; it publishes results
     # and dead letters, and names rota.x.unreadable as its queue's dead-letter exchange.
@@ -85,12 +88,8 @@ PERMISSIONS: dict[str, tuple[str, str, str]] = {
         rf"^(rota\.x\.(results|deadletter|unreadable)|{_NODE}\.XQ)$",
         rf"^(rota\.x\.unreadable|{_NODE})$",
     ),
-    # An operator publishes requests; it may follow rota.events and read the history through
-    # server-named queues of its own.
-    OPERATOR: (
-        r"^amq\.gen-.+$",
-        r"^(rota\.x\.requests|amq\.gen-.+)$",
-        r"^(rota\.events|rota\.history|amq\.gen-.+)$",
-    ),
+    # An operator publishes manual-run and edit requests (`rota run/set --amqp`), nothing
+    # else: it follows runs and reads history through a coordinator's HTTP API.
+    OPERATOR: (r"^$", r"^rota\.x\.requests$", r"^$"),
 }
 """Role -> (configure, write, read) regular expressions for RabbitMQ's set_permissions."""

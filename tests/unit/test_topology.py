@@ -59,11 +59,15 @@ def test_only_workers_write_results_and_operators_requests() -> None:
 
 
 def test_each_role_may_declare_and_read_what_it_uses() -> None:
-    for queue in (RESULTS, REQUESTS, DEAD, "rota.history"):
-        for name in (queue, queue + ".DQ", queue + ".XQ") if queue != "rota.history" else (
-                queue,):
+    for queue in (RESULTS, REQUESTS, DEAD):
+        for name in (queue, queue + ".DQ", queue + ".XQ"):
             assert may("coordinator", "configure", name), name
             assert may("coordinator", "read", name), name
+    for stream in ("rota.history", "rota.changes"):  # bound to rota.events, read by the API
+        for what in ("configure", "write", "read"):
+            assert may("coordinator", what, stream), (what, stream)
+            assert not may("worker", what, stream), (what, stream)
+            assert not may("operator", what, stream), (what, stream)
     for exchange in (*topology.EXCHANGES, "rota.events"):
         assert may("coordinator", "configure", exchange), exchange
         assert not may("worker", "configure", exchange), exchange
@@ -74,9 +78,11 @@ def test_each_role_may_declare_and_read_what_it_uses() -> None:
     assert may("worker", "read", topology.UNREADABLE_EXCHANGE)
     assert may("worker", "write", topology.UNREADABLE_EXCHANGE)  # its queue's dead letters
     assert not may("worker", "read", RESULTS) and not may("operator", "read", RESULTS)
-    assert may("operator", "read", "rota.events") and may("operator", "read", "rota.history")
-    assert may("operator", "configure", "amq.gen-Xa1") and not may("operator", "configure",
-                                                                   REQUESTS)
+    # An operator publishes requests and nothing else: it follows runs through the HTTP API.
+    for name in (REQUESTS, RESULTS, "rota.events", "amq.gen-Xa1", *topology.EXCHANGES):
+        assert not may("operator", "configure", name), name
+        assert not may("operator", "read", name), name
+        assert may("operator", "write", name) == (name == topology.REQUESTS_EXCHANGE), name
 
 
 def test_declaring_is_for_the_coordinator_or_a_process_with_every_right() -> None:
