@@ -1028,7 +1028,10 @@ def _env_lines(servers: Servers) -> list[str]:
         f"ROTA_SERVERS_DIR={servers.state_dir}",
     ]
     if rabbitmq_up(servers):
-        lines += [f"ROTA_AMQP_URL_{role.upper()}={servers.role_url(role)}" for role in ROLES]
+        try:
+            lines += [f"ROTA_AMQP_URL_{role.upper()}={servers.role_url(role)}" for role in ROLES]
+        except ServerError as error:
+            _say(f"warning: no role users ({error})")
     return lines
 
 

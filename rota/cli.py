@@ -19,8 +19,10 @@ examples:
   rota up                                   all-in-one cluster, in memory, real time
   rota up --speed 60 --for 120 --history runs.jsonl
                                             two simulated hours in two minutes
-  rota coordinator --zk 127.0.0.1:2181 --amqp amqp://guest:guest@127.0.0.1:5672/
-  rota worker --node calc-1 --roles Processing,Calculation --zk ... --amqp ...
+  rota coordinator --zk 127.0.0.1:2181 --amqp amqp://rota-coordinator:PASSWORD@127.0.0.1:5672/
+  rota worker --node calc-1 --roles Processing,Calculation --zk ... \\
+      --amqp amqp://rota-worker:PASSWORD@127.0.0.1:5672/
+                                            each role as its own RabbitMQ user (README)
   rota check my-catalogue.toml              validate a catalogue file
 
 operators (on a coordinator's HTTP API: --url or ROTA_URL, --token or ROTA_TOKEN):
