@@ -550,7 +550,7 @@ def _publish_request(amqp: str, msg) -> None:
             requests.close()
     except transport.RefusedByBroker as exc:
         sys.exit(f"rota: {exc}; the operator's RabbitMQ user needs write access to "
-                 "rota.x.requests, which a coordinator declares when it starts")
+                 "rota.x.requests, which exists once a coordinator has started")
     except Exception as exc:
         sys.exit(f"rota: cannot reach RabbitMQ at {where.hostname}:{where.port or 5672} "
                  f"({type(exc).__name__}); check --amqp / ROTA_AMQP_URL and that it is running")

@@ -230,6 +230,19 @@ def test_a_cluster_on_its_role_users_runs_its_schedule_and_an_operators_manual_r
         assert "ACCESS_REFUSED" not in logs, logs[-4000:]
 
 
+def test_an_operators_request_fails_saying_why_until_a_coordinator_has_started(
+    role_urls: dict[str, str], tmp_path: Path
+) -> None:
+    sent = _rota(["run", "Stats A"], role_urls["operator"], tmp_path)
+    assert sent.returncode != 0
+    assert "NOT_FOUND" in sent.stderr and "rota.x.requests" in sent.stderr
+    assert "once a coordinator has started" in sent.stderr
+    coordinator = RabbitmqTransport(role_urls["coordinator"], role="coordinator")
+    coordinator.close()
+    sent = _rota(["run", "Stats A"], role_urls["operator"], tmp_path)
+    assert sent.returncode == 0, sent.stderr
+
+
 def test_the_compose_definitions_load_into_rabbitmq_with_each_roles_permissions(
     servers: localservers.Servers, amqp_url: str, tmp_path: Path
 ) -> None:
