@@ -11,14 +11,15 @@ as routing key, and each role gets write access to the exchanges of what it may 
 | `rota.x.results`     | `rota.results`           | coordinator  | worker                |
 | `rota.x.requests`    | `rota.requests`          | coordinator  | operator, coordinator |
 | `rota.x.deadletter`  | `rota.deadletter`        | coordinator  | coordinator, worker   |
-| `rota.x.unreadable`  | `<queue>.XQ`             | the declarer | RabbitMQ (dead-lettering) |
+| `rota.x.unreadable`  | `<queue>.XQ`             | coordinator  | RabbitMQ (dead-lettering) |
 
 `rota.events` (topic) carries run records and service changes from the leader; the streams
 `rota.history` and `rota.changes` are bound to it. Only the coordinator declares exchanges and
-binds queues that receive messages; a worker declares its own node queue and binds only that
-queue's `.XQ` (where RabbitMQ sets aside envelopes the transport could not decode). Queues
-dead-letter to `rota.x.unreadable`, so that declaring them needs no access to the default
-exchange either.
+binds queues; it declares and binds each node queue (and its `.XQ`, where RabbitMQ sets aside
+envelopes the transport could not decode) before its first order to it. A worker declares its
+own node queue, to consume it, and binds nothing. Queues dead-letter to `rota.x.unreadable`,
+so that declaring them needs no access to the default exchange either (RabbitMQ asks the
+declarer for write access to the dead-letter exchange).
 
 `PERMISSIONS` gives each role's configure, write and read regular expressions (RabbitMQ matches
 them against queue and exchange names alike); ops/localservers.py and the compose definitions
@@ -81,12 +82,12 @@ PERMISSIONS: dict[str, tuple[str, str, str]] = {
         rf"|{_SHARED}|{_NODE})$",
         rf"^(rota\.x\..+|rota\.events|{_STREAMS}|{_SHARED}|{_NODE})$",
     ),
-    # A worker declares and reads node queues; it binds only their .XQ; it publishes results
-    # and dead letters, and names rota.x.unreadable as its queue's dead-letter exchange.
+    # A worker declares and reads node queues and binds nothing; it publishes results and
+    # dead letters, and names rota.x.unreadable as its queue's dead-letter exchange.
     WORKER: (
         rf"^{_NODE}$",
-        rf"^(rota\.x\.(results|deadletter|unreadable)|{_NODE}\.XQ)$",
-        rf"^(rota\.x\.unreadable|{_NODE})$",
+        r"^rota\.x\.(results|deadletter|unreadable)$",
+        rf"^{_NODE}$",
     ),
     # An operator publishes manual-run and edit requests (`rota run/set --amqp`), nothing
     # else: it follows runs and reads history through a coordinator's HTTP API.

@@ -10,8 +10,8 @@ run id they have already seen). Messages are mandatory: one that no queue takes 
 Every message goes through the exchange that feeds its queue (`protocol.topology`), never the
 default exchange, so that each role's RabbitMQ user needs write access to the exchanges of what
 it sends and nothing more. A transport made for the coordinator (or for no particular role)
-declares the exchanges and binds the queues it declares; one made for a worker declares only the
-queues it consumes, and one made for an operator declares nothing.
+declares the exchanges and binds the queues it declares; one made for a worker declares the
+queue it consumes and binds nothing, and one made for an operator declares nothing.
 """
 
 from __future__ import annotations
@@ -70,27 +70,25 @@ class _RotaBroker(RabbitmqBroker):
                 break
             except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
                 del self.connection
-                code = getattr(e, "reply_code", 0)
-                if code == 404 and not self.binds:
-                    log.warning("cannot set up %s yet (%s): a coordinator declares Rota's "
-                                "exchanges when it starts", canonical_queue_name, e)
                 attempts += 1
-                if attempts >= MAX_DECLARE_ATTEMPTS or code == 403 or \
-                        (code == 404 and not self.binds):
+                if attempts >= MAX_DECLARE_ATTEMPTS or getattr(e, "reply_code", 0) == 403:
                     raise ConnectionClosed(e) from None
 
     def _declare_bound(self, queue: str) -> None:
-        """The queue, its .DQ and .XQ; the .XQ bound to `rota.x.unreadable`, and with the
-        coordinator's rights the queue bound to the exchange that feeds it."""
+        """The queue, its .DQ and .XQ; with the coordinator's rights, the queue bound to the
+        exchange that feeds it and the .XQ to `rota.x.unreadable`. A worker binds nothing, so
+        it consumes its queue whether or not a coordinator has declared the exchanges yet."""
         if self.binds:
             self.declare_exchanges()
         self._declare_queue(queue)
         self._declare_dq_queue(queue)
         self._declare_xq_queue(queue)
+        if not self.binds:
+            return
         self.channel.queue_bind(xq_name(queue), topology.UNREADABLE_EXCHANGE,
                                 routing_key=xq_name(queue))
         exchange = topology.exchange_for(queue)
-        if self.binds and exchange:
+        if exchange:
             self.channel.queue_bind(queue, exchange, routing_key=queue)
 
     def enqueue(self, message, *, delay=None):

@@ -201,7 +201,7 @@ def test_a_cluster_on_its_role_users_runs_its_schedule_and_an_operators_manual_r
 ) -> None:
     with running_cluster(amqp_url, zk_hosts, SECONDS_CATALOGUE, tmp_path) as (c, rec):
         c.role_urls.update(coordinator=role_urls["coordinator"], worker=role_urls["worker"])
-        # Workers first: they wait for the exchanges the coordinator declares.
+        # Workers first: they consume at once, though no exchange exists yet.
         for node, roles in THREE_NODES.items():
             c.worker(node, roles)
         time.sleep(2.0)

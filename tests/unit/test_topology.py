@@ -74,8 +74,11 @@ def test_each_role_may_declare_and_read_what_it_uses() -> None:
         assert not may("operator", "configure", exchange), exchange
     for name in (node_queue("w-1"), node_queue("w-1") + ".DQ", node_queue("w-1") + ".XQ"):
         assert may("worker", "configure", name) and may("worker", "read", name), name
-    assert may("worker", "write", node_queue("w-1") + ".XQ")  # bound to rota.x.unreadable
-    assert may("worker", "read", topology.UNREADABLE_EXCHANGE)
+    # A worker binds nothing: no write on any queue, no read on any exchange.
+    for name in (node_queue("w-1"), node_queue("w-1") + ".XQ", RESULTS):
+        assert not may("worker", "write", name), name
+    for exchange in topology.EXCHANGES:
+        assert not may("worker", "read", exchange), exchange
     assert may("worker", "write", topology.UNREADABLE_EXCHANGE)  # its queue's dead letters
     assert not may("worker", "read", RESULTS) and not may("operator", "read", RESULTS)
     # An operator publishes requests and nothing else: it follows runs through the HTTP API.
