@@ -12,6 +12,12 @@ environment's ROTA_LOCAL_AMQP_PORT and ROTA_LOCAL_ZK_PORT, choose others.
     python -m ops.localservers status
     set -a; eval "$(python -m ops.localservers env)"; set +a
     python -m ops.localservers stop
+
+RabbitMQ gets a user per Rota role (`rota-coordinator`, `rota-worker`, `rota-operator`) with the
+permissions of `protocol.topology.PERMISSIONS` on the default virtual host and on every virtual
+host `add_vhost` creates; their passwords are generated into `rabbitmq-users.json` in the state
+directory and `env` prints their URLs as ROTA_AMQP_URL_COORDINATOR, _WORKER and _OPERATOR.
+`guest` keeps every right, for administration and tests.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
+
+from protocol.topology import PERMISSIONS, ROLES
 
 DEFAULT_DIR = Path(".rota-servers")
 # Every default port lies below Linux's ephemeral range (32768-60999 by default, see
@@ -58,6 +66,10 @@ ZK_MAIN = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
 
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
+
+ROLE_USERS = {role: f"rota-{role}" for role in ROLES}
+"""RabbitMQ user of each Rota role."""
+USERS_FILE = "rabbitmq-users.json"
 
 _SAFE_VHOST = re.compile(r"^[A-Za-z0-9_.\-]+$")
 # Popen handles of processes started by this interpreter, so they can be reaped after a stop.
@@ -102,6 +114,13 @@ class Servers:
     def vhost_url(self, vhost: str) -> str:
         """AMQP URL of ``vhost`` on this broker."""
         return self.amqp_url + quote(vhost, safe="")
+
+    def role_url(self, role: str, vhost: str = "/") -> str:
+        """AMQP URL of ``vhost`` for the RabbitMQ user of Rota role ``role``."""
+        password = role_passwords(self)[role]
+        path = "" if vhost == "/" else quote(vhost, safe="")
+        return (f"amqp://{ROLE_USERS[role]}:{quote(password, safe='')}@{HOST}:"
+                f"{self.amqp_port}/{path}")
 
     @property
     def cli_dist_ports(self) -> tuple[int, int]:
@@ -923,20 +942,71 @@ def restart_zookeeper(servers: Servers, timeout: float = START_TIMEOUT) -> Serve
     return servers
 
 
+def _erlang_binary(text: str) -> str:
+    return '<<"' + text.replace("\\", "\\\\").replace('"', '\\"') + '">>'
+
+
+# Users known to exist on a broker, by state directory: checked once per process.
+_users_ready: dict[Path, dict[str, str]] = {}
+
+
+def role_passwords(servers: Servers) -> dict[str, str]:
+    """The password of each role's RabbitMQ user; the users are created (or their passwords
+    set) on first use by this process, with the passwords kept in the state directory."""
+    root = servers.state_dir
+    ready = _users_ready.get(root)
+    if ready is not None:
+        return ready
+    path = root / USERS_FILE
+    with _locked(root):
+        try:
+            passwords = {role: str(pw) for role, pw in json.loads(path.read_text()).items()}
+        except (OSError, ValueError):
+            passwords = {}
+        if set(passwords) != set(ROLES):
+            alphabet = string.ascii_letters + string.digits
+            passwords = {role: "".join(secrets.choice(alphabet) for _ in range(24))
+                         for role in ROLES}
+            path.write_text(json.dumps(passwords, indent=2) + "\n")
+            path.chmod(0o600)
+        for role, password in passwords.items():
+            user = ROLE_USERS[role]
+            added = rabbitmqctl(servers, "-q", "add_user", user, password, check=False)
+            if added.returncode != 0:
+                output = added.stdout + added.stderr
+                if "already_exists" not in output and "already exists" not in output:
+                    raise ServerError(f"cannot add RabbitMQ user {user}:\n{output.strip()}")
+                rabbitmqctl(servers, "-q", "change_password", user, password)
+        _grant(servers, "/")
+    _users_ready[root] = passwords
+    return passwords
+
+
+def _grant(servers: Servers, vhost: str) -> None:
+    for role, (configure, write, read) in PERMISSIONS.items():
+        rabbitmqctl(servers, "-q", "set_permissions", "-p", vhost, ROLE_USERS[role],
+                    configure, write, read)
+
+
 def add_vhost(servers: Servers, name: str) -> str:
-    """Create virtual host ``name`` with full permissions for guest; return its AMQP URL."""
+    """Create virtual host ``name`` with full permissions for guest and each Rota role's
+    permissions for its user (`role_passwords`); return its AMQP URL (guest's)."""
+    role_passwords(servers)
     if _SAFE_VHOST.match(name):
-        # One CLI round trip instead of two; falls back to the documented commands below.
-        expr = (
-            f'rabbit_vhost:add(<<"{name}">>, <<"rota">>), '
+        # One CLI round trip instead of four; falls back to the documented commands below.
+        grants = [("guest", (".*", ".*", ".*"))]
+        grants += [(ROLE_USERS[role], perms) for role, perms in PERMISSIONS.items()]
+        expr = f'rabbit_vhost:add(<<"{name}">>, <<"rota">>), ' + ", ".join(
             "rabbit_auth_backend_internal:set_permissions("
-            f'<<"guest">>, <<"{name}">>, <<".*">>, <<".*">>, <<".*">>, <<"rota">>).'
-        )
+            f'{_erlang_binary(user)}, <<"{name}">>, '
+            + ", ".join(_erlang_binary(p) for p in perms) + ', <<"rota">>)'
+            for user, perms in grants) + "."
         result = rabbitmqctl(servers, "-q", "eval", expr, check=False)
         if result.returncode == 0 and result.stdout.strip() == "ok":
             return servers.vhost_url(name)
     rabbitmqctl(servers, "-q", "add_vhost", name)
     rabbitmqctl(servers, "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    _grant(servers, name)
     return servers.vhost_url(name)
 
 
@@ -952,11 +1022,17 @@ def delete_vhost(servers: Servers, name: str) -> None:
 
 
 def _env_lines(servers: Servers) -> list[str]:
-    return [
+    lines = [
         f"ROTA_AMQP_URL={servers.amqp_url}",
         f"ROTA_ZK={servers.zk_hosts}",
         f"ROTA_SERVERS_DIR={servers.state_dir}",
     ]
+    if rabbitmq_up(servers):
+        try:
+            lines += [f"ROTA_AMQP_URL_{role.upper()}={servers.role_url(role)}" for role in ROLES]
+        except ServerError as error:
+            _say(f"warning: no role users ({error})")
+    return lines
 
 
 def _status_lines(servers: Servers) -> list[str]:
@@ -1029,7 +1105,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands.add_parser("status", parents=[common], help="show which servers are up")
     commands.add_parser(
-        "env", parents=[common], help="print ROTA_AMQP_URL, ROTA_ZK and ROTA_SERVERS_DIR lines"
+        "env", parents=[common],
+        help="print ROTA_AMQP_URL (guest), ROTA_ZK, ROTA_SERVERS_DIR and each role's "
+        "ROTA_AMQP_URL_<ROLE> lines"
     )
     return parser
 

@@ -13,6 +13,7 @@ Queues:
 - `rota.requests`: operator requests (manual runs, service edits) to the leader;
 - `rota.deadletter`: refused input, each with the reason it was refused.
 Beside each, `<queue>.XQ` keeps envelopes the transport could not decode, byte for byte.
+On RabbitMQ each queue is fed by an exchange of its own (`protocol.topology`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ RESULTS = "rota.results"
 REQUESTS = "rota.requests"
 DEAD = "rota.deadletter"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class RefusedByBroker(ConnectionError):
+    """The broker refused an operation for good: no permission, or no such exchange."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -146,12 +151,16 @@ class Transport(abc.ABC):
             log.exception("could not dead-letter a message from %s", source)
 
 
-def make_transport(amqp_url: str | None) -> Transport:
-    """RabbitMQ at `amqp_url`, or queues in this process when no URL is given."""
+def make_transport(amqp_url: str | None, role: str | None = None) -> Transport:
+    """RabbitMQ at `amqp_url`, or queues in this process when no URL is given.
+
+    `role` (coordinator, worker or operator; `protocol.topology`) says what the transport
+    declares on RabbitMQ, so that it needs no more than that role's permissions; None declares
+    everything, as the coordinator does. The in-memory transport has no permissions."""
     if amqp_url:
         from protocol.transport_rabbitmq import RabbitmqTransport
 
-        return RabbitmqTransport(amqp_url)
+        return RabbitmqTransport(amqp_url, role)
     from protocol.transport_memory import MemoryTransport
 
     return MemoryTransport()

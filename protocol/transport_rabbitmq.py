@@ -1,31 +1,130 @@
 """The RabbitMQ transport: dramatiq's `RabbitmqBroker` (pika), with batches confirmed as a whole.
 
-Single messages (`send`) go through dramatiq with publisher confirms. A batch (`publish`) is
-streamed on a connection of its own in confirm mode and waited for once
-(`protocol.amqp.ConfirmPublisher`): every message of it is persisted when the call returns;
-otherwise it raises and the caller publishes the whole batch again (receivers ignore a run id
-they have already seen). Messages are mandatory: one that no queue takes fails its batch.
+Single messages (`send`) go out with publisher confirms on the broker's channel of the calling
+thread. A batch (`publish`) is streamed on a connection of its own in confirm mode and waited
+for once (`protocol.amqp.ConfirmPublisher`): every message of it is persisted when the call
+returns; otherwise it raises and the caller publishes the whole batch again (receivers ignore a
+run id they have already seen). Messages are mandatory: one that no queue takes fails its batch.
 `bench/publish_modes.py` measures this against an AMQP transaction per batch.
+
+Every message goes through the exchange that feeds its queue (`protocol.topology`), never the
+default exchange, so that each role's RabbitMQ user needs write access to the exchanges of what
+it sends and nothing more. A transport made for the coordinator (or for no particular role)
+declares the exchanges and binds the queues it declares; one made for a worker declares the
+queue it consumes and binds nothing, and one made for an operator declares nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import pika
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
+import pika.exceptions
+from dramatiq.brokers.rabbitmq import MAX_DECLARE_ATTEMPTS, RabbitmqBroker
+from dramatiq.common import q_name, xq_name
+from dramatiq.errors import ConnectionClosed
 
+from protocol import topology
 from protocol.amqp import ConfirmPublisher
-from protocol.transport import DEAD, REQUESTS, RESULTS, Batch
+from protocol.transport import DEAD, REQUESTS, RESULTS, Batch, RefusedByBroker
 from protocol.transport_dramatiq import BatchPublisher, DramatiqTransport, install_encoder
 
 log = logging.getLogger("rota.transport")
 
 _PERSISTENT = pika.BasicProperties(delivery_mode=2)
+_SEND_ATTEMPTS = 6
+
+
+class _RotaBroker(RabbitmqBroker):
+    """dramatiq's broker on Rota's topology: queues dead-letter to `rota.x.unreadable`, and
+    publishing goes through the exchange that feeds the queue."""
+
+    def __init__(self, url: str, role: str | None) -> None:
+        super().__init__(url=url, confirm_delivery=True, middleware=[])
+        self.role = role
+        self.binds = topology.declares_topology(role)
+
+    def _build_queue_arguments(self, queue_name):
+        return {
+            "x-dead-letter-exchange": topology.UNREADABLE_EXCHANGE,
+            "x-dead-letter-routing-key": xq_name(queue_name),
+        }
+
+    def declare_exchanges(self) -> None:
+        """Rota's exchanges, declared once per connection of the calling thread."""
+        connection = self.connection
+        if getattr(self.state, "exchanges_on", None) is connection:
+            return
+        for exchange in topology.EXCHANGES:
+            self.channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+        self.state.exchanges_on = connection
+
+    def _ensure_queue(self, canonical_queue_name):
+        attempts = 0
+        while True:
+            try:
+                if canonical_queue_name in self.queues_pending:
+                    self._declare_bound(canonical_queue_name)
+                    self.queues_pending.discard(canonical_queue_name)
+                break
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
+                del self.connection
+                attempts += 1
+                if attempts >= MAX_DECLARE_ATTEMPTS or getattr(e, "reply_code", 0) == 403:
+                    raise ConnectionClosed(e) from None
+
+    def _declare_bound(self, queue: str) -> None:
+        """The queue, its .DQ and .XQ; with the coordinator's rights, the queue bound to the
+        exchange that feeds it and the .XQ to `rota.x.unreadable`. A worker binds nothing, so
+        it consumes its queue whether or not a coordinator has declared the exchanges yet."""
+        if self.binds:
+            self.declare_exchanges()
+        self._declare_queue(queue)
+        self._declare_dq_queue(queue)
+        self._declare_xq_queue(queue)
+        if not self.binds:
+            return
+        self.channel.queue_bind(xq_name(queue), topology.UNREADABLE_EXCHANGE,
+                                routing_key=xq_name(queue))
+        exchange = topology.exchange_for(queue)
+        if exchange:
+            self.channel.queue_bind(queue, exchange, routing_key=queue)
+
+    def enqueue(self, message, *, delay=None):
+        """Publish `message` on its queue's exchange, confirmed; the coordinator makes sure
+        the queue is there first. Delayed delivery is not Rota's: refused."""
+        if delay is not None:
+            raise ValueError("Rota does not send delayed messages")
+        queue = message.queue_name
+        attempts = 0
+        while True:
+            try:
+                if self.binds:
+                    self.declare_queue(queue, ensure=True)
+                self.channel.basic_publish(
+                    exchange=topology.exchange_for(queue), routing_key=queue,
+                    body=message.encode(), properties=_PERSISTENT, mandatory=True,
+                )
+                return message
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError,
+                    ConnectionClosed) as e:
+                del self.connection
+                code = getattr(e, "reply_code", None)
+                if code == 403 or (code == 404 and not self.binds):
+                    raise RefusedByBroker(f"RabbitMQ refused to publish to {queue}: "
+                                          f"{getattr(e, 'reply_text', e)}") from None
+                if code == 404 or isinstance(e, pika.exceptions.UnroutableError):
+                    self.queues_pending.add(q_name(queue))  # declared and bound again
+                attempts += 1
+                if attempts >= _SEND_ATTEMPTS:
+                    raise ConnectionClosed(e) from None
+                time.sleep(0.05 * attempts)
 
 
 class _Confirmed(BatchPublisher):
-    """A confirm-mode connection of its own; queues declared once, again after a failure."""
+    """A confirm-mode connection of its own; with the coordinator's rights, queues declared and
+    bound once, again after a failure."""
 
     def __init__(self, transport: RabbitmqTransport) -> None:
         self.transport = transport
@@ -35,12 +134,16 @@ class _Confirmed(BatchPublisher):
     def publish(self, batch: Batch) -> None:
         if not batch.items:
             return
+        rabbit = self.transport.rabbit
         try:
-            for queue in {q for q, _ in batch.items} - self._declared:
-                self.transport.rabbit.declare_queue(queue, ensure=True)
-                self._declared.add(queue)
-            self.publisher.publish([("", q, data) for q, data in batch.items], _PERSISTENT,
-                                   mandatory=True)
+            if rabbit.binds:
+                for queue in {q for q, _ in batch.items} - self._declared:
+                    rabbit.queues_pending.add(q_name(queue))  # declared again after a failure
+                    rabbit.declare_queue(queue, ensure=True)
+                    self._declared.add(queue)
+            self.publisher.publish(
+                [(topology.exchange_for(q), q, data) for q, data in batch.items], _PERSISTENT,
+                mandatory=True)
         except Exception:
             self._declared.clear()
             raise
@@ -50,15 +153,27 @@ class _Confirmed(BatchPublisher):
 
 
 class RabbitmqTransport(DramatiqTransport):
-    def __init__(self, amqp_url: str) -> None:
+    """Rota's queues on RabbitMQ, for `role` (`protocol.topology.ROLES`; None: every right)."""
+
+    def __init__(self, amqp_url: str, role: str | None = None) -> None:
+        if role is not None and role not in topology.ROLES:
+            raise ValueError(f"unknown role {role!r}; one of {', '.join(topology.ROLES)}")
         install_encoder()
-        self.rabbit = RabbitmqBroker(url=amqp_url, confirm_delivery=True, middleware=[])
+        self.role = role
+        self.rabbit = _RotaBroker(amqp_url, role)
         super().__init__(self.rabbit)
+        if not self.rabbit.binds:
+            return
         try:  # create them now, so that readers may attach before the first message
+            self.rabbit.declare_exchanges()
             for q in (RESULTS, REQUESTS, DEAD):
                 self.rabbit.declare_queue(q, ensure=True)
         except Exception as exc:  # not reachable yet: declared lazily on first use
             log.warning("RabbitMQ not reachable yet (%s); queues will be declared on use", exc)
+
+    def declare(self, queue: str) -> None:
+        """Declare `queue` now (with its .DQ and .XQ), bound as the role allows."""
+        self.rabbit.declare_queue(queue, ensure=True)
 
     def batch_publisher(self) -> BatchPublisher:
         return _Confirmed(self)

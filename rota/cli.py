@@ -19,8 +19,10 @@ examples:
   rota up                                   all-in-one cluster, in memory, real time
   rota up --speed 60 --for 120 --history runs.jsonl
                                             two simulated hours in two minutes
-  rota coordinator --zk 127.0.0.1:2181 --amqp amqp://guest:guest@127.0.0.1:5672/
-  rota worker --node calc-1 --roles Processing,Calculation --zk ... --amqp ...
+  rota coordinator --zk 127.0.0.1:2181 --amqp amqp://rota-coordinator:PASSWORD@127.0.0.1:5672/
+  rota worker --node calc-1 --roles Processing,Calculation --zk ... \\
+      --amqp amqp://rota-worker:PASSWORD@127.0.0.1:5672/
+                                            each role as its own RabbitMQ user (README)
   rota check my-catalogue.toml              validate a catalogue file
 
 operators (on a coordinator's HTTP API: --url or ROTA_URL, --token or ROTA_TOKEN):
@@ -436,7 +438,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     ident = args.id or f"{os.uname().nodename}-{os.getpid()}"
     coordination = ZkCoordination(args.zk, session_timeout=args.session_timeout,
                                   identifier=ident)
-    leader_transport = transport.make_transport(args.amqp)
+    leader_transport = transport.make_transport(args.amqp, role="coordinator")
     events = RabbitEventBus(args.amqp)
     try:
         fault = fault_from_spec(os.environ.get("ROTA_FAULT"))
@@ -502,7 +504,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         sys.exit("rota worker: --roles needs at least one role")
     coordination = ZkCoordination(args.zk, session_timeout=args.session_timeout,
                                   identifier=args.node)
-    worker_transport = transport.make_transport(args.amqp)
+    worker_transport = transport.make_transport(args.amqp, role="worker")
     metrics_url = None
     if args.http_port:
         from prometheus_client import start_http_server
@@ -541,11 +543,14 @@ def _publish_request(amqp: str, msg) -> None:
     logging.getLogger("pika").setLevel(logging.CRITICAL)
     where = urlsplit(amqp)
     try:
-        requests = transport.make_transport(amqp)
+        requests = transport.make_transport(amqp, role="operator")
         try:
             requests.send(transport.REQUESTS, encode(msg))
         finally:
             requests.close()
+    except transport.RefusedByBroker as exc:
+        sys.exit(f"rota: {exc}; the operator's RabbitMQ user needs write access to "
+                 "rota.x.requests, which exists once a coordinator has started")
     except Exception as exc:
         sys.exit(f"rota: cannot reach RabbitMQ at {where.hostname}:{where.port or 5672} "
                  f"({type(exc).__name__}); check --amqp / ROTA_AMQP_URL and that it is running")

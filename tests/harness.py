@@ -215,6 +215,9 @@ class Cluster:
     workdir: Path
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
+    role_urls: dict[str, str] = field(default_factory=dict)
+    """AMQP URL per role (coordinator, worker) when each runs as its own RabbitMQ user;
+    `amqp_url` otherwise."""
 
     def _spawn(self, name: str, args: list[str], journal: Path | None = None) -> Proc:
         log = self.workdir / f"{name}.log"
@@ -237,7 +240,8 @@ class Cluster:
         `env["ROTA_OPERATOR_TOKENS"]`)."""
         http = [] if http_port is None else ["--http-port", str(http_port)]
         return self._spawn(name, [
-            "coordinator", "--id", name, "--zk", self.zk_hosts, "--amqp", self.amqp_url,
+            "coordinator", "--id", name, "--zk", self.zk_hosts,
+            "--amqp", self.role_urls.get("coordinator", self.amqp_url),
             "--catalogue", str(self.catalogue), "--session-timeout", str(session_timeout),
             *http,
         ])
@@ -245,7 +249,8 @@ class Cluster:
     def worker(self, node: str, roles: str, session_timeout: float = 2.0) -> Proc:
         return self._spawn(node, [
             "worker", "--node", node, "--roles", roles, "--zk", self.zk_hosts,
-            "--amqp", self.amqp_url, "--session-timeout", str(session_timeout),
+            "--amqp", self.role_urls.get("worker", self.amqp_url),
+            "--session-timeout", str(session_timeout),
             "--journal", str(self.workdir / f"{node}.journal"),
             "--catalogue", str(self.catalogue),
         ], journal=self.workdir / f"{node}.journal")

@@ -6,8 +6,9 @@ others), and stops them at the end. To reuse servers that are
 already running instead, export the lines printed by ``python -m ops.localservers env``
 (ROTA_AMQP_URL, ROTA_ZK and optionally ROTA_SERVERS_DIR).
 
-Each test gets its own RabbitMQ virtual host (``amqp_url``) and its own ZooKeeper chroot
-(``zk_hosts``), both removed afterwards.
+Each test gets its own RabbitMQ virtual host (``amqp_url``, as guest; ``role_urls`` for the
+coordinator, worker and operator users) and its own ZooKeeper chroot (``zk_hosts``), both
+removed afterwards.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pytest
 from kazoo.client import KazooClient
@@ -142,6 +143,13 @@ def vhost_factory(
 def amqp_url(vhost_factory: Callable[[str], str]) -> str:
     """AMQP URL of a fresh virtual host that only this test uses."""
     return vhost_factory("")
+
+
+@pytest.fixture
+def role_urls(servers: localservers.Servers, amqp_url: str) -> dict[str, str]:
+    """AMQP URLs of this test's virtual host for each Rota role's own RabbitMQ user."""
+    vhost = unquote(urlparse(amqp_url).path[1:]) or "/"
+    return {role: servers.role_url(role, vhost) for role in localservers.ROLES}
 
 
 @pytest.fixture

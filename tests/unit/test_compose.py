@@ -3,7 +3,8 @@
 No Docker engine runs here, so the compose file is checked for what it says: every Rota
 service's command parses with the real CLI parser in the compose environment, coordinators
 are redundant, workers hold every role the catalogue needs, Prometheus scrapes ports that
-are served, and alert rules use only metrics Rota defines.
+are served, alert rules use only metrics Rota defines, and each service connects to RabbitMQ
+as its role's user, created with the permissions of protocol/topology.py.
 """
 
 from __future__ import annotations
@@ -273,3 +274,53 @@ def test_alert_rules_parse_and_use_only_defined_metrics() -> None:
             kept = {x.strip() for x in by[1].split(",")} if by else set()
             assert label in kept or not re.search(r"\b(sum|avg|max|min|count)\b", expr), \
                 f"{name}: its annotations use $labels.{label}, which the expression drops"
+
+
+# -- RabbitMQ users ----------------------------------------------------------------------------
+
+_INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?::?[-?][^}]*)?\}")
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """What Compose makes of `text`: `$$` is a `$`, `${VAR...}` the variable's value."""
+    return _INTERPOLATION.sub(lambda m: "$" if m[0] == "$$" else env[m[1]], text)
+
+
+def _user_of(url: str) -> tuple[str, str]:
+    found = re.match(r"amqps?://([^:@/]+):([^@/]*)@", url)
+    assert found, f"{url!r} names no user and password"
+    return found[1], found[2]
+
+
+def test_each_rota_service_connects_as_its_roles_rabbitmq_user(
+    compose: dict[str, Any], parsed: dict[str, argparse.Namespace]
+) -> None:
+    from ops.localservers import ROLE_USERS
+
+    for name, args in parsed.items():
+        user, password = _user_of(args.amqp)
+        assert user == ROLE_USERS[args.command], f"{name} connects as {user}"
+        variable = f"${{ROTA_{args.command.upper()}_PASSWORD"
+        assert password.startswith(variable), f"{name}: password {password!r}"
+    assert not re.search(r"amqps?://guest\b", COMPOSE.read_text())
+
+
+def test_rabbitmq_loads_users_with_each_roles_permissions(compose: dict[str, Any]) -> None:
+    import json
+
+    from ops.localservers import ROLE_USERS
+    from protocol.topology import PERMISSIONS
+
+    rabbit = compose["services"]["rabbitmq"]
+    mounted = {c["source"]: c["target"] for c in rabbit["configs"]}
+    configs = compose["configs"]
+    conf = configs["rabbitmq-conf"]["content"]
+    assert mounted["rabbitmq-conf"].startswith("/etc/rabbitmq/conf.d/")
+    assert f"load_definitions = {mounted['rabbitmq-definitions']}" in conf
+    env = {f"ROTA_{role.upper()}_PASSWORD": f"pw-{role}" for role in PERMISSIONS}
+    definitions = json.loads(_interpolate(configs["rabbitmq-definitions"]["content"], env))
+    users = {u["name"]: u["password"] for u in definitions["users"]}
+    assert users == {ROLE_USERS[role]: f"pw-{role}" for role in PERMISSIONS}
+    granted = {p["user"]: (p["configure"], p["write"], p["read"])
+               for p in definitions["permissions"] if p["vhost"] == "/"}
+    assert granted == {ROLE_USERS[role]: perms for role, perms in PERMISSIONS.items()}
