@@ -100,8 +100,12 @@ def test_orders_go_ahead_and_start_at_their_slot(amqp_url: str, zk_hosts: str,
         grouped = [s for s in starts if str(s["service"]).startswith("Stats")]
         assert len(free) > 150 and len(grouped) > 4
         # Free runs were sent ahead (their order carried the slot as start instant) and no
-        # worker started one before its slot.
-        assert {s["start_at"] == s["slot"] for s in free} == {True}
+        # worker started one before its slot. One whose previous run was still in flight at the
+        # lead time (its report late on a loaded machine) is sent at its slot instead.
+        assert {s["start_at"] for s in free} <= {s["slot"] for s in free} | {None}
+        assert all(s["start_at"] in (None, s["slot"]) for s in free)
+        ahead = [s for s in free if s["start_at"] == s["slot"]]
+        assert len(ahead) >= 0.9 * len(free), f"{len(ahead)} of {len(free)} sent ahead"
         assert [s for s in free if float(s["at"]) < float(s["slot"])] == []  # type: ignore[arg-type]
         # Runs holding run groups were not: they were sent at their slot, once granted.
         assert {s["start_at"] for s in grouped} == {None}
