@@ -102,7 +102,6 @@ def test_orders_go_ahead_and_start_at_their_slot(amqp_url: str, zk_hosts: str,
         # Free runs were sent ahead (their order carried the slot as start instant) and no
         # worker started one before its slot. One whose previous run was still in flight at the
         # lead time (its report late on a loaded machine) is sent at its slot instead.
-        assert {s["start_at"] for s in free} <= {s["slot"] for s in free} | {None}
         assert all(s["start_at"] in (None, s["slot"]) for s in free)
         ahead = [s for s in free if s["start_at"] == s["slot"]]
         assert len(ahead) >= 0.9 * len(free), f"{len(ahead)} of {len(free)} sent ahead"
