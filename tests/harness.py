@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pika
 
@@ -33,6 +36,33 @@ THREE_NODES = {
 }
 """Workers for every role of that catalogue: node id -> comma-separated roles."""
 THREE_NODES_ROLES = {n: r.split(",") for n, r in THREE_NODES.items()}
+
+
+def free_port() -> int:
+    """A loopback port the OS had free just now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def poll_until(what: str, probe: Callable[[], Any], timeout: float = 30.0,
+               context: Callable[[], str] | None = None) -> Any:
+    """Call `probe` until it returns something true (network and lookup errors count as
+    not yet) and return that; fail naming `what`, its last answer and `context()`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+        except (OSError, urllib.error.URLError, ValueError, KeyError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.2)
+    more = f"\n{context()}" if context is not None else ""
+    raise AssertionError(f"{what}: still {last!r} after {timeout:.0f} s{more}")
 
 
 class EventRecorder:

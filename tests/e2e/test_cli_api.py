@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,12 +20,7 @@ from typing import Any
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from tests.harness import free_port
 
 
 @dataclass
@@ -53,7 +47,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
            if k not in ("ROTA_ZK", "ROTA_AMQP_URL", "ROTA_URL", "ROTA_TOKEN",
                         "ROTA_OPERATOR_TOKENS")}
     env.update(XDG_CONFIG_HOME=str(home), PYTHONUNBUFFERED="1")
-    port = _free_port()
+    port = free_port()
     log = home / "up.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "rota.cli", "up", "--http-port",
@@ -179,7 +173,7 @@ def test_a_wrong_token_is_refused(up: Up) -> None:
 
 
 def test_a_dead_coordinator_first_in_the_url_list_is_passed_over(up: Up) -> None:
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     out = up.rota("nodes", url=f"{dead},{up.url}")
     assert out.returncode == 0, out.stderr
     alone = up.rota("nodes", url=dead)

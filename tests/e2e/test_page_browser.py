@@ -14,8 +14,6 @@ import json
 import os
 import re
 import secrets
-import socket
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -27,7 +25,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.harness import Cluster, EventRecorder, running_cluster
+from tests.harness import Cluster, EventRecorder, free_port, poll_until, running_cluster
 
 # tests/e2e hides the servers' addresses (its `rota up` runs stay in memory); this test needs
 # them, so it keeps them as they were when it was collected and uses the integration
@@ -132,13 +130,6 @@ class Api:
         return changes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextmanager
 def _server_env() -> Iterator[None]:
     saved = {var: os.environ.get(var) for var in _SERVER_ENV}
@@ -151,21 +142,6 @@ def _server_env() -> Iterator[None]:
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = value
-
-
-def _wait(what: str, probe: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except (OSError, urllib.error.URLError, ValueError, KeyError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: still {last!r} after {timeout:.0f} s")
 
 
 @dataclass
@@ -194,10 +170,10 @@ def site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Site]:
             api = _coordinator(cluster, "c1")
             for node, roles in WORKERS.items():
                 cluster.worker(node, roles, session_timeout=float(SESSION_TIMEOUT))
-            _wait("the coordinator leads",
-                  lambda: api.get("/api/v1/leader")["is_leader"], timeout=60)
-            _wait("both workers are live",
-                  lambda: {n["id"] for n in api.get("/api/v1/nodes")["nodes"]} == set(WORKERS))
+            poll_until("the coordinator leads",
+                       lambda: api.get("/api/v1/leader")["is_leader"], timeout=60)
+            poll_until("both workers are live",
+                       lambda: {n["id"] for n in api.get("/api/v1/nodes")["nodes"]} == set(WORKERS))
         except AssertionError:
             raise AssertionError(cluster.logs()) from None
         yield Site(cluster, events, api, api.base + "/", token, "c1")
@@ -207,16 +183,16 @@ def _coordinator(cluster: Cluster, name: str) -> Api:
     """The harness's coordinator, serving the page and API on a port the OS had free; another
     port if something took that one before the coordinator could."""
     for _attempt in range(5):
-        port = _free_port()
+        port = free_port()
         proc = cluster._spawn(name, [
             "coordinator", "--id", name, "--zk", cluster.zk_hosts, "--amqp", cluster.amqp_url,
             "--catalogue", str(cluster.catalogue), "--session-timeout", SESSION_TIMEOUT,
             "--http-port", str(port),
         ])
         api = Api(f"http://127.0.0.1:{port}")
-        if _wait(f"{name} answers on port {port} or exits",
-                 lambda api=api, proc=proc: not proc.alive() or api.get("/api/v1/leader"),
-                 timeout=60) is True:
+        if poll_until(f"{name} answers on port {port} or exits",
+                      lambda api=api, proc=proc: not proc.alive() or api.get("/api/v1/leader"),
+                      timeout=60) is True:
             if "cannot serve HTTP" in proc.tail():
                 continue
             raise AssertionError(f"{name} exited: {proc.tail()}")
@@ -478,7 +454,7 @@ def test_operator_reads_edits_and_runs_from_the_page(
 
     # -- a standby coordinator's page says who leads -----------------------------------------
     apis = {"c1": site.api, "c2": _coordinator(site.cluster, "c2")}
-    views = _wait("both coordinators agree on the leader", lambda: _agreed(apis))
+    views = poll_until("both coordinators agree on the leader", lambda: _agreed(apis))
     leader = views["c1"]["leader"]
     standby = "c2" if leader == "c1" else "c1"
     assert views[standby]["is_leader"] is False and views[leader]["is_leader"] is True, views

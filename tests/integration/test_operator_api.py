@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Cluster, EventRecorder, running_cluster
+from tests.harness import Cluster, EventRecorder, free_port, running_cluster
 
 CATALOGUE = """\
 [system]
@@ -63,13 +62,6 @@ utility = "workers.demo:ticker"
 """
 WORKERS = {"w-master": "Master", "w-proc": "Processing"}
 OPERATOR = "ops-oncall"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -128,7 +120,7 @@ def site(amqp_url: str, zk_hosts: str, tmp_path: Path) -> Iterator[Site]:
     token = secrets.token_urlsafe(24)
     with running_cluster(amqp_url, zk_hosts, catalogue, tmp_path) as (cluster, events):
         cluster.env["ROTA_OPERATOR_TOKENS"] = f"{OPERATOR}={token}"
-        ports = {"c1": _free_port(), "c2": _free_port()}
+        ports = {"c1": free_port(), "c2": free_port()}
         for name, port in ports.items():
             cluster.coordinator(name, http_port=port)
         for node, roles in WORKERS.items():

@@ -12,46 +12,22 @@ by a leader killed with SIGKILL is what its successor serves, with its schedule.
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from protocol import RankingAlert, RankingUpdate, RunRecord
-from tests.harness import Cluster, EventRecorder, running_cluster
+from tests.harness import Cluster, EventRecorder, free_port, poll_until, running_cluster
 
 CATALOGUE = Path(__file__).parent / "catalogues" / "rankings.toml"
 NODES = ("node-a", "node-b", "node-c")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _get(port: int, path: str) -> Any:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
         return json.loads(resp.read())
-
-
-def _wait(what: str, probe: Callable[[], Any], c: Cluster, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except (OSError, urllib.error.URLError, ValueError, KeyError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: still {last!r} after {timeout:.0f} s\n{c.logs()}")
 
 
 def _behave(path: Path, plan: dict[str, dict[str, Any]]) -> None:
@@ -74,9 +50,10 @@ def test_rankings_follow_the_nodes_place_take_out_and_survive_a_sigkill(
 def _run(c: Cluster, rec: EventRecorder, behaviour: Path) -> None:
     for node in NODES:
         c.worker(node, "Worker")
-    ports = {"coord-a": _free_port(), "coord-b": _free_port()}
+    ports = {"coord-a": free_port(), "coord-b": free_port()}
     c.coordinator("coord-a", http_port=ports["coord-a"])
-    leader = _wait("coord-a leads", lambda: c.leader() == "coord-a" and "coord-a", c)
+    leader = poll_until("coord-a leads", lambda: c.leader() == "coord-a" and "coord-a",
+                        context=c.logs)
     c.coordinator("coord-b", http_port=ports["coord-b"])
     port = ports[leader]
 
@@ -85,8 +62,8 @@ def _run(c: Cluster, rec: EventRecorder, behaviour: Path) -> None:
         return body
 
     # Ranked by success, then speed: fast node-a, slow node-b, failing node-c.
-    _wait("ranked a, b, c",
-          lambda: health()["SortedStatIDs"] == ["node-a", "node-b", "node-c"], c)
+    poll_until("ranked a, b, c",
+               lambda: health()["SortedStatIDs"] == ["node-a", "node-b", "node-c"], context=c.logs)
     ranking = health()
     assert ranking["Metrics"]["node-c"]["*asr"] == 0.0
     assert ranking["Metrics"]["node-a"]["*acd"] < ranking["Metrics"]["node-b"]["*acd"]
@@ -98,7 +75,7 @@ def _run(c: Cluster, rec: EventRecorder, behaviour: Path) -> None:
     def out_nodes() -> set[str]:
         return {n["id"] for n in _get(port, "/api/v1/nodes")["nodes"] if n["out_of_placement"]}
 
-    _wait("node-c out", lambda: out_nodes() == {"node-c"}, c)
+    poll_until("node-c out", lambda: out_nodes() == {"node-c"}, context=c.logs)
     fired = [m for m in list(rec.rankings) if isinstance(m, RankingAlert)]
     assert (fired[0].threshold_id, fired[0].state, fired[0].node_out) == (
         "node-c-failing", "firing", "node-c")
@@ -109,7 +86,7 @@ def _run(c: Cluster, rec: EventRecorder, behaviour: Path) -> None:
                 and (r.queued_at or 0) > after]
 
     since = time.time()
-    first = _wait("Pick ran", lambda: picks(since)[:3], c)
+    first = poll_until("Pick ran", lambda: picks(since)[:3], context=c.logs)
     assert {r.node for r in first} == {"node-a"}, [(r.node, r.placement) for r in first]
     assert all((r.placement or "").startswith("ranking node-health: best-ranked")
                for r in first)
@@ -117,9 +94,9 @@ def _run(c: Cluster, rec: EventRecorder, behaviour: Path) -> None:
     # node-a starts failing: node-b is first, and Pick follows it.
     _behave(behaviour, {"node-a": {"fail": True}, "node-b": {"seconds": 0.5},
                         "node-c": {"fail": True}})
-    _wait("node-b first", lambda: health()["SortedStatIDs"][0] == "node-b", c)
+    poll_until("node-b first", lambda: health()["SortedStatIDs"][0] == "node-b", context=c.logs)
     since = time.time() + 1.0
-    later = _wait("Pick ran again", lambda: picks(since)[:3], c)
+    later = poll_until("Pick ran again", lambda: picks(since)[:3], context=c.logs)
     assert {r.node for r in later} == {"node-b"}, [(r.node, r.placement) for r in later]
     moved = [m for m in list(rec.rankings) if isinstance(m, RankingUpdate)
              and m.id == "node-health" and m.sorted_stat_ids[:1] == ["node-b"]]
@@ -128,7 +105,7 @@ def _run(c: Cluster, rec: EventRecorder, behaviour: Path) -> None:
 
     # node-c recovers and comes back.
     _behave(behaviour, {"node-a": {"fail": True}, "node-b": {"seconds": 0.5}, "node-c": {}})
-    _wait("node-c back", lambda: out_nodes() == set(), c)
+    poll_until("node-c back", lambda: out_nodes() == set(), context=c.logs)
     back = [m for m in list(rec.rankings) if isinstance(m, RankingAlert)
             and m.state == "recovered"]
     assert back and back[0].node_out == "node-c"
@@ -139,16 +116,18 @@ def _run(c: Cluster, rec: EventRecorder, behaviour: Path) -> None:
         body: dict[str, Any] = _get(port, "/api/v1/rankings/rota/node-health-slow")
         return body
 
-    seen = _wait("node-health-slow computed", lambda: slow()["LastUpdate"], c, timeout=40)
-    last = _wait("node-health-slow computed again",
-                 lambda: slow()["LastUpdate"] != seen and slow(), c, timeout=40)
+    seen = poll_until("node-health-slow computed", lambda: slow()["LastUpdate"],
+                      context=c.logs, timeout=40)
+    last = poll_until("node-health-slow computed again",
+                      lambda: slow()["LastUpdate"] != seen and slow(), context=c.logs, timeout=40)
     c.procs[leader].kill()
-    successor = _wait("coord-b leads", lambda: c.leader() == "coord-b" and "coord-b", c)
+    successor = poll_until("coord-b leads", lambda: c.leader() == "coord-b" and "coord-b",
+                           context=c.logs)
     port = ports[successor]
-    served = _wait("the successor serves node-health-slow", slow, c)
+    served = poll_until("the successor serves node-health-slow", slow, context=c.logs)
     assert served == last
     (entry,) = _get(port, "/api/v1/ranking-schedule/rota?prefix=node-health-slow")["schedule"]
     assert entry["Next"] > time.time() - 1
     # node-health goes on being computed by the successor from the stats it took over.
-    _wait("the successor computes node-health",
-          lambda: health()["Metrics"]["node-b"]["*runs"] == 4.0, c)
+    poll_until("the successor computes node-health",
+               lambda: health()["Metrics"]["node-b"]["*runs"] == 4.0, context=c.logs)
