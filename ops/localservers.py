@@ -330,6 +330,19 @@ HOW_TO_CHOOSE_PORTS = (
 )
 
 
+def _wait_released(ports: dict[str, int], timeout: float = 15.0) -> None:
+    """Wait until a stopped server's ``ports`` can be bound again.
+
+    A multi-threaded server (the JVM, the Erlang VM) can be reported gone while its last
+    threads still hold the listening socket; starting again in that window fails.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(_port_free(port) for port in ports.values()):
+            return
+        time.sleep(0.1)
+
+
 def _require_free(ports: dict[str, int]) -> None:
     busy = [f"{name} port {port}" for name, port in ports.items() if not _port_free(port)]
     if busy:
@@ -710,6 +723,7 @@ def _stop_rabbitmq(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
     if pids:
         _say(f"stopping RabbitMQ (pids {', '.join(map(str, pids))})")
         _terminate(pids, timeout)
+        _wait_released({"AMQP": servers.amqp_port, "Erlang distribution": servers.dist_port})
     for path in (paths.rabbit_pid, paths.rabbit_wrapper_pid):
         path.unlink(missing_ok=True)
     servers.pids.pop("rabbitmq", None)
@@ -805,6 +819,7 @@ def _stop_zookeeper(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
     if "zookeeper" in servers.pids:
         _say(f"stopping ZooKeeper (pid {servers.pids['zookeeper']})")
         _terminate([servers.pids["zookeeper"]], timeout)
+        _wait_released({"ZooKeeper": servers.zk_port})
     paths.zk_pid.unlink(missing_ok=True)
     servers.pids.pop("zookeeper", None)
 
