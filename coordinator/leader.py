@@ -111,6 +111,8 @@ class Coordinator:
         self._stopping = threading.Event()
         self._in_term = False  # membership changes go to the inbox only while leading
         self._snapshot: view.Snapshot | None = None
+        self._groups_of: tuple[Catalogue | None, set[str]] = (None, set())
+        """The run groups of the catalogue they were collected from (for the gauges)."""
         self._gauges_at = float("-inf")  # monotonic time the state gauges were last set
         self._snapshot_at = float("-inf")  # and the snapshot built
         self._failed_terms = Backoff(self.options.failed_term_pause, 60.0)
@@ -323,7 +325,7 @@ class Coordinator:
                 elif isinstance(item, Submitted):
                     turn.actions += intake.on_submitted(engine, item, now, turn)
             turn.actions += engine.tick(self.clock.now())
-            self._finish_turn(term, engine, turn)
+            self._finish_turn(term, engine, turn, quiet=not items and not turn.actions)
             if items or turn.actions:
                 metrics.TURN.observe(time.perf_counter() - began)
             if reload is not None:
@@ -346,7 +348,10 @@ class Coordinator:
         except Exception as exc:  # deposed, or the store went away: the last state stands
             log.warning("%s could not store the rankings: %s", self.identifier, exc)
 
-    def _finish_turn(self, term: Term, engine: Engine, turn: Turn) -> None:
+    def _finish_turn(self, term: Term, engine: Engine, turn: Turn, quiet: bool = False) -> None:
+        """Store and publish what the turn decided, then refresh what readers see. A `quiet`
+        turn (nothing taken from the inbox, nothing decided) that changed nothing leaves the
+        snapshot as it is: an idle leader does no work in proportion to its services."""
         rankings = self._rankings
         if rankings is not None:
             now = self.clock.now()
@@ -357,8 +362,10 @@ class Coordinator:
             engine.nodes_out = rankings.nodes_out()
             self._rankings_view = rankings.view
         transactions, ops, written = term.transactions, term.ops, term.written
+        changes = engine.drain_changes()
+        quiet = quiet and not changes and not changes.finished and not turn.writes
         try:
-            self.outbox.finish(term, self.ledger, engine.drain_changes(), turn, self.catalogue,
+            self.outbox.finish(term, self.ledger, changes, turn, self.catalogue,
                                engine.nodes, self.clock.now())
         except BaseException:
             for reply, _ in turn.replies:
@@ -372,7 +379,8 @@ class Coordinator:
         # The snapshot costs O(services): while turns come back to back it is rebuilt at most
         # every SNAPSHOT_EVERY; a turn that empties the inbox, or answers an operator, always
         # rebuilds it.
-        if turn.replies or self._inbox.empty() or now - self._snapshot_at >= SNAPSHOT_EVERY:
+        if self._snapshot is None or (not quiet and (
+                turn.replies or self._inbox.empty() or now - self._snapshot_at >= SNAPSHOT_EVERY)):
             self._snapshot = view.snapshot(engine, self.identifier)
             self._snapshot_at = now
         for reply, outcome in turn.replies:
@@ -383,9 +391,12 @@ class Coordinator:
 
     def _show_state(self, engine: Engine) -> None:
         waiting_groups, waiting_room, oldest = engine.waiting()
+        if self._groups_of[0] is not self.catalogue:
+            groups = {g for svc in self.catalogue.services.values() for g in svc.run_groups}
+            self._groups_of = (self.catalogue, groups)
         metrics.show_state(
             roles=self.catalogue.roles,
-            groups={g for svc in self.catalogue.services.values() for g in svc.run_groups},
+            groups=self._groups_of[1],
             live_roles=[n.roles for n in engine.nodes.values()],
             held=engine.groups_held(), waiting_for_groups=waiting_groups,
             waiting_for_capacity=waiting_room,
