@@ -220,7 +220,7 @@ class Cron(Schedule):
     kind = "cron"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.expr, str) or not croniter.is_valid(self.expr):
+        if not isinstance(self.expr, str) or not _valid_cron(self.expr):
             raise ScheduleError(f"bad cron expression {self.expr!r}")
 
     @property
@@ -228,6 +228,15 @@ class Cron(Schedule):
         return len(self.expr.split()) >= 6
 
     def next_after(self, instant: float, tz: ZoneInfo) -> float:
+        key = (self.expr, instant, tz.key)
+        found = _NEXT.get(key)
+        if found is None:
+            if len(_NEXT) >= _NEXT_LIMIT:
+                _NEXT.clear()
+            found = _NEXT[key] = self._next_after(instant, tz)
+        return found
+
+    def _next_after(self, instant: float, tz: ZoneInfo) -> float:
         local = _local(math.floor(instant), tz).replace(tzinfo=None)
         # Wall times before `local` can only map to instants <= `instant`, so start there.
         it = _iterator(self.expr, local)
@@ -246,6 +255,16 @@ class Cron(Schedule):
 
 
 _CRONS = threading.local()
+_NEXT: dict[tuple[str, float, str], float] = {}
+"""Cron slots already computed, by (expression, instant, zone): services that share an
+expression share their slots, so a new leader with 100,000 services computes each distinct
+(expression, cursor) pair once. A pure function's results: safe to share between threads."""
+_NEXT_LIMIT = 200_000
+
+
+@lru_cache(maxsize=65_536)
+def _valid_cron(expr: str) -> bool:
+    return bool(croniter.is_valid(expr))
 
 
 def _iterator(expr: str, start: datetime) -> croniter:

@@ -418,3 +418,22 @@ class TestDstProperties:
         assert all(b > a for a, b in zip([instant, *got], got, strict=False))
         walls = [local(t, tz_name).replace(tzinfo=None) for t in got]
         assert len(set(walls)) == len(walls)
+
+
+def test_shared_cron_slots_are_the_slots_computed_afresh_in_every_zone() -> None:
+    """Cron slots are remembered by (expression, instant, zone): the remembered answer is the
+    computed one, and a zone's answer never leaks into another's (across a DST change)."""
+    from protocol import schedule as sched
+
+    sched._NEXT.clear()
+    zones = [BERLIN, NY, zone("UTC")]
+    start = datetime(2026, 3, 29, 0, 30, tzinfo=UTC).timestamp()
+    for expr in ("30 2 * * *", "*/7 * * * * 15", "0 0 1 * *"):
+        cron = Cron(expr)
+        for tz in zones:
+            for step in range(0, 6 * 3600, 1800):
+                instant = start + step
+                first = cron.next_after(instant, tz)
+                assert first == cron._next_after(instant, tz)
+                assert cron.next_after(instant, tz) == first  # now from memory
+    assert len({key[2] for key in sched._NEXT}) == 3
