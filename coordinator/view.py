@@ -6,7 +6,9 @@ seed groups them (Daemon / Periodical / Fixed Time, and Cron for cron services).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
 
 from coordinator.core.engine import DaemonState, Engine
@@ -117,6 +119,15 @@ def rows(engine: Engine, active: list[ActiveRun] | None = None,
     """One row per service, in display order. In Queue is the engine's own computation
     (`Engine.in_queue`): runs waiting for their first attempt, and daemons waiting
     for their run groups; retries in their delay do not count."""
+    running = _running(engine, active, daemons_on, runs_on)
+    return build_rows(engine.services, engine.last_run, engine.in_queue(), running)
+
+
+def _running(engine: Engine, active: list[ActiveRun] | None = None,
+             daemons_on: dict[str, list[str]] | None = None,
+             runs_on: dict[str, int] | None = None) -> dict[str, int]:
+    """Runs and daemons going now, by service (and the active runs, daemons and runs by
+    node, into the lists given): work in proportion to what runs, not to the services."""
     running: dict[str, int] = {}
     for run in engine.runs.values():
         if run.state in (RunState.DISPATCHED, RunState.RUNNING):
@@ -132,19 +143,25 @@ def rows(engine: Engine, active: list[ActiveRun] | None = None,
             running[d.service] = running.get(d.service, 0) + 1
             if daemons_on is not None:
                 daemons_on.setdefault(d.node, []).append(d.service)
-    queued = engine.in_queue()
-    last_run = engine.last_run
+    return running
+
+
+def _row(svc: Service, last_run: Mapping[str, float], queued: Mapping[str, float],
+         running: Mapping[str, int]) -> Row:
+    name, schedule, allowed, groups, description, group, placement, defn = _static(svc)
+    return Row(name, svc.kind.value, svc.enabled, schedule, allowed, groups,
+               last_run.get(name), queued.get(name), running.get(name, 0),
+               description, group, placement, defn)
+
+
+def build_rows(services: Mapping[str, Service], last_run: Mapping[str, float],
+               queued: Mapping[str, float], running: Mapping[str, int]) -> list[Row]:
+    """The table's rows, in display order, from the services and what changes with runs."""
     out: list[Row] = []
     for kind in GROUP_ORDER:
-        for svc in engine.services.values():
-            if svc.kind is not kind:
-                continue
-            name, schedule, allowed, groups, description, group, placement, defn = \
-                _static(svc)
-            out.append(Row(name, kind.value, svc.enabled, schedule, allowed, groups,
-                           last_run.get(name), queued.get(name), running.get(name, 0),
-                           description, group, placement, defn))
-    if len(_STATIC) > 2 * len(engine.services) + 1000:
+        out += [_row(svc, last_run, queued, running)
+                for svc in services.values() if svc.kind is kind]
+    if len(_STATIC) > 2 * len(services) + 1000:
         _STATIC.clear()  # services replaced by edits or reloads: drop what no one uses
     return out
 
@@ -152,9 +169,12 @@ def rows(engine: Engine, active: list[ActiveRun] | None = None,
 @dataclass(frozen=True)
 class Snapshot:
     """What the page and the table show, as of the end of one leader turn. Built by the
-    leader's thread and never changed after: readers take it without any lock."""
+    leader's thread and never changed after: readers take it without any lock.
 
-    rows: tuple[Row, ...]
+    The leader copies only what changes with runs (last runs, queued and running counts);
+    the rows, whose number grows with the catalogue, are built by the first reader that
+    asks for them, on its own thread."""
+
     epoch: int
     active: int  # runs queued, dispatched or running
     waiting: int  # runs and daemons waiting for their run groups
@@ -164,23 +184,30 @@ class Snapshot:
     leader: str = ""
     services: dict[str, Service] = field(default_factory=dict)
     """The services as they run now (operator edits applied), by name."""
+    last_run: dict[str, float] = field(default_factory=dict)
+    queued: dict[str, float] = field(default_factory=dict)
+    running: dict[str, int] = field(default_factory=dict)
+
+    @cached_property
+    def rows(self) -> tuple[Row, ...]:
+        return tuple(build_rows(self.services, self.last_run, self.queued, self.running))
 
     def row(self, name: str) -> Row | None:
-        return next((r for r in self.rows if r.name == name), None)
+        svc = self.services.get(name)
+        return None if svc is None else _row(svc, self.last_run, self.queued, self.running)
 
 
 def snapshot(engine: Engine, leader: str = "") -> Snapshot:
     active: list[ActiveRun] = []
     daemons_on: dict[str, list[str]] = {}
     runs_on: dict[str, int] = {}
-    table = rows(engine, active, daemons_on, runs_on)
+    running = _running(engine, active, daemons_on, runs_on)
     nodes = tuple(
         NodeView(n.id, tuple(sorted(n.roles)), n.started_at, runs_on.get(n.id, 0),
                  tuple(sorted(daemons_on.get(n.id, ()))), n.capacity, n.id in engine.nodes_out)
         for n in sorted(engine.nodes.values(), key=lambda n: n.id)
     )
     return Snapshot(
-        rows=tuple(table),
         epoch=engine.epoch,
         active=len(engine.runs),
         waiting=len(engine.locks.waiting()),
@@ -190,4 +217,7 @@ def snapshot(engine: Engine, leader: str = "") -> Snapshot:
         nodes=nodes,
         leader=leader,
         services=dict(engine.services),
+        last_run=dict(engine.last_run),
+        queued=engine.in_queue(),
+        running=running,
     )
