@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -228,13 +229,35 @@ class Cron(Schedule):
         return len(self.expr.split()) >= 6
 
     def next_after(self, instant: float, tz: ZoneInfo) -> float:
-        key = (self.expr, instant, tz.key)
-        found = _NEXT.get(key)
-        if found is None:
-            if len(_NEXT) >= _NEXT_LIMIT:
-                _NEXT.clear()
-            found = _NEXT[key] = self._next_after(instant, tz)
+        key = (self.expr, tz.key)
+        span = _SPANS.get(key)
+        if span is not None and span[0] <= instant < span[1]:
+            return span[1]
+        found = self._next_after(instant, tz)
+        if span is not None and span[1] == found:
+            _SPANS[key] = (min(span[0], instant), found)
+        else:
+            if len(_SPANS) >= _SPAN_LIMIT:
+                _SPANS.clear()
+            _SPANS[key] = (instant, found)
         return found
+
+    def warm(self, now: float, tz: ZoneInfo) -> None:
+        """Make `next_after` of any instant from the slot at or before `now` up to the next
+        slot an answer from memory (see `warm`)."""
+        key = (self.expr, tz.key)
+        span = _SPANS.get(key)
+        if span is not None and span[0] <= now < span[1]:
+            return
+        nxt = self._next_after(now, tz)
+        start = now
+        it = _iterator(self.expr, _local(math.floor(now), tz).replace(tzinfo=None))
+        earlier = first_instant(it.get_prev(datetime), tz)
+        # Any instant whose next slot is `nxt` may start the span; checked, not assumed
+        # (the previous wall time may fall in a DST gap or fold).
+        if earlier < now and self._next_after(earlier, tz) == nxt:
+            start = earlier
+        _SPANS[key] = (start, nxt)
 
     def _next_after(self, instant: float, tz: ZoneInfo) -> float:
         local = _local(math.floor(instant), tz).replace(tzinfo=None)
@@ -255,11 +278,30 @@ class Cron(Schedule):
 
 
 _CRONS = threading.local()
-_NEXT: dict[tuple[str, float, str], float] = {}
-"""Cron slots already computed, by (expression, instant, zone): services that share an
-expression share their slots, so a new leader with 100,000 services computes each distinct
-(expression, cursor) pair once. A pure function's results: safe to share between threads."""
-_NEXT_LIMIT = 200_000
+_SPANS: dict[tuple[str, str], tuple[float, float]] = {}
+"""(expression, zone) -> (start, slot): the first slot after any instant in [start, slot) is
+`slot`. Services that share an expression share it, and a coordinator that warmed it while
+following (`warm`) finds the next slot of every service from memory when it starts leading.
+Values of a pure function: shared between threads (each entry is replaced whole)."""
+_SPAN_LIMIT = 200_000
+
+
+def warm(schedules: Iterable[Schedule | None], tz: ZoneInfo, now: float) -> int:
+    """Compute ahead, for each distinct cron expression among `schedules`, its next slot
+    after `now` and how far back that answer holds (to the slot at or before `now`), so
+    that a new leader's `next_after(cursor)` for 100,000 services is mostly a lookup.
+    Returns how many expressions were computed (those still known are skipped)."""
+    done = 0
+    seen: set[str] = set()
+    for schedule in schedules:
+        if not isinstance(schedule, Cron) or schedule.expr in seen:
+            continue
+        seen.add(schedule.expr)
+        span = _SPANS.get((schedule.expr, tz.key))
+        if span is None or not span[0] <= now < span[1]:
+            schedule.warm(now, tz)
+            done += 1
+    return done
 
 
 @lru_cache(maxsize=65_536)

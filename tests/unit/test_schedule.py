@@ -420,20 +420,53 @@ class TestDstProperties:
         assert len(set(walls)) == len(walls)
 
 
-def test_shared_cron_slots_are_the_slots_computed_afresh_in_every_zone() -> None:
-    """Cron slots are remembered by (expression, instant, zone): the remembered answer is the
-    computed one, and a zone's answer never leaks into another's (across a DST change)."""
+def test_remembered_and_warmed_cron_slots_are_the_slots_computed_afresh() -> None:
+    """Cron slots are remembered per (expression, zone) as a span of instants sharing one
+    next slot, and warmed ahead by a following coordinator: every answer from memory is the
+    computed one, across DST changes, and a zone's answer never leaks into another's."""
     from protocol import schedule as sched
 
-    sched._NEXT.clear()
-    zones = [BERLIN, NY, zone("UTC")]
-    start = datetime(2026, 3, 29, 0, 30, tzinfo=UTC).timestamp()
-    for expr in ("30 2 * * *", "*/7 * * * * 15", "0 0 1 * *"):
-        cron = Cron(expr)
-        for tz in zones:
-            for step in range(0, 6 * 3600, 1800):
-                instant = start + step
-                first = cron.next_after(instant, tz)
-                assert first == cron._next_after(instant, tz)
-                assert cron.next_after(instant, tz) == first  # now from memory
-    assert len({key[2] for key in sched._NEXT}) == 3
+    zones = [BERLIN, NY, zone("UTC"), zone("Australia/Lord_Howe")]
+    exprs = ("30 2 * * *", "*/7 * * * * 15", "0 0 1 * *", "15 1,2,3 * * *", "0 */5 * * *")
+    start = datetime(2026, 3, 28, 20, 0, tzinfo=UTC).timestamp()  # around Europe's change
+    for warm_first in (False, True):
+        sched._SPANS.clear()
+        for step in range(0, 30 * 3600, 1337):
+            instant = start + step
+            if warm_first and step % 5 == 0:
+                for tz in zones:
+                    sched.warm([Cron(e) for e in exprs] + [None, Periodic(5)], tz, instant)
+            for expr in exprs:
+                cron = Cron(expr)
+                for tz in zones:
+                    assert cron.next_after(instant, tz) == cron._next_after(instant, tz), (
+                        expr, tz.key, instant)
+                    cursor = instant - 4000  # an older cursor, as a successor meets it
+                    assert cron.next_after(cursor, tz) == cron._next_after(cursor, tz)
+    assert {key[1] for key in sched._SPANS} == {tz.key for tz in zones}
+
+
+def test_warming_makes_a_successors_lookups_answers_from_memory() -> None:
+    from protocol import schedule as sched
+
+    sched._SPANS.clear()
+    now = datetime(2026, 7, 1, 12, 0, 30, tzinfo=UTC).timestamp()
+    crons = [Cron(f"{m} 3 * * *") for m in range(60)]
+    assert sched.warm(crons + crons, BERLIN, now) == 60  # each expression once
+    assert sched.warm(crons, BERLIN, now + 60) == 0  # still known
+    calls = 0
+    real = Cron._next_after
+
+    def counting(self: Cron, instant: float, tz: object) -> float:
+        nonlocal calls
+        calls += 1
+        return real(self, instant, tz)  # type: ignore[arg-type]
+
+    Cron._next_after = counting  # type: ignore[method-assign]
+    try:
+        # A cursor left by a leader an hour ago, after the slot before `now`: from memory.
+        for cron in crons:
+            cron.next_after(now - 3600, BERLIN)
+    finally:
+        Cron._next_after = real  # type: ignore[method-assign]
+    assert calls == 0
