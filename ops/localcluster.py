@@ -241,14 +241,20 @@ def find_free_ports(
     defaults = default_ports()
     amqp_port = amqp_port or defaults[0]
     zk_port = zk_port or defaults[1]
+    limit = min(ls.ephemeral_port_range()[0], 32768)  # never into the ephemeral range
     for amqp in range(amqp_port, amqp_port + AMQP_SPAN * attempts, AMQP_SPAN):
         block = range(amqp, amqp + AMQP_SPAN)
-        if block[-1] <= 65535 and all(ls.port_free(p) for p in _rabbit_used(amqp)):
+        if block[-1] >= limit:
+            raise ServerError(f"no free RabbitMQ ports found from {amqp_port} below {limit}; "
+                              f"{_hint()}")
+        if all(ls.port_free(p) for p in _rabbit_used(amqp)):
             break
     else:
         raise ServerError(f"no free RabbitMQ ports found from {amqp_port}; {_hint()}")
     for zk in range(zk_port, zk_port + ZK_SPAN * attempts, ZK_SPAN):
         wanted = range(zk, zk + ZK_SPAN)
+        if wanted[-1] >= limit:
+            break
         if not set(wanted) & set(block) and all(ls.port_free(p) for p in wanted):
             return amqp, zk
     raise ServerError(f"no free ZooKeeper ports found from {zk_port}; {_hint()}")
@@ -315,7 +321,8 @@ def _zk_marker(cluster: LocalCluster, i: int) -> str:
     return str(_Paths(cluster.state_dir).zk(i) / "zoo.cfg")
 
 
-def _refresh_pids(cluster: LocalCluster) -> None:
+def refresh_pids(cluster: LocalCluster) -> None:
+    """Record in ``cluster.pids`` which of its processes run now."""
     paths = _Paths(cluster.state_dir)
     found: dict[str, int | None] = {"epmd": ls.live_pid(paths.epmd_pid, "epmd")}
     for i in cluster.members:
@@ -333,7 +340,7 @@ def load(state_dir: str | os.PathLike[str] = DEFAULT_DIR) -> LocalCluster | None
         cluster = LocalCluster(root, int(config["amqp_port"]), int(config["zk_port"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    _refresh_pids(cluster)
+    refresh_pids(cluster)
     return cluster
 
 
@@ -519,7 +526,7 @@ def queue_leaders(cluster: LocalCluster, vhost: str = "/") -> dict[str, int]:
 def is_up(cluster: LocalCluster) -> bool:
     """Whether every member runs: three ZooKeeper servers serving, three RabbitMQ nodes
     answering on their AMQP ports."""
-    _refresh_pids(cluster)
+    refresh_pids(cluster)
     return all(
         f"zk{i}" in cluster.pids and f"rabbit{i}" in cluster.pids
         and ls.amqp_answers(cluster.node_amqp_port(i)) for i in cluster.members
@@ -651,7 +658,7 @@ def start_zk(cluster: LocalCluster, i: int, timeout: float = START_TIMEOUT) -> N
     """Start ZooKeeper server ``i`` again on its data and wait until it serves (which needs
     a majority of the ensemble running)."""
     with ls.locked(cluster.state_dir):
-        _refresh_pids(cluster)
+        refresh_pids(cluster)
         _launch_zk(cluster, _check(i))
         _wait_zk(cluster, [i], timeout)
 
@@ -669,11 +676,11 @@ def start_rabbit(cluster: LocalCluster, i: int, timeout: float = START_TIMEOUT) 
     """Start RabbitMQ node ``i`` again on its data and wait until it has rejoined the cluster
     and answers."""
     with ls.locked(cluster.state_dir):
-        _refresh_pids(cluster)
+        refresh_pids(cluster)
         _ensure_epmd(cluster)
         wrapper = _launch_rabbit(cluster, _check(i))
         _wait_rabbit(cluster, i, wrapper, timeout)
-        _refresh_pids(cluster)
+        refresh_pids(cluster)
         if i not in running_nodes(cluster, i):
             raise ServerError(f"RabbitMQ node {i} runs but is not in the cluster; see "
                               f"{_Paths(cluster.state_dir).rabbit(i) / 'log'}")
@@ -681,7 +688,7 @@ def start_rabbit(cluster: LocalCluster, i: int, timeout: float = START_TIMEOUT) 
 
 def _kill(cluster: LocalCluster, what: str, names: Sequence[str], ports: dict[str, int]) -> None:
     with ls.locked(cluster.state_dir):
-        _refresh_pids(cluster)
+        refresh_pids(cluster)
         pids = [cluster.pids[name] for name in names if name in cluster.pids]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -725,7 +732,7 @@ def start(
                 raise ServerError(f"a cluster in {root} already runs on ports {running} "
                                   "(AMQP, ZooKeeper); stop it first")
         _save(cluster, formed)
-        _refresh_pids(cluster)
+        refresh_pids(cluster)
         already = set(cluster.pids.values())
         needed: dict[str, int] = {}
         if "epmd" not in cluster.pids:
@@ -753,13 +760,13 @@ def start(
             say(f"RabbitMQ cluster running on nodes {running_nodes(cluster, 1)}")
             _wait_zk(cluster, list(cluster.members), max(timeout - (time.monotonic() - began), 10))
         except BaseException:
-            _refresh_pids(cluster)
+            refresh_pids(cluster)
             launched = [pid for pid in cluster.pids.values() if pid not in already]
             if launched:
                 say(f"stopping what this start launched (pids {', '.join(map(str, launched))})")
                 ls.terminate(launched, STOP_TIMEOUT)
             raise
-        _refresh_pids(cluster)
+        refresh_pids(cluster)
         if not cluster.started:
             say(f"cluster in {root} already up; reusing it")
         return cluster
@@ -935,7 +942,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             action = {("kill", "zk"): kill_zk, ("kill", "rabbit"): kill_rabbit,
                       ("start", "zk"): start_zk, ("start", "rabbit"): start_rabbit}
             action[args.command, args.kind](cluster, _check(args.index))
-            _refresh_pids(cluster)
+            refresh_pids(cluster)
             print("\n".join(_status_lines(cluster)))
             return 0
         if args.command == "start":
