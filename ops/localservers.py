@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -39,6 +40,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import quote
 
 from protocol.topology import PERMISSIONS, ROLES
@@ -172,14 +174,14 @@ def ephemeral_port_range() -> tuple[int, int]:
 # --------------------------------------------------------------------------- output
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- installation
 
 
-def _zk_classpath(conf_dir: Path) -> str:
+def zk_classpath(conf_dir: Path) -> str:
     """Classpath for the ZooKeeper server, led by our own log4j configuration directory."""
     java = Path("/usr/share/java")
     parts = [str(conf_dir)]
@@ -199,10 +201,10 @@ def _zk_installed() -> bool:
     candidates = [Path("/usr/share/java/zookeeper.jar")]
     candidates += Path("/usr/share/zookeeper").glob("*.jar")
     candidates += Path("/usr/share/zookeeper/lib").glob("zookeeper-*.jar")
-    return any(p.exists() for p in candidates) and _java() is not None
+    return any(p.exists() for p in candidates) and find_java() is not None
 
 
-def _java() -> str | None:
+def find_java() -> str | None:
     java_home = os.environ.get("JAVA_HOME")
     if java_home and (Path(java_home) / "bin" / "java").exists():
         return str(Path(java_home) / "bin" / "java")
@@ -226,7 +228,7 @@ def ensure_installed() -> None:
         raise ServerError(f"missing packages {', '.join(missing)}; install them with:\n  {hint}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in commands:
-        _say("$ " + " ".join(command))
+        say("$ " + " ".join(command))
         if subprocess.run(command, env=env).returncode != 0:
             raise ServerError(f"{' '.join(command)} failed")
 
@@ -234,7 +236,7 @@ def ensure_installed() -> None:
 # --------------------------------------------------------------------------- processes
 
 
-def _alive(pid: int | None) -> bool:
+def alive(pid: int | None) -> bool:
     """Whether ``pid`` is a running (not zombie) process."""
     if not pid or pid <= 0:
         return False
@@ -254,7 +256,7 @@ def _alive(pid: int | None) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
         return raw.replace(b"\0", b" ").decode(errors="replace")
@@ -262,7 +264,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _read_pid(path: Path) -> int | None:
+def read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
     except (OSError, ValueError):
@@ -274,20 +276,20 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         os.kill(pid, sig)
 
 
-def _terminate(pids: Sequence[int], timeout: float) -> None:
+def terminate(pids: Sequence[int], timeout: float) -> None:
     """Send TERM to ``pids``, wait up to ``timeout`` seconds, then KILL whatever is left."""
-    pids = [p for p in pids if _alive(p)]
+    pids = [p for p in pids if alive(p)]
     for pid in pids:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pid in pids:
-        if _alive(pid):
-            _say(f"process {pid} ignored SIGTERM for {timeout:.0f} s; sending SIGKILL")
+        if alive(pid):
+            say(f"process {pid} ignored SIGTERM for {timeout:.0f} s; sending SIGKILL")
             _signal(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in pids:
         child = _children.pop(pid, None)
@@ -296,7 +298,7 @@ def _terminate(pids: Sequence[int], timeout: float) -> None:
                 child.wait(timeout=1)
 
 
-def _launch(command: Sequence[str], env: dict[str, str], log: Path, cwd: Path) -> int:
+def launch(command: Sequence[str], env: dict[str, str], log: Path, cwd: Path) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -312,7 +314,7 @@ def _launch(command: Sequence[str], env: dict[str, str], log: Path, cwd: Path) -
     return proc.pid
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -330,7 +332,7 @@ HOW_TO_CHOOSE_PORTS = (
 )
 
 
-def _wait_released(ports: dict[str, int], timeout: float = 15.0) -> None:
+def wait_released(ports: dict[str, int], timeout: float = 15.0) -> None:
     """Wait until a stopped server's ``ports`` can be bound again.
 
     A multi-threaded server (the JVM, the Erlang VM) can be reported gone while its last
@@ -338,13 +340,13 @@ def _wait_released(ports: dict[str, int], timeout: float = 15.0) -> None:
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(_port_free(port) for port in ports.values()):
+        if all(port_free(port) for port in ports.values()):
             return
         time.sleep(0.1)
 
 
-def _require_free(ports: dict[str, int]) -> None:
-    busy = [f"{name} port {port}" for name, port in ports.items() if not _port_free(port)]
+def require_free(ports: dict[str, int]) -> None:
+    busy = [f"{name} port {port}" for name, port in ports.items() if not port_free(port)]
     if busy:
         low, high = ephemeral_port_range()
         in_range = [port for port in ports.values() if low <= port <= high]
@@ -373,12 +375,12 @@ def find_free_ports(
     step = RABBITMQ_PORT_SPAN
     for amqp in range(amqp_port, amqp_port + step * attempts, step):
         needed = [p for name, p in Servers(Path(), amqp).ports().items() if name != "ZooKeeper"]
-        if max(needed) <= 65535 and all(_port_free(port) for port in needed):
+        if max(needed) <= 65535 and all(port_free(port) for port in needed):
             break
     else:
         raise ServerError(f"no free AMQP port pattern found from {amqp_port}; {_hint()}")
     for zk in range(zk_port, zk_port + attempts):
-        if zk not in needed and _port_free(zk):
+        if zk not in needed and port_free(zk):
             return amqp, zk
     raise ServerError(f"no free ZooKeeper port found from {zk_port}; {_hint()}")
 
@@ -387,7 +389,7 @@ def _hint() -> str:
     return HOW_TO_CHOOSE_PORTS.replace("{low}", str(ephemeral_port_range()[0]))
 
 
-def _tail(path: Path, lines: int = 20) -> str:
+def tail(path: Path, lines: int = 20) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
@@ -454,7 +456,7 @@ class _Paths:
 
 
 @contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
+def locked(root: Path) -> Iterator[None]:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -464,12 +466,12 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _live(path: Path, marker: str) -> int | None:
+def live_pid(path: Path, marker: str) -> int | None:
     """The pid recorded in ``path`` if that process is alive and still ours."""
-    pid = _read_pid(path)
+    pid = read_pid(path)
     if pid is None:
         return None
-    if _alive(pid) and marker in _cmdline(pid):
+    if alive(pid) and marker in cmdline(pid):
         return pid
     return None
 
@@ -478,10 +480,10 @@ def _refresh_pids(servers: Servers) -> None:
     paths = _Paths(servers.state_dir)
     root = str(servers.state_dir)
     found = {
-        "epmd": _live(paths.epmd_pid, "epmd"),
-        "rabbitmq-server": _live(paths.rabbit_wrapper_pid, "rabbitmq-server"),
-        "rabbitmq": _live(paths.rabbit_pid, root),
-        "zookeeper": _live(paths.zk_pid, root),
+        "epmd": live_pid(paths.epmd_pid, "epmd"),
+        "rabbitmq-server": live_pid(paths.rabbit_wrapper_pid, "rabbitmq-server"),
+        "rabbitmq": live_pid(paths.rabbit_pid, root),
+        "zookeeper": live_pid(paths.zk_pid, root),
     }
     servers.pids = {name: pid for name, pid in found.items() if pid is not None}
 
@@ -543,17 +545,17 @@ def is_up(servers: Servers | str | os.PathLike[str]) -> bool:
 def _ensure_epmd(servers: Servers) -> None:
     """Run a private Erlang port mapper on loopback so nodes elsewhere cannot clash."""
     paths = _Paths(servers.state_dir)
-    if _live(paths.epmd_pid, "epmd"):
+    if live_pid(paths.epmd_pid, "epmd"):
         return
-    _require_free({"epmd": servers.epmd_port})
+    require_free({"epmd": servers.epmd_port})
     epmd = shutil.which("epmd") or "epmd"
     command = [epmd, "-port", str(servers.epmd_port), "-address", HOST]
-    pid = _launch(command, dict(os.environ), paths.epmd_log, servers.state_dir)
+    pid = launch(command, dict(os.environ), paths.epmd_log, servers.state_dir)
     paths.epmd_pid.write_text(f"{pid}\n")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if not _alive(pid):
-            raise ServerError(f"epmd exited during startup:\n{_tail(paths.epmd_log)}")
+        if not alive(pid):
+            raise ServerError(f"epmd exited during startup:\n{tail(paths.epmd_log)}")
         with contextlib.suppress(OSError), socket.create_connection((HOST, servers.epmd_port), 1):
             servers.pids["epmd"] = pid
             servers.started = True
@@ -565,22 +567,35 @@ def _ensure_epmd(servers: Servers) -> None:
 # --------------------------------------------------------------------------- RabbitMQ
 
 
-def _erlang_env(servers: Servers) -> dict[str, str]:
-    paths = _Paths(servers.state_dir)
+LOOPBACK_DIST = "-kernel inet_dist_use_interface {127,0,0,1}"
+"""Erlang arguments that keep a node's distribution listener on loopback."""
+
+
+def erlang_env(
+    home: Path, epmd_port: int, cli_dist_ports: tuple[int, int], env_conf: Path
+) -> dict[str, str]:
+    """Environment for RabbitMQ's scripts: the Erlang cookie in ``home``, the private port
+    mapper on ``epmd_port``, rabbitmqctl's distribution ports in ``cli_dist_ports``."""
     env = dict(os.environ)
     for name in ("NOTIFY_SOCKET", "RABBITMQ_ALLOW_INPUT", "RABBITMQ_DIST_PORT", "ERL_EPMD_ADDRESS"):
         env.pop(name, None)
-    low, high = servers.cli_dist_ports
-    loopback_dist = "-kernel inet_dist_use_interface {127,0,0,1}"
+    low, high = cli_dist_ports
     env.update(
-        HOME=str(servers.state_dir),
-        ERL_EPMD_PORT=str(servers.epmd_port),
-        RABBITMQ_CONF_ENV_FILE=str(paths.rabbit_env_conf),
+        HOME=str(home),
+        ERL_EPMD_PORT=str(epmd_port),
+        RABBITMQ_CONF_ENV_FILE=str(env_conf),
         RABBITMQ_CTL_DIST_PORT_MIN=str(low),
         RABBITMQ_CTL_DIST_PORT_MAX=str(high),
-        RABBITMQ_CTL_ERL_ARGS=loopback_dist,
+        RABBITMQ_CTL_ERL_ARGS=LOOPBACK_DIST,
     )
     return env
+
+
+def _erlang_env(servers: Servers) -> dict[str, str]:
+    paths = _Paths(servers.state_dir)
+    return erlang_env(
+        servers.state_dir, servers.epmd_port, servers.cli_dist_ports, paths.rabbit_env_conf
+    )
 
 
 def _server_env(servers: Servers) -> dict[str, str]:
@@ -597,7 +612,7 @@ def _server_env(servers: Servers) -> dict[str, str]:
         RABBITMQ_ENABLED_PLUGINS_FILE=str(paths.rabbit_plugins),
         RABBITMQ_PID_FILE=str(paths.rabbit_pid),
         RABBITMQ_DIST_PORT=str(servers.dist_port),
-        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=LOOPBACK_DIST,
     )
     return env
 
@@ -626,10 +641,23 @@ def rabbitmqctl(
     servers: Servers, *args: str, timeout: float = 60.0, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """Run ``rabbitmqctl -n NODE ARGS...`` against the local broker."""
-    command = [str(RABBITMQCTL), "-n", servers.node, *args]
+    return run_rabbitmqctl(_erlang_env(servers), servers.node, *args, timeout=timeout, check=check)
+
+
+class Rabbitmqctl(Protocol):
+    """Runs rabbitmqctl against one broker (or cluster): ``ctl(*args, check=...)``."""
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]: ...
+
+
+def run_rabbitmqctl(
+    env: dict[str, str], node: str, *args: str, timeout: float = 60.0, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``rabbitmqctl -n NODE ARGS...`` with ``env`` (see `erlang_env`)."""
+    command = [str(RABBITMQCTL), "-n", node, *args]
     result = subprocess.run(
         command,
-        env=_erlang_env(servers),
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -643,14 +671,33 @@ def rabbitmqctl(
 
 def _wait_rabbitmq(servers: Servers, wrapper: int, timeout: float) -> None:
     paths = _Paths(servers.state_dir)
+    wait_rabbitmq(
+        _erlang_env(servers), servers.node, servers.amqp_port, wrapper, paths.rabbit_pid,
+        str(servers.state_dir), paths.rabbit_logs, paths.rabbit_stdout, timeout,
+    )  # fmt: skip
+
+
+def wait_rabbitmq(
+    env: dict[str, str],
+    node: str,
+    amqp_port: int,
+    wrapper: int,
+    pid_file: Path,
+    marker: str,
+    logs: Path,
+    stdout_log: Path,
+    timeout: float,
+    label: str = "RabbitMQ",
+) -> None:
+    """Wait until the broker ``node`` launched as ``wrapper`` has booted and answers on
+    ``amqp_port``, saying every two seconds how long it has waited (as ``label``)."""
     command = [
-        str(RABBITMQCTL), "-n", servers.node, "wait", str(paths.rabbit_pid),
-        "--timeout", str(int(timeout)),
+        str(RABBITMQCTL), "-n", node, "wait", str(pid_file), "--timeout", str(int(timeout)),
     ]  # fmt: skip
     started = time.monotonic()
     waiter = subprocess.Popen(
         command,
-        env=_erlang_env(servers),
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -659,15 +706,15 @@ def _wait_rabbitmq(servers: Servers, wrapper: int, timeout: float) -> None:
     try:
         while waiter.poll() is None:
             elapsed = time.monotonic() - started
-            if not _alive(wrapper) and not _live(paths.rabbit_pid, str(servers.state_dir)):
+            if not alive(wrapper) and not live_pid(pid_file, marker):
                 raise ServerError(
-                    f"RabbitMQ exited during startup; see {paths.rabbit_logs}\n"
-                    f"{_tail(paths.rabbit_stdout)}"
+                    f"{label} exited during startup; see {logs}\n"
+                    f"{tail(stdout_log)}"
                 )
             if elapsed > timeout + 5:
-                raise ServerError(f"RabbitMQ did not start within {timeout:.0f} s")
+                raise ServerError(f"{label} did not start within {timeout:.0f} s")
             if elapsed >= next_report:
-                _say(f"waiting for RabbitMQ… {elapsed:.0f} s")
+                say(f"waiting for {label}… {elapsed:.0f} s")
                 next_report += 2.0
             time.sleep(0.2)
     finally:
@@ -675,12 +722,12 @@ def _wait_rabbitmq(servers: Servers, wrapper: int, timeout: float) -> None:
             waiter.kill()
         output = waiter.communicate()[0].decode(errors="replace").strip()
     if waiter.returncode != 0:
-        raise ServerError(f"rabbitmqctl wait failed:\n{output}\n{_tail(paths.rabbit_stdout)}")
-    while not amqp_answers(servers.amqp_port):
+        raise ServerError(f"rabbitmqctl wait failed:\n{output}\n{tail(stdout_log)}")
+    while not amqp_answers(amqp_port):
         if time.monotonic() - started > timeout:
-            raise ServerError(f"RabbitMQ is running but port {servers.amqp_port} does not answer")
+            raise ServerError(f"{label} is running but port {amqp_port} does not answer")
         time.sleep(0.2)
-    _say(f"RabbitMQ up on {HOST}:{servers.amqp_port} after {time.monotonic() - started:.1f} s")
+    say(f"{label} up on {HOST}:{amqp_port} after {time.monotonic() - started:.1f} s")
 
 
 def _start_rabbitmq(servers: Servers, timeout: float) -> None:
@@ -689,21 +736,21 @@ def _start_rabbitmq(servers: Servers, timeout: float) -> None:
     if "rabbitmq" in servers.pids:
         if amqp_answers(servers.amqp_port):
             return
-        _say(f"RabbitMQ (pid {servers.pids['rabbitmq']}) is running but not answering; waiting")
+        say(f"RabbitMQ (pid {servers.pids['rabbitmq']}) is running but not answering; waiting")
         wrapper = servers.pids.get("rabbitmq-server", servers.pids["rabbitmq"])
         with contextlib.suppress(ServerError):
             _wait_rabbitmq(servers, wrapper, timeout)
             return
-        _say("RabbitMQ did not come up; restarting it")
+        say("RabbitMQ did not come up; restarting it")
         _stop_rabbitmq(servers)
     for stale in (paths.rabbit_pid, paths.rabbit_wrapper_pid):
         if stale.exists():
-            _say(f"removing stale pid file {stale}")
+            say(f"removing stale pid file {stale}")
             stale.unlink()
-    _require_free({"AMQP": servers.amqp_port, "Erlang distribution": servers.dist_port})
+    require_free({"AMQP": servers.amqp_port, "Erlang distribution": servers.dist_port})
     _write_rabbitmq_files(servers)
-    _say(f"starting RabbitMQ node {servers.node} on {HOST}:{servers.amqp_port}")
-    wrapper = _launch(
+    say(f"starting RabbitMQ node {servers.node} on {HOST}:{servers.amqp_port}")
+    wrapper = launch(
         [str(RABBITMQ_SERVER)], _server_env(servers), paths.rabbit_stdout, servers.state_dir
     )
     paths.rabbit_wrapper_pid.write_text(f"{wrapper}\n")
@@ -711,7 +758,7 @@ def _start_rabbitmq(servers: Servers, timeout: float) -> None:
     try:
         _wait_rabbitmq(servers, wrapper, timeout)
     except BaseException:
-        _terminate([wrapper, *filter(None, [_read_pid(paths.rabbit_pid)])], STOP_TIMEOUT)
+        terminate([wrapper, *filter(None, [read_pid(paths.rabbit_pid)])], STOP_TIMEOUT)
         raise
     _refresh_pids(servers)
 
@@ -721,9 +768,9 @@ def _stop_rabbitmq(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
     _refresh_pids(servers)
     pids = [servers.pids[k] for k in ("rabbitmq-server", "rabbitmq") if k in servers.pids]
     if pids:
-        _say(f"stopping RabbitMQ (pids {', '.join(map(str, pids))})")
-        _terminate(pids, timeout)
-        _wait_released({"AMQP": servers.amqp_port, "Erlang distribution": servers.dist_port})
+        say(f"stopping RabbitMQ (pids {', '.join(map(str, pids))})")
+        terminate(pids, timeout)
+        wait_released({"AMQP": servers.amqp_port, "Erlang distribution": servers.dist_port})
     for path in (paths.rabbit_pid, paths.rabbit_wrapper_pid):
         path.unlink(missing_ok=True)
     servers.pids.pop("rabbitmq", None)
@@ -751,7 +798,12 @@ def _write_zookeeper_files(servers: Servers) -> None:
         "autopurge.snapRetainCount=3\n"
         "autopurge.purgeInterval=1\n"
     )
-    (paths.zk_conf / "log4j.properties").write_text(
+    write_zk_log4j(paths.zk_conf)
+
+
+def write_zk_log4j(conf_dir: Path) -> None:
+    """A log4j configuration in ``conf_dir`` that sends ZooKeeper's log to its stdout."""
+    (conf_dir / "log4j.properties").write_text(
         "log4j.rootLogger=INFO, CONSOLE\n"
         "log4j.appender.CONSOLE=org.apache.log4j.ConsoleAppender\n"
         "log4j.appender.CONSOLE.layout=org.apache.log4j.PatternLayout\n"
@@ -759,22 +811,28 @@ def _write_zookeeper_files(servers: Servers) -> None:
     )
 
 
-def _zookeeper_command(servers: Servers) -> list[str]:
-    paths = _Paths(servers.state_dir)
-    java = _java()
+def zookeeper_command(cfg: Path, log_dir: Path, conf_dir: Path, heap: str = "512m") -> list[str]:
+    """The java command line of a ZooKeeper server reading ``cfg``, its log4j configuration
+    from ``conf_dir`` (see `write_zk_log4j`), with at most ``heap`` of heap."""
+    java = find_java()
     if java is None:
         raise ServerError("java not found; install a JRE (Debian: default-jre-headless)")
     return [
         java,
         "-Xms64m",
-        "-Xmx512m",
-        f"-Dzookeeper.log.dir={paths.zk}",
+        f"-Xmx{heap}",
+        f"-Dzookeeper.log.dir={log_dir}",
         "-Dzookeeper.root.logger=INFO,CONSOLE",
         "-cp",
-        _zk_classpath(paths.zk_conf),
+        zk_classpath(conf_dir),
         ZK_MAIN,
-        str(paths.zk_cfg),
+        str(cfg),
     ]
+
+
+def _zookeeper_command(servers: Servers) -> list[str]:
+    paths = _Paths(servers.state_dir)
+    return zookeeper_command(paths.zk_cfg, paths.zk, paths.zk_conf)
 
 
 def _start_zookeeper(servers: Servers, timeout: float) -> None:
@@ -784,13 +842,13 @@ def _start_zookeeper(servers: Servers, timeout: float) -> None:
         pid = servers.pids["zookeeper"]
     else:
         if paths.zk_pid.exists():
-            _say(f"removing stale pid file {paths.zk_pid}")
+            say(f"removing stale pid file {paths.zk_pid}")
             paths.zk_pid.unlink()
-        _require_free({"ZooKeeper": servers.zk_port})
+        require_free({"ZooKeeper": servers.zk_port})
         _write_zookeeper_files(servers)
-        _say(f"starting ZooKeeper on {HOST}:{servers.zk_port}")
+        say(f"starting ZooKeeper on {HOST}:{servers.zk_port}")
         command = _zookeeper_command(servers)
-        pid = _launch(command, dict(os.environ), paths.zk_log, servers.state_dir)
+        pid = launch(command, dict(os.environ), paths.zk_log, servers.state_dir)
         paths.zk_pid.write_text(f"{pid}\n")
         servers.pids["zookeeper"] = pid
         servers.started = True
@@ -798,28 +856,28 @@ def _start_zookeeper(servers: Servers, timeout: float) -> None:
     next_report = 2.0
     while not zk_answers(servers.zk_port):
         elapsed = time.monotonic() - started
-        if not _alive(pid):
+        if not alive(pid):
             paths.zk_pid.unlink(missing_ok=True)
             servers.pids.pop("zookeeper", None)
-            raise ServerError(f"ZooKeeper exited during startup:\n{_tail(paths.zk_log)}")
+            raise ServerError(f"ZooKeeper exited during startup:\n{tail(paths.zk_log)}")
         if elapsed > timeout:
             _stop_zookeeper(servers)
             raise ServerError(f"ZooKeeper did not answer within {timeout:.0f} s")
         if elapsed >= next_report:
-            _say(f"waiting for ZooKeeper… {elapsed:.0f} s")
+            say(f"waiting for ZooKeeper… {elapsed:.0f} s")
             next_report += 2.0
         time.sleep(0.1)
     if servers.started:
-        _say(f"ZooKeeper up on {HOST}:{servers.zk_port} after {time.monotonic() - started:.1f} s")
+        say(f"ZooKeeper up on {HOST}:{servers.zk_port} after {time.monotonic() - started:.1f} s")
 
 
 def _stop_zookeeper(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
     paths = _Paths(servers.state_dir)
     _refresh_pids(servers)
     if "zookeeper" in servers.pids:
-        _say(f"stopping ZooKeeper (pid {servers.pids['zookeeper']})")
-        _terminate([servers.pids["zookeeper"]], timeout)
-        _wait_released({"ZooKeeper": servers.zk_port})
+        say(f"stopping ZooKeeper (pid {servers.pids['zookeeper']})")
+        terminate([servers.pids["zookeeper"]], timeout)
+        wait_released({"ZooKeeper": servers.zk_port})
     paths.zk_pid.unlink(missing_ok=True)
     servers.pids.pop("zookeeper", None)
 
@@ -844,7 +902,7 @@ def start(
     zk_port = zk_port or defaults[1]
     ensure_installed()
     root = Path(state_dir).resolve()
-    with _locked(root):
+    with locked(root):
         servers = Servers(root, amqp_port, zk_port, epmd_port or amqp_port + 1)
         previous = load(root)
         if previous is not None and previous.pids:
@@ -867,7 +925,7 @@ def start(
             needed["Erlang distribution"] = servers.dist_port
         if "zookeeper" not in servers.pids:
             needed["ZooKeeper"] = servers.zk_port
-        _require_free(needed)
+        require_free(needed)
         try:
             _ensure_epmd(servers)
             _start_rabbitmq(servers, timeout)
@@ -876,12 +934,12 @@ def start(
             _refresh_pids(servers)
             launched = [pid for pid in servers.pids.values() if pid not in already]
             if launched:
-                _say(f"stopping what this start launched (pids {', '.join(map(str, launched))})")
-                _terminate(launched, STOP_TIMEOUT)
+                say(f"stopping what this start launched (pids {', '.join(map(str, launched))})")
+                terminate(launched, STOP_TIMEOUT)
             raise
         _refresh_pids(servers)
         if not servers.started:
-            _say(f"servers in {root} already up; reusing them")
+            say(f"servers in {root} already up; reusing them")
         return servers
 
 
@@ -891,13 +949,13 @@ def _stop_all(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
     rabbit = [servers.pids[k] for k in ("rabbitmq-server", "rabbitmq") if k in servers.pids]
     zk = [servers.pids["zookeeper"]] if "zookeeper" in servers.pids else []
     if rabbit:
-        _say(f"stopping RabbitMQ (pids {', '.join(map(str, rabbit))})")
+        say(f"stopping RabbitMQ (pids {', '.join(map(str, rabbit))})")
     if zk:
-        _say(f"stopping ZooKeeper (pid {zk[0]})")
-    _terminate(rabbit + zk, timeout)
+        say(f"stopping ZooKeeper (pid {zk[0]})")
+    terminate(rabbit + zk, timeout)
     if "epmd" in servers.pids:
-        _say(f"stopping epmd (pid {servers.pids['epmd']})")
-        _terminate([servers.pids["epmd"]], timeout)
+        say(f"stopping epmd (pid {servers.pids['epmd']})")
+        terminate([servers.pids["epmd"]], timeout)
     for path in (paths.rabbit_pid, paths.rabbit_wrapper_pid, paths.zk_pid, paths.epmd_pid):
         path.unlink(missing_ok=True)
     servers.pids.clear()
@@ -906,7 +964,7 @@ def _stop_all(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
 def stop(state_dir: str | os.PathLike[str] = DEFAULT_DIR, timeout: float = STOP_TIMEOUT) -> bool:
     """Stop the servers recorded in ``state_dir``; return whether anything was running."""
     root = Path(state_dir).resolve()
-    with _locked(root):
+    with locked(root):
         servers = load(root)
         if servers is None:
             return False
@@ -917,20 +975,20 @@ def stop(state_dir: str | os.PathLike[str] = DEFAULT_DIR, timeout: float = STOP_
 
 def stop_rabbitmq(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
     """Stop the broker (TERM, then KILL after ``timeout``) and keep its data."""
-    with _locked(servers.state_dir):
+    with locked(servers.state_dir):
         _stop_rabbitmq(servers, timeout)
 
 
 def start_rabbitmq(servers: Servers, timeout: float = START_TIMEOUT) -> None:
     """Start the broker again on the same port and data, and wait until it answers."""
-    with _locked(servers.state_dir):
+    with locked(servers.state_dir):
         _ensure_epmd(servers)
         _start_rabbitmq(servers, timeout)
 
 
 def restart_rabbitmq(servers: Servers, timeout: float = START_TIMEOUT) -> Servers:
     """Stop the broker by pid and start it again on the same port and data."""
-    with _locked(servers.state_dir):
+    with locked(servers.state_dir):
         _stop_rabbitmq(servers)
         _ensure_epmd(servers)
         _start_rabbitmq(servers, timeout)
@@ -939,25 +997,25 @@ def restart_rabbitmq(servers: Servers, timeout: float = START_TIMEOUT) -> Server
 
 def stop_zookeeper(servers: Servers, timeout: float = STOP_TIMEOUT) -> None:
     """Stop ZooKeeper (TERM, then KILL after ``timeout``) and keep its data."""
-    with _locked(servers.state_dir):
+    with locked(servers.state_dir):
         _stop_zookeeper(servers, timeout)
 
 
 def start_zookeeper(servers: Servers, timeout: float = START_TIMEOUT) -> None:
     """Start ZooKeeper again on the same port and data, and wait until it answers."""
-    with _locked(servers.state_dir):
+    with locked(servers.state_dir):
         _start_zookeeper(servers, timeout)
 
 
 def restart_zookeeper(servers: Servers, timeout: float = START_TIMEOUT) -> Servers:
     """Stop ZooKeeper by pid and start it again on the same port and data."""
-    with _locked(servers.state_dir):
+    with locked(servers.state_dir):
         _stop_zookeeper(servers)
         _start_zookeeper(servers, timeout)
     return servers
 
 
-def _erlang_binary(text: str) -> str:
+def erlang_binary(text: str) -> str:
     return '<<"' + text.replace("\\", "\\\\").replace('"', '\\"') + '">>'
 
 
@@ -968,12 +1026,18 @@ _users_ready: dict[Path, dict[str, str]] = {}
 def role_passwords(servers: Servers) -> dict[str, str]:
     """The password of each role's RabbitMQ user; the users are created (or their passwords
     set) on first use by this process, with the passwords kept in the state directory."""
-    root = servers.state_dir
+    return ensure_role_users(servers.state_dir, functools.partial(rabbitmqctl, servers))
+
+
+def ensure_role_users(root: Path, ctl: Rabbitmqctl) -> dict[str, str]:
+    """Create (or set the passwords of) each Rota role's RabbitMQ user through ``ctl``, with
+    the permissions of `PERMISSIONS` on the default virtual host, once per process and state
+    directory ``root``, where the passwords are kept; return them by role."""
     ready = _users_ready.get(root)
     if ready is not None:
         return ready
     path = root / USERS_FILE
-    with _locked(root):
+    with locked(root):
         try:
             passwords = {role: str(pw) for role, pw in json.loads(path.read_text()).items()}
         except (OSError, ValueError):
@@ -986,48 +1050,59 @@ def role_passwords(servers: Servers) -> dict[str, str]:
             path.chmod(0o600)
         for role, password in passwords.items():
             user = ROLE_USERS[role]
-            added = rabbitmqctl(servers, "-q", "add_user", user, password, check=False)
+            added = ctl("-q", "add_user", user, password, check=False)
             if added.returncode != 0:
                 output = added.stdout + added.stderr
                 if "already_exists" not in output and "already exists" not in output:
                     raise ServerError(f"cannot add RabbitMQ user {user}:\n{output.strip()}")
-                rabbitmqctl(servers, "-q", "change_password", user, password)
-        _grant(servers, "/")
+                ctl("-q", "change_password", user, password)
+        grant_role_permissions(ctl, "/")
     _users_ready[root] = passwords
     return passwords
 
 
-def _grant(servers: Servers, vhost: str) -> None:
+def grant_role_permissions(ctl: Rabbitmqctl, vhost: str) -> None:
+    """Give each Rota role's user the permissions of `PERMISSIONS` on ``vhost``."""
     for role, (configure, write, read) in PERMISSIONS.items():
-        rabbitmqctl(servers, "-q", "set_permissions", "-p", vhost, ROLE_USERS[role],
-                    configure, write, read)
+        ctl("-q", "set_permissions", "-p", vhost, ROLE_USERS[role], configure, write, read)
 
 
 def add_vhost(servers: Servers, name: str) -> str:
     """Create virtual host ``name`` with full permissions for guest and each Rota role's
     permissions for its user (`role_passwords`); return its AMQP URL (guest's)."""
     role_passwords(servers)
+    create_vhost(functools.partial(rabbitmqctl, servers), name)
+    return servers.vhost_url(name)
+
+
+def create_vhost(ctl: Rabbitmqctl, name: str) -> None:
+    """Create virtual host ``name`` through ``ctl`` with full permissions for guest and each
+    Rota role's permissions for its user (the users must exist: `ensure_role_users`)."""
     if _SAFE_VHOST.match(name):
         # One CLI round trip instead of four; falls back to the documented commands below.
         grants = [("guest", (".*", ".*", ".*"))]
         grants += [(ROLE_USERS[role], perms) for role, perms in PERMISSIONS.items()]
         expr = f'rabbit_vhost:add(<<"{name}">>, <<"rota">>), ' + ", ".join(
             "rabbit_auth_backend_internal:set_permissions("
-            f'{_erlang_binary(user)}, <<"{name}">>, '
-            + ", ".join(_erlang_binary(p) for p in perms) + ', <<"rota">>)'
+            f'{erlang_binary(user)}, <<"{name}">>, '
+            + ", ".join(erlang_binary(p) for p in perms) + ', <<"rota">>)'
             for user, perms in grants) + "."
-        result = rabbitmqctl(servers, "-q", "eval", expr, check=False)
+        result = ctl("-q", "eval", expr, check=False)
         if result.returncode == 0 and result.stdout.strip() == "ok":
-            return servers.vhost_url(name)
-    rabbitmqctl(servers, "-q", "add_vhost", name)
-    rabbitmqctl(servers, "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    _grant(servers, name)
-    return servers.vhost_url(name)
+            return
+    ctl("-q", "add_vhost", name)
+    ctl("-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    grant_role_permissions(ctl, name)
 
 
 def delete_vhost(servers: Servers, name: str) -> None:
     """Delete virtual host ``name`` and everything in it; a missing vhost is not an error."""
-    result = rabbitmqctl(servers, "-q", "delete_vhost", name, check=False)
+    remove_vhost(functools.partial(rabbitmqctl, servers), name)
+
+
+def remove_vhost(ctl: Rabbitmqctl, name: str) -> None:
+    """Delete virtual host ``name`` through ``ctl``; a missing vhost is not an error."""
+    result = ctl("-q", "delete_vhost", name, check=False)
     output = result.stdout + result.stderr
     if result.returncode != 0 and "does not exist" not in output and "no_such_vhost" not in output:
         raise ServerError(f"delete_vhost {name} failed ({result.returncode}):\n{output.strip()}")
@@ -1046,7 +1121,7 @@ def _env_lines(servers: Servers) -> list[str]:
         try:
             lines += [f"ROTA_AMQP_URL_{role.upper()}={servers.role_url(role)}" for role in ROLES]
         except ServerError as error:
-            _say(f"warning: no role users ({error})")
+            say(f"warning: no role users ({error})")
     return lines
 
 
@@ -1135,12 +1210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             began = time.monotonic()
             servers = start(state_dir, args.amqp_port, args.zk_port, timeout=args.timeout)
             if servers.started:
-                _say(f"started in {time.monotonic() - began:.1f} s")
+                say(f"started in {time.monotonic() - began:.1f} s")
             print("\n".join(_status_lines(servers)))
             return 0
         if args.command == "stop":
             if not stop(state_dir):
-                _say(f"nothing running in {Path(state_dir).resolve()}")
+                say(f"nothing running in {Path(state_dir).resolve()}")
             return 0
         servers = load(state_dir)
         if args.command == "status":
@@ -1153,11 +1228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if servers is None:
                 servers = Servers(Path(state_dir).resolve(), *default_ports())
             if not (rabbitmq_up(servers) and zookeeper_up(servers)):
-                _say("warning: servers are not up; run `python -m ops.localservers start`")
+                say("warning: servers are not up; run `python -m ops.localservers start`")
             print("\n".join(_env_lines(servers)))
             return 0
     except ServerError as error:
-        _say(f"error: {error}")
+        say(f"error: {error}")
         return 1
     return 2
 

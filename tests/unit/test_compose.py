@@ -5,6 +5,10 @@ service's command parses with the real CLI parser in the compose environment, co
 are redundant, workers hold every role the catalogue needs, Prometheus scrapes ports that
 are served, alert rules use only metrics Rota defines, and each service connects to RabbitMQ
 as its role's user, created with the permissions of protocol/topology.py.
+
+The production profile is checked the same way, and for its shape: three ZooKeeper servers
+that list each other, three RabbitMQ nodes that share a cookie and discover each other, and
+Rota processes given every server and every node.
 """
 
 from __future__ import annotations
@@ -46,10 +50,23 @@ def catalogue() -> Catalogue:
     return load_catalogue(DEFAULT_CATALOGUE)
 
 
-def _rota_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The compose services that run the Rota image (their command is a `rota` subcommand)."""
+PRODUCTION = "production"
+STACKS = [None, PRODUCTION]
+"""The services without a profile (`docker compose up`), and the production profile's."""
+
+
+def _in_stack(svc: dict[str, Any], stack: str | None) -> bool:
+    profiles = svc.get("profiles") or []
+    return stack in profiles if stack else not profiles
+
+
+def _rota_services(compose: dict[str, Any], stack: str | None = "*") -> dict[str, dict[str, Any]]:
+    """The compose services that run the Rota image (their command is a `rota` subcommand),
+    of one stack (default: of every stack)."""
     out = {}
     for name, svc in compose["services"].items():
+        if stack != "*" and not _in_stack(svc, stack):
+            continue
         if svc.get("image", "").startswith("rota") or "build" in svc:
             out[name] = svc
     return out
@@ -71,10 +88,25 @@ def _parse(svc: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> argparse.Nam
         pytest.fail(f"`rota {' '.join(command)}` does not parse (exit {exc.code})")
 
 
-@pytest.fixture(scope="module")
-def parsed(compose: dict[str, Any]) -> dict[str, argparse.Namespace]:
+def _parse_stack(compose: dict[str, Any], stack: str | None) -> dict[str, argparse.Namespace]:
     with pytest.MonkeyPatch.context() as mp:
-        return {name: _parse(svc, mp) for name, svc in _rota_services(compose).items()}
+        return {name: _parse(svc, mp) for name, svc in _rota_services(compose, stack).items()}
+
+
+@pytest.fixture(scope="module", params=STACKS, ids=["default", "production"])
+def parsed(
+    compose: dict[str, Any], request: pytest.FixtureRequest
+) -> dict[str, argparse.Namespace]:
+    """Each stack's Rota services, parsed by the CLI: the checks using it apply to both."""
+    stack = _parse_stack(compose, request.param)
+    assert stack, f"no Rota service in stack {request.param or 'default'}"
+    return stack
+
+
+@pytest.fixture(scope="module")
+def default_parsed(compose: dict[str, Any]) -> dict[str, argparse.Namespace]:
+    """The services `docker compose up` starts, which ops/prometheus.yml scrapes."""
+    return _parse_stack(compose, None)
 
 
 def _of(parsed: dict[str, argparse.Namespace], command: str) -> dict[str, argparse.Namespace]:
@@ -171,8 +203,9 @@ def test_each_daemon_has_a_worker_for_its_roles(
 
 
 def test_prometheus_scrapes_the_ports_rota_serves(
-    compose: dict[str, Any], parsed: dict[str, argparse.Namespace]
+    compose: dict[str, Any], default_parsed: dict[str, argparse.Namespace]
 ) -> None:
+    parsed = default_parsed
     prom = _load(PROMETHEUS)
     for rule_file in prom.get("rule_files", []):
         assert (PROMETHEUS.parent / rule_file).is_file(), rule_file
@@ -324,3 +357,106 @@ def test_rabbitmq_loads_users_with_each_roles_permissions(compose: dict[str, Any
     granted = {p["user"]: (p["configure"], p["write"], p["read"])
                for p in definitions["permissions"] if p["vhost"] == "/"}
     assert granted == {ROLE_USERS[role]: perms for role, perms in PERMISSIONS.items()}
+
+
+# -- the production profile: a ZooKeeper ensemble and a RabbitMQ cluster -----------------------
+
+
+def _services_of(compose: dict[str, Any], image: str) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in compose["services"].items()
+            if _in_stack(svc, PRODUCTION) and str(svc.get("image", "")).startswith(image + ":")}
+
+
+def _env(svc: dict[str, Any]) -> dict[str, str]:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def _depends(svc: dict[str, Any]) -> set[str]:
+    return set(svc.get("depends_on") or [])
+
+
+def test_production_zookeeper_servers_form_one_ensemble(compose: dict[str, Any]) -> None:
+    servers = _services_of(compose, "zookeeper")
+    assert len(servers) == 3, sorted(servers)
+    ids = {_env(svc)["ZOO_MY_ID"]: name for name, svc in servers.items()}
+    assert sorted(ids) == ["1", "2", "3"], ids
+    lists = {_env(svc)["ZOO_SERVERS"] for svc in servers.values()}
+    assert len(lists) == 1, "the servers do not list the same ensemble"
+    listed = dict(entry.split("=", 1) for entry in lists.pop().split())
+    assert set(listed) == {f"server.{n}" for n in ids}
+    for n, name in ids.items():
+        assert re.fullmatch(rf"{re.escape(name)}:\d+:\d+;2181", listed[f"server.{n}"]), (
+            f"server.{n} is {listed[f'server.{n}']}, not service {name}")
+    for name, svc in servers.items():
+        env = _env(svc)
+        assert env["ZOO_TICK_TIME"] == "500", name
+        extra = dict(item.split("=", 1) for item in env.get("ZOO_CFG_EXTRA", "").split())
+        assert int(extra["minSessionTimeout"]) <= 2000 <= int(extra["maxSessionTimeout"]), name
+        assert any(str(v).endswith(":/data") for v in svc.get("volumes", [])), f"{name}: no data"
+
+
+def test_production_rabbitmq_nodes_share_a_cookie_and_discover_each_other(
+    compose: dict[str, Any],
+) -> None:
+    nodes = _services_of(compose, "rabbitmq")
+    assert len(nodes) == 3, sorted(nodes)
+    configs = compose["configs"]
+    cookies = set()
+    confs = set()
+    for name, svc in nodes.items():
+        assert svc.get("hostname") == name, f"{name}: its node name follows its hostname"
+        mounted = {c["target"]: c for c in svc["configs"]}
+        cookie = mounted["/var/lib/rabbitmq/.erlang.cookie"]
+        assert cookie["mode"] in (0o400, 0o600), f"{name}: the cookie must be private"
+        cookies.add(cookie["source"])
+        conf = next(c["source"] for target, c in mounted.items()
+                    if target.startswith("/etc/rabbitmq/conf.d/"))
+        confs.add(conf)
+        assert mounted["/etc/rabbitmq/definitions.json"]["source"] == "rabbitmq-definitions"
+        assert any(str(v).endswith(":/var/lib/rabbitmq") for v in svc.get("volumes", [])), name
+    assert len(cookies) == 1 and len(confs) == 1, (cookies, confs)
+    assert re.fullmatch(r"\$\{ROTA_RABBITMQ_COOKIE:\?[^}]*\}", configs[cookies.pop()]["content"])
+    conf = dict(line.split(" = ", 1) for line in configs[confs.pop()]["content"].splitlines()
+                if " = " in line)
+    assert conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+    listed = {v for k, v in conf.items() if k.startswith("cluster_formation.classic_config.nodes.")}
+    assert listed == {f"rabbit@{name}" for name in nodes}
+    assert conf["cluster_partition_handling"] == "pause_minority"
+    assert conf["load_definitions"] == "/etc/rabbitmq/definitions.json"
+
+
+def test_production_rota_services_are_given_every_server_and_node(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    zookeepers = _services_of(compose, "zookeeper")
+    rabbits = _services_of(compose, "rabbitmq")
+    rota = _rota_services(compose, PRODUCTION)
+    assert {"coordinator", "worker"} <= {_parse(svc, monkeypatch).command for svc in rota.values()}
+    for name, svc in rota.items():
+        args = _parse(svc, monkeypatch)
+        hosts = [host.split(":")[0] for host in args.zk.split("/")[0].split(",")]
+        assert sorted(hosts) == sorted(zookeepers), f"{name}: ROTA_ZK {args.zk!r}"
+        urls = args.amqp.split(";")
+        found = [re.match(r"amqps?://([^:@/]+):([^@/]*)@([^:/]+):(\d+)/", url) for url in urls]
+        assert all(found), f"{name}: ROTA_AMQP_URL {args.amqp!r}"
+        assert sorted(m[3] for m in found if m) == sorted(rabbits), f"{name}: {args.amqp!r}"
+        assert len({(m[1], m[2]) for m in found if m}) == 1, f"{name}: one user on every node"
+        assert _depends(svc) >= set(zookeepers) | set(rabbits), f"{name}: {_depends(svc)}"
+    # The production stack never leans on the single servers, nor they on it.
+    for name, svc in compose["services"].items():
+        production = _in_stack(svc, PRODUCTION)
+        for needed in _depends(svc):
+            assert _in_stack(compose["services"][needed], PRODUCTION) == production, (
+                f"{name} depends on {needed}, of the other stack")
+
+
+def test_both_stacks_can_run_side_by_side(compose: dict[str, Any]) -> None:
+    published = [str(port).rsplit(":", 1)[0] for svc in compose["services"].values()
+                 for port in svc.get("ports", [])]
+    assert len(published) == len(set(published)), f"host ports used twice: {published}"
+    ids = [a.id for a in _parse_stack(compose, None).values() if a.command == "coordinator"]
+    ids += [a.id for a in _parse_stack(compose, PRODUCTION).values() if a.command == "coordinator"]
+    assert len(ids) == len(set(ids)), ids
