@@ -341,11 +341,15 @@ class ZkTerm:
         self._end(f"the connection stayed suspended for more than {deadline:.2f}s")
 
     def _await_sure(self) -> None:
-        """Wait while the term is in doubt; `Fenced` once it has ended."""
-        while not self._sure.wait(0.1):
-            pass
-        if self._lost.is_set():
-            raise Fenced(f"epoch {self.epoch}: the term has ended")
+        """Wait while the term is in doubt; `Fenced` once it has ended. kazoo fails the
+        requests of a dropped connection before it tells its listeners, so a caller that just
+        got `ConnectionLoss` also waits for the client to be connected again: nothing is sent
+        to be queued until the link is back."""
+        while True:
+            if self._sure.wait(0.05) and self._lost.is_set():
+                raise Fenced(f"epoch {self.epoch}: the term has ended")
+            if self._sure.is_set() and (self._client is None or self._client.connected):
+                return
 
     def _fenced(self, reason: str) -> Fenced:
         self._end(reason)
