@@ -7,7 +7,9 @@ cluster and `MemoryCoordination` here for the embedded one.
   calls `lead(term)`; `lead` returns when `term.lost()` turns true or when it is done.
   Winning bumps the epoch; the term carries it.
 - The ledger is a key/value store whose writes (`term.commit`) succeed only while the
-  term's epoch is still the newest: a deposed leader's write raises `Fenced`. A commit is
+  term's epoch is still the newest: a deposed leader's write raises `Fenced`. A term whose
+  connection is briefly in doubt (ZooKeeper: SUSPENDED, see `zk.py`) is not lost yet: its
+  commits wait until it is sure again or has ended. A commit is
   all or nothing for whoever loads the ledger next, and costs one transaction unless it is
   over ZooKeeper's request size. Keys starting with `log/` are written once and deleted
   later (ZooKeeper keeps each apart, so adding one rewrites nothing else).

@@ -31,27 +31,61 @@ Commits: `term.commit(writes)` is one transaction, `check(/rota/epoch, version=t
 then the delta, the log keys and the compaction step, as long as the delta and log keys fit
 ZooKeeper's request limit (`jute.maxbuffer`, 1 MB by default; at most `MAX_OPS` ops and about
 `MAX_BYTES`). A larger commit is a delta in several parts (`ZkTerm._in_parts`), which a
-successor sees all of or none of. A failed epoch check, or any connection error, raises
+successor sees all of or none of. A failed epoch check, or a session that is lost, raises
 `Fenced`. One value may be at most `MAX_VALUE` bytes, and so may a bucket (`ValueError`
 before anything is written). `term.transactions`, `term.ops` and `term.written` count the
 transactions, znode writes and bytes committed.
 
+A commit whose connection drops while its transaction is in flight is ambiguous: a server
+that forwarded it before it died may still have it applied. Once the session is back (the
+same one) the identical transaction is sent again (`ZkTerm._resolve`). Its first operation
+after the epoch check creates the commit's delta, a name only this term's commit uses: a
+retry refused on that create proves the first attempt was applied; a retry that applies
+proves it was not, and the first can then never apply (its create would fail). A transaction
+without a delta of its own (only log keys), or one of a commit in several transactions,
+cannot be told apart that way: its term ends, as on any connection loss before.
+
 Loads: the marker, every bucket, log key and delta part are read with pipelined
 asynchronous gets, so a successor's load is a few round trips whatever the ledger's size.
 
-Terms end when the client's connection leaves CONNECTED (SUSPENDED counts, as in Curator), when
-the epoch znode's version moves past the term's, or on `stop()`. Connection state listeners only
-set flags and queue work: ZooKeeper is never called from them. User callbacks (node and epoch
-watches, session trouble) run on small dispatcher threads, never on kazoo's threads.
+Terms end when the session is lost (expired, or the client closed), when the session id
+changes, when the epoch znode's version moves past the term's, when the connection stays
+SUSPENDED longer than `doubt_deadline(session_timeout)`, or on `stop()`. While the connection is
+SUSPENDED the term is *in doubt*: `lost()` is still false, but nothing is read or committed
+(commits wait). If the client is CONNECTED again in the same session before the deadline, and
+the epoch znode's version is still the term's epoch, the term goes on: no election, no reload.
+A ZooKeeper ensemble member that dies thus costs its clients a reconnection to another
+member, not a new term. Connection state listeners only set flags, start timers and queue
+work: ZooKeeper is never called from them. User callbacks (node and epoch watches, session
+trouble) run on small dispatcher threads, never on kazoo's threads.
 
-Failover timing, with `session_timeout` 2 s (the server must allow it: `minSessionTimeout`
-at most 2000 ms, i.e. tickTime <= 1000): kazoo pings every ~0.67 s and drops a connection
-whose ping goes unanswered for ~1.33 s, so a leader cut off from ZooKeeper sees SUSPENDED
-(its term is lost) before its session can expire. A SIGKILLed leader sends nothing: the
-server expires its session <= ~2 s (plus up to one tick) after its last ping and deletes its
-election znode; the next contender's predecessor watch fires, it bumps the epoch and its
-`lead` starts, typically 2-2.5 s after the kill. A leader that closes cleanly deletes its znode
-at once. Even a stalled old leader cannot write: its epoch check fails.
+Timing, with `session_timeout` T (2 s by default; the server must allow it:
+`minSessionTimeout` at most 2000 ms, i.e. tickTime <= 1000). kazoo's read timeout is 2T/3: it
+pings when it has sent nothing for up to T/3 and drops the connection (SUSPENDED) when that
+ping is unanswered after up to T/3 more. An idle client therefore turns SUSPENDED at most 2T/3
+after the last packet the server got from it, and the server expires the session no sooner
+than T after that packet: at least T/3 (0.67 s for T = 2 s) remain between SUSPENDED and the
+earliest expiry (`expiry_margin`). Only after that expiry can another contender's
+predecessor watch fire and its epoch bump succeed.
+
+- A leader in doubt ends its term `doubt_deadline(T)` = 3/4 of that margin (0.5 s) after
+  SUSPENDED, a quarter (0.17 s) before any successor can exist. A reconnection through
+  another ensemble member (or the same one after a reset) takes a few tens of milliseconds;
+  an ensemble that needs to elect a new ZooKeeper leader may take longer, and then the term
+  ends and the contenders elect again.
+- A worker in doubt stops its runs and daemons holding run groups `suspend_grace(T)` = half
+  of the margin (0.33 s) after SUSPENDED, unless it is connected again in the same session
+  by then: the other half is left for the stop to complete before the session can expire
+  and the leader hand the groups to another node. On LOST it stops them at once.
+- A request sent into a dead link postpones kazoo's next ping (requests count as pings), so a
+  client that keeps sending can take up to T to notice a silent link. The leader sends little
+  outside its commits and the worker nearly nothing, so the margin above holds in practice;
+  it is a reason not to run these processes with a session shorter than 2 s.
+- A SIGKILLed leader sends nothing: the server expires its session <= ~2 s (plus up to one
+  tick) after its last ping and deletes its election znode; the next contender's predecessor
+  watch fires, it bumps the epoch and its `lead` starts, typically 2-2.5 s after the kill. A
+  leader that closes cleanly deletes its znode at once. Even a stalled old leader cannot
+  write: its epoch check fails.
 
 The client reconnects forever with backoff (at most 1 s between attempts), so a ZooKeeper
 restart is survived; after a session expiry kazoo opens a new session and this adapter
@@ -66,7 +100,7 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 import msgpack
@@ -104,6 +138,7 @@ from protocol.ledger_layout import (
 )
 
 log = logging.getLogger("rota.zk")
+T = TypeVar("T")
 
 ROOT = "/rota"
 ELECTION = f"{ROOT}/election"
@@ -126,6 +161,29 @@ CLEANUP_PER_COMMIT = 100  # leftover format-1 znodes deleted along with each com
 _OP_OVERHEAD = 64  # per-op bytes besides path and data (header, version, ACL)
 _LOAD_WINDOW = 2_000  # gets in flight while loading the ledger
 FAILED_LEAD_PAUSE = 1.0  # seconds before contending again after `lead` raised
+
+RESOLVE_ATTEMPTS = 5  # sends of an interrupted commit's transaction before its term ends
+READ_ATTEMPTS = 3  # reads retried after a connection loss the term survived
+
+
+def expiry_margin(session_timeout: float) -> float:
+    """Least time, in seconds, between kazoo's SUSPENDED and the earliest moment the server can
+    expire the session: kazoo suspends after at most 2/3 of the timeout without an answer to
+    its ping, the server expires no sooner than the whole timeout after the last packet."""
+    return session_timeout - session_timeout * 2 / 3
+
+
+def doubt_deadline(session_timeout: float) -> float:
+    """How long a leader's term may stay in doubt (SUSPENDED) before it ends: 3/4 of the
+    expiry margin, so it ends well before any successor can be elected (0.5 s for 2 s)."""
+    return expiry_margin(session_timeout) * 3 / 4
+
+
+def suspend_grace(session_timeout: float) -> float:
+    """How long a worker waits, once SUSPENDED, before stopping what holds run groups: half
+    the expiry margin, the other half left for the stop to complete (0.33 s for 2 s)."""
+    return expiry_margin(session_timeout) / 2
+
 
 # SessionExpiredError covers ConnectionClosedError (the client was stopped).
 _CONNECTION_ERRORS = (ConnectionLoss, SessionExpiredError, OperationTimeoutError)
@@ -206,10 +264,19 @@ class _Stale(Exception):
 class ZkTerm:
     """One term of leadership: the epoch it won and the fenced ledger operations."""
 
-    def __init__(self, owner: ZkCoordination, epoch: int) -> None:
+    def __init__(self, owner: ZkCoordination, epoch: int, session: int | None = None) -> None:
         self.epoch = epoch
+        self.session = session  # the ZooKeeper session id that won the term
         self._client = owner.client
         self._lost = threading.Event()
+        # Set while the term is sure: cleared on SUSPENDED, set again once the connection is
+        # back in the same session with the epoch unmoved, and when the term ends (waking any
+        # waiter, which then sees `_lost`).
+        self._sure = threading.Event()
+        self._sure.set()
+        self._doubt_lock = threading.Lock()
+        self._doubts = 0  # suspensions this term has seen; the last one numbers the doubt
+        self._reconnected = 0  # the last doubt whose connection came back in the session
         self._layout: Layout | None = None
         self._commit_lock = threading.Lock()
         self._seq = 0  # of this term's deltas
@@ -229,10 +296,60 @@ class ZkTerm:
     def wait_lost(self, timeout: float) -> bool:
         return self._lost.wait(timeout)
 
+    def in_doubt(self) -> bool:
+        """True while the connection is suspended (or back but not yet confirmed)."""
+        return not self._sure.is_set() and not self._lost.is_set()
+
     def _end(self, reason: str) -> None:
         if not self._lost.is_set():
             log.info("term %d ends: %s", self.epoch, reason)
             self._lost.set()
+        self._sure.set()
+
+    def _suspend(self) -> int:
+        """The connection was suspended: the term is in doubt. The number of this doubt."""
+        with self._doubt_lock:
+            self._doubts += 1
+            self._sure.clear()
+            if self._lost.is_set():
+                self._sure.set()
+            return self._doubts
+
+    def _back(self, doubt: int) -> bool:
+        """The connection came back in the term's session during `doubt`; False if a newer
+        doubt began or the term ended."""
+        with self._doubt_lock:
+            if doubt != self._doubts or self._lost.is_set():
+                return False
+            self._reconnected = doubt
+            return True
+
+    def _confirm(self, doubt: int) -> None:
+        """The epoch was checked after `doubt`: the term is sure again (unless a newer doubt
+        began meanwhile, which has its own deadline and confirmation)."""
+        with self._doubt_lock:
+            if doubt == self._doubts and self._reconnected == doubt and not self._lost.is_set():
+                self._sure.set()
+                log.info("term %d goes on: the connection is back in the same session",
+                         self.epoch)
+
+    def _overdue(self, doubt: int, deadline: float) -> None:
+        """The deadline of `doubt` passed: the term ends unless its connection came back."""
+        with self._doubt_lock:
+            if doubt != self._doubts or self._reconnected == doubt or self._sure.is_set():
+                return
+        self._end(f"the connection stayed suspended for more than {deadline:.2f}s")
+
+    def _await_sure(self) -> None:
+        """Wait while the term is in doubt; `Fenced` once it has ended. kazoo fails the
+        requests of a dropped connection before it tells its listeners, so a caller that just
+        got `ConnectionLoss` also waits for the client to be connected again: nothing is sent
+        to be queued until the link is back."""
+        while True:
+            if self._sure.wait(0.05) and self._lost.is_set():
+                raise Fenced(f"epoch {self.epoch}: the term has ended")
+            if self._sure.is_set() and (self._client is None or self._client.connected):
+                return
 
     def _fenced(self, reason: str) -> Fenced:
         self._end(reason)
@@ -242,23 +359,30 @@ class ZkTerm:
     def load(self) -> dict[str, bytes]:
         """The whole ledger. Reads follow this session's epoch bump, so no older state shows."""
         with self._commit_lock:
-            if self._lost.is_set():
-                raise Fenced(f"epoch {self.epoch}: the term has ended")
-            try:
-                self._layout = self._read_layout()
-            except _CONNECTION_ERRORS as exc:
-                raise self._fenced("connection lost while loading the ledger") from exc
+            self._layout = self._read(self._read_layout, "loading the ledger")
             return self._layout.view()
 
     def nodes(self) -> dict[str, bytes]:
-        if self._lost.is_set():
-            raise Fenced(f"epoch {self.epoch}: the term has ended")
-        try:
+        def read() -> dict[str, bytes]:
             names = self._reply(self._client.get_children_async(NODES))
             found = self._get_many([f"{NODES}/{n}" for n in names])
             return {decode_name(path.rsplit("/", 1)[1]): data for path, data in found.items()}
-        except _CONNECTION_ERRORS as exc:
-            raise self._fenced("connection lost while reading the nodes") from exc
+
+        return self._read(read, "reading the nodes")
+
+    def _read(self, read: Callable[[], T], what: str) -> T:
+        """`read()` once the term is sure; again after a connection loss the term survives
+        (reads change nothing). A migration or upgrade inside a load writes, but each of its
+        transactions ends the term on a connection loss (`journaled`), so is never retried."""
+        for _attempt in range(READ_ATTEMPTS):
+            self._await_sure()
+            try:
+                return read()
+            except ConnectionLoss:
+                continue
+            except _CONNECTION_ERRORS as exc:
+                raise self._fenced(f"connection lost while {what}") from exc
+        raise self._fenced(f"connection lost {READ_ATTEMPTS} times while {what}")
 
     def _children(self, *parents: str) -> list[list[str]]:
         pending = [self._client.get_children_async(p) for p in parents]
@@ -427,13 +551,12 @@ class ZkTerm:
         if not writes:
             return
         with self._commit_lock:
-            # Once the session is suspended kazoo queues requests until the link is back: an
-            # ended term must fail at once, not hang its leader for the whole partition.
-            if self._lost.is_set():
-                raise Fenced(f"epoch {self.epoch}: the term has ended")
+            # While the term is in doubt nothing is sent (kazoo would queue it until the link
+            # is back): the commit waits until the term is sure again, or fails once it ended.
+            self._await_sure()
+            if self._layout is None:
+                self._layout = self._read(self._read_layout, "loading the ledger")
             try:
-                if self._layout is None:
-                    self._layout = self._read_layout()
                 for index, size in self._layout.grown(writes).items():
                     if size > MAX_VALUE:
                         raise ValueError(f"ledger bucket {bucket_path(index)} would hold "
@@ -467,11 +590,11 @@ class ZkTerm:
         keys = {k: v for k, v in writes.items() if not k.startswith(LOG_PREFIX)}
         data = msgpack.packb(keys) if keys else b""
         ops: list[_Op] = []
+        name = delta_name(order, 0, 1)
+        if keys:  # first: an interrupted commit is told applied or not by this create
+            ops.append(_Op("create", f"{DELTAS}/{name}", data))
         if not layout.marker:
             ops.append(_Op("create", MARKER, _marker(layout.count)))
-        name = delta_name(order, 0, 1)
-        if keys:
-            ops.append(_Op("create", f"{DELTAS}/{name}", data))
         layout.apply(writes, order)  # again on a retry: the same result
         for key in sorted(layout.pending_logs | {k for k in writes if k.startswith(LOG_PREFIX)}):
             ops += self._log_sync(layout, key)
@@ -580,22 +703,18 @@ class ZkTerm:
     def _transaction(self, ops: list[_Op], *, journaled: bool = False) -> None:
         """One fenced transaction. A refused one raises `Fenced` (the epoch moved; or, in a
         commit of several transactions, anything at all: the successor sorts it out) or
-        `_Stale`."""
-        txn = self._client.transaction()
-        txn.check(EPOCH, self.epoch)
-        for op in ops:
-            if op.kind == "create":
-                txn.create(op.path, op.value)
-            elif op.kind == "set":
-                txn.set_data(op.path, op.value)
-            else:
-                txn.delete(op.path)
-        results = self._reply(txn.commit_async())
+        `_Stale`. One interrupted by a connection loss is resolved (`_resolve`) when its first
+        op creates a delta of its own, and ends the term otherwise."""
+        try:
+            results = self._send(ops)
+        except ConnectionLoss as exc:
+            if journaled or not _proves_itself(ops):
+                raise self._fenced("connection lost during a transaction whose outcome "
+                                   "cannot be told") from exc
+            results = self._resolve(ops)
         failures = [r for r in results if isinstance(r, Exception)]
         if not failures:
-            self.transactions += 1
-            self.ops += len(ops)
-            self.written += sum(len(op.path) + len(op.value) for op in ops if op.value)
+            self._count(ops)
             return
         if isinstance(results[0], BadVersionError | NoNodeError):
             raise self._fenced(f"the epoch moved past {self.epoch}")
@@ -606,6 +725,54 @@ class ZkTerm:
         if isinstance(culprit, NodeExistsError | NoNodeError):
             raise _Stale(type(culprit).__name__)
         raise culprit
+
+    def _send(self, ops: list[_Op]) -> list[Any]:
+        """Send one transaction, the epoch check first; its results, one per op."""
+        txn = self._client.transaction()
+        txn.check(EPOCH, self.epoch)
+        for op in ops:
+            if op.kind == "create":
+                txn.create(op.path, op.value)
+            elif op.kind == "set":
+                txn.set_data(op.path, op.value)
+            else:
+                txn.delete(op.path)
+        return list(self._reply(txn.commit_async()))
+
+    def _resolve(self, ops: list[_Op]) -> list[Any]:
+        """Settle a transaction interrupted by a connection loss: it may have been applied, or
+        may still be (a dying server may have forwarded it). Once the term is sure again
+        (same session, epoch unmoved) the identical transaction is sent again. `ops[0]` creates
+        this commit's delta, a name no other transaction uses: a retry refused on that create
+        proves an earlier attempt was applied (results of success are returned); a retry that
+        applies proves none was, and none can be any more. Anything else ends the term."""
+        for attempt in range(1, RESOLVE_ATTEMPTS + 1):
+            self._await_sure()
+            try:
+                results = self._send(ops)
+            except ConnectionLoss:
+                continue
+            if not any(isinstance(r, Exception) for r in results):
+                log.info("term %d: an interrupted commit was applied by its retry (attempt %d)",
+                         self.epoch, attempt)
+                return results
+            if isinstance(results[1], NodeExistsError):
+                log.info("term %d: an interrupted commit had been applied before the "
+                         "connection dropped", self.epoch)
+                return [None] * len(results)
+            if isinstance(results[0], BadVersionError | NoNodeError):
+                raise self._fenced(f"the epoch moved past {self.epoch}")
+            culprit = next((r for r in results if isinstance(r, Exception)
+                            and not isinstance(r, RolledBackError)), results[0])
+            raise self._fenced(f"an interrupted commit could not be resolved: its retry was "
+                               f"refused ({type(culprit).__name__})")
+        raise self._fenced(f"an interrupted commit could not be resolved in "
+                           f"{RESOLVE_ATTEMPTS} attempts")
+
+    def _count(self, ops: list[_Op]) -> None:
+        self.transactions += 1
+        self.ops += len(ops)
+        self.written += sum(len(op.path) + len(op.value) for op in ops if op.value)
 
     def _installed(self, layout: Layout, ops: list[_Op]) -> None:
         for op in ops:
@@ -637,6 +804,19 @@ class ZkTerm:
         present |= {f"{JOURNAL}/{n}" for n in journals}
         layout.legacy = [p for p in layout.legacy if p in present]
         layout.junk = [p for p in layout.junk if p in present]
+
+
+def _later(delay: float, fn: Callable[[], None]) -> None:
+    """Call `fn` on a timer thread after `delay` seconds."""
+    timer = threading.Timer(delay, fn)
+    timer.daemon = True
+    timer.start()
+
+
+def _proves_itself(ops: list[_Op]) -> bool:
+    """Whether a retry of this transaction tells if it was applied: its first op creates a
+    delta (whose name carries the term's epoch and commit number)."""
+    return bool(ops) and ops[0].kind == "create" and ops[0].path.startswith(DELTAS + "/")
 
 
 def _complete_journals(names: list[str]) -> list[list[str]]:
@@ -700,6 +880,9 @@ class ZkCoordination:
         self.identifier = identifier
         self._url = ""  # advertised with this contender's election znode
         self.hosts = hosts
+        self.session_timeout = session_timeout
+        self.deadline = doubt_deadline(session_timeout)  # a term's longest doubt
+        self.grace = suspend_grace(session_timeout)  # before `suspended()` callbacks run
         self.client = KazooClient(
             hosts=hosts,
             timeout=session_timeout,
@@ -729,6 +912,7 @@ class ZkCoordination:
         self._epoch_serial = _Serial("zk-epoch")
         self._session_serial = _Serial("zk-session")
         self._upkeep_serial = _Serial("zk-upkeep")
+        self._term_serial = _Serial("zk-term")
 
         self.client.add_listener(self._on_state)
         self.client.start_async()
@@ -743,21 +927,61 @@ class ZkCoordination:
     def _on_state(self, state: str) -> None:
         if self._closing:
             return
+        term = self._term
         if state == KazooState.CONNECTED:
             self._connected.set()
             self._upkeep_serial.submit(self._upkeep)
+            if term is not None and term.in_doubt():
+                self._reconnected(term)
         else:
             self._connected.clear()
             self._generation += 1
-            term = self._term
-            if term is not None:
-                term._end(f"connection {state.lower()}")
-            self._session_serial.submit(lambda: self._trouble_callbacks(state))
+            if state == KazooState.LOST:
+                if term is not None:
+                    term._end("the session was lost")
+                self._session_serial.submit(lambda: self._trouble_callbacks(lost=True))
+            else:
+                if term is not None:
+                    doubt = term._suspend()
+                    _later(self.deadline, lambda: term._overdue(doubt, self.deadline))
+                generation = self._generation
+                _later(self.grace, lambda: self._grace_over(generation))
         self._wake.set()
 
-    def _trouble_callbacks(self, state: str) -> None:
-        for suspended, lost in list(self._trouble):
-            (suspended if state == KazooState.SUSPENDED else lost)()
+    def _reconnected(self, term: ZkTerm) -> None:
+        """CONNECTED while `term` is in doubt: in the same session, check the epoch (on a
+        thread of its own) before the term goes on; in another, the term is over."""
+        doubt = term._doubts
+        session = self._session_id()
+        if session != term.session:
+            term._end(f"the session changed ({term.session} -> {session})")
+        elif term._back(doubt):
+            self._term_serial.submit(lambda: self._check_epoch(term, doubt))
+
+    def _check_epoch(self, term: ZkTerm, doubt: int) -> None:
+        try:
+            stat = self.client.exists(EPOCH)
+        except _CONNECTION_ERRORS:
+            return  # suspended again: that doubt has its own deadline and check
+        except Exception as exc:
+            term._end(f"the epoch could not be checked after a reconnection: {exc}")
+            return
+        version = stat.version if stat is not None else 0
+        if version != term.epoch:
+            term._end(f"epoch moved to {version}")
+        else:
+            term._confirm(doubt)
+
+    def _grace_over(self, generation: int) -> None:
+        """The grace after SUSPENDED passed: if the connection is still not back (no other
+        state since), the session is in doubt for `suspended()` callbacks."""
+        if generation == self._generation and not self._connected.is_set() and not self._closing:
+            log.warning("ZooKeeper connection still suspended after %.2fs", self.grace)
+            self._session_serial.submit(lambda: self._trouble_callbacks(lost=False))
+
+    def _trouble_callbacks(self, *, lost: bool) -> None:
+        for suspended, on_lost in list(self._trouble):
+            (on_lost if lost else suspended)()
 
     def _on_epoch(self, data: bytes | None, stat: Any, event: Any = None) -> None:
         version = stat.version if stat is not None else 0
@@ -795,7 +1019,7 @@ class ZkCoordination:
                 term = None
                 failed = False
                 try:
-                    term = self._begin_term(path, ident)
+                    term = self._begin_term(path, ident, session)
                     if term is not None and not self._stopped.is_set():
                         log.info("%s leads with epoch %d", ident, term.epoch)
                         lead(term)
@@ -859,9 +1083,12 @@ class ZkCoordination:
     def _wake_up(self, _event: Any) -> None:
         self._wake.set()
 
-    def _begin_term(self, path: str, ident: str) -> ZkTerm | None:
-        """Bump the epoch, proving in the same transaction that we still hold the election."""
+    def _begin_term(self, path: str, ident: str, session: int | None) -> ZkTerm | None:
+        """Bump the epoch, proving in the same transaction that we still hold the election
+        (created in `session`)."""
         generation = self._generation
+        if session is None or session != self._session_id():
+            return None
         try:
             txn = self.client.transaction()
             txn.check(path, 0)
@@ -871,7 +1098,7 @@ class ZkCoordination:
             return None
         if any(isinstance(r, Exception) for r in results):
             return None
-        term = ZkTerm(self, results[1].version)
+        term = ZkTerm(self, results[1].version, session)
         self._term = term
         if self._stopped.is_set() or self._generation != generation or not self._connected.is_set():
             term._end("connection changed while the term began")
@@ -1008,9 +1235,11 @@ class ZkCoordination:
     def on_session_trouble(
         self, suspended: Callable[[], None], lost: Callable[[], None]
     ) -> None:
-        """`suspended()` when the connection drops (the session may still be saved, but it
-        expires within the session timeout: stop what must not outlive it); `lost()` when it
-        expired. Both run on a thread of their own."""
+        """`suspended()` when the connection has been down for `self.grace` without coming
+        back (the session may still be saved, but the server may expire it soon: stop what
+        must not outlive it); `lost()` at once when it expired, whether or not `suspended()`
+        ran. A connection back in the same session within the grace calls neither. Both run
+        on a thread of their own."""
         self._trouble.append((suspended, lost))
 
     def watch_nodes(self, callback: Callable[[dict[str, bytes]], None]) -> None:
@@ -1104,8 +1333,9 @@ class ZkCoordination:
             log.debug("error stopping the client", exc_info=True)
         self.client.close()
         for serial in (self._nodes_serial, self._epoch_serial, self._session_serial,
-                       self._upkeep_serial):
+                       self._upkeep_serial, self._term_serial):
             serial.close()
 
 
-__all__ = ["ZkCoordination", "ZkTerm", "bucket_of", "decode_name", "encode_name"]
+__all__ = ["ZkCoordination", "ZkTerm", "bucket_of", "decode_name", "doubt_deadline",
+           "encode_name", "expiry_margin", "suspend_grace"]

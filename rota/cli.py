@@ -78,8 +78,9 @@ class _CommandParser(argparse.ArgumentParser):
 
 def _add_servers(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--zk", default=_env("ROTA_ZK"), required=required and not _env("ROTA_ZK"),
-                   metavar="HOSTS", help="ZooKeeper hosts, host:port[,host:port][/chroot] "
-                   "(env ROTA_ZK)")
+                   metavar="HOSTS", help="ZooKeeper hosts, host:port[,host:port...][/chroot]; "
+                   "list every member of the ensemble, so that losing the one a process talks "
+                   "to costs a reconnection, not a new term (env ROTA_ZK)")
     p.add_argument("--amqp", default=_env("ROTA_AMQP_URL"),
                    required=required and not _env("ROTA_AMQP_URL"), metavar="URL",
                    help="RabbitMQ URL, amqp://user:pass@host:port/vhost (env ROTA_AMQP_URL)")

@@ -28,8 +28,12 @@ not UTF-8) is reported `failed` with an error naming the value. A run that ends 
 `started_at`) takes the place of the `started` one.
 
 Given a coordination that tells of session trouble (ZooKeeper's does), the node stops every run
-and daemon holding run groups as soon as its session is in doubt, before it can expire and
-another node take the groups.
+and daemon holding run groups once its session has been in doubt for the coordination's grace
+(ZooKeeper: `protocol.zk.suspend_grace`, 0.33 s for a 2 s session, computed so the stop
+completes before the session can expire and another node take the groups), or at once when it
+expired. A connection back in the same session within the grace (a ZooKeeper ensemble member
+died and the client moved to another) stops nothing. While the session is in doubt no run or
+daemon holding run groups starts.
 """
 
 from __future__ import annotations
@@ -143,7 +147,7 @@ class WorkerNode:
         on_trouble = getattr(self.coordination, "on_session_trouble", None)
         if on_trouble is not None:
             on_trouble(lambda: self.stop_lock_holders("ZooKeeper session in doubt"),
-                       lambda: None)
+                       lambda: self.stop_lock_holders("ZooKeeper session expired"))
         self._served = self.transport.serve(
             self.queue, self._on_delivery, threads=self._consumer_threads,
             refused=lambda reason: metrics.DEAD_LETTERS.labels(self.node_id, reason).inc(),
@@ -200,7 +204,8 @@ class WorkerNode:
         self.coordination.withdraw(self.node_id)
 
     def stop_lock_holders(self, reason: str) -> None:
-        """Before this node's session can expire: stop every run that holds run groups."""
+        """Before this node's session can expire (or once it has): stop every run and daemon
+        that holds run groups. Stopping them again is harmless."""
         for run_id, groups in list(self._running.items()):
             if groups:
                 self.executor.cancel(run_id, reason)

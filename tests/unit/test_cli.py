@@ -342,3 +342,15 @@ def test_readme_explains_the_marks_of_the_live_table() -> None:
     assert "`▶ N`" in text and "legend" in text
     assert "--http-port" in text and "not shown" in text
 
+
+
+@pytest.mark.parametrize("command", ["coordinator", "worker", "up"])
+def test_zk_takes_every_ensemble_member_and_says_to_list_them(command: str) -> None:
+    ensemble = "zk1:2181,zk2:2181,zk3:2181/rota-prod"
+    parser = _subparsers()[command]
+    required = {"coordinator": [], "worker": ["--node", "w1", "--roles", "Master"], "up": []}
+    args = parser.parse_args(["--zk", ensemble, "--amqp", "amqp://guest:guest@mq:5672/",
+                              *required[command]])
+    assert args.zk == ensemble
+    help_text = " ".join(parser.format_help().split())
+    assert "every member of the ensemble" in help_text

@@ -263,6 +263,24 @@ def test_session_trouble_stops_runs_holding_groups_on_any_worker() -> None:
         node.stop(timeout=5)
 
 
+def test_an_expired_session_stops_runs_holding_groups_at_once() -> None:
+    coordination = TroubledCoordination()
+    node, reports = _make(coordination=coordination)
+    node.start()
+    try:
+        held = _order(node.node_id, "until_cancelled", groups=("g",))
+        _send(node, held)
+        reports.wait_for(lambda ev: ev.run_id == held.run_id and ev.state == "started")
+        for _suspended, lost in coordination.trouble:  # no `suspended` first: lost at once
+            lost()
+        ev = reports.finished(held.run_id)
+        assert ev.state == "failed" and "ZooKeeper session expired" in (ev.error or ""), ev
+    finally:
+        for run_id in list(node._running):
+            node.executor.cancel(run_id, "test over")
+        node.stop(timeout=5)
+
+
 # -- end to end: the run group is free again -----------------------------------------------------
 
 CATALOGUE = f"""
