@@ -71,6 +71,7 @@ class EventRecorder:
     def __init__(self, amqp_url: str) -> None:
         self.amqp_url = amqp_url
         self.records: list[RunRecord] = []
+        self.received: list[float] = []  # when each of `records` arrived (time.time())
         self.changes: list[ServiceChange] = []  # operator edits, routing key service.changed
         self.rankings: list[RankingUpdate | RankingAlert] = []  # ranking.update, ranking.alert
         self.bad: list[bytes] = []
@@ -110,6 +111,7 @@ class EventRecorder:
                     with self._lock:
                         if isinstance(msg, RunRecord):
                             self.records.append(msg)
+                            self.received.append(time.time())
                         elif isinstance(msg, ServiceChange):
                             self.changes.append(msg)
                         elif isinstance(msg, RankingUpdate | RankingAlert):
@@ -137,6 +139,11 @@ class EventRecorder:
     def snapshot(self) -> list[RunRecord]:
         with self._lock:
             return list(self.records)
+
+    def stamped(self) -> list[tuple[float, RunRecord]]:
+        """Every record with the time it arrived, in arrival order."""
+        with self._lock:
+            return list(zip(self.received, self.records, strict=True))
 
     def finals(self, end: float | None = None) -> list[RunRecord]:
         """The last record of every run; open daemon intervals closed at `end`."""
