@@ -9,6 +9,13 @@ caller publishes it again. One batch is in flight at a time per publisher.
 
 pika's `BlockingConnection` in confirm mode waits for each message's confirm before sending the
 next one; this publisher pays that round trip once per batch instead.
+
+Every AMQP URL Rota takes (`--amqp`, ROTA_AMQP_URL, the per-role URLs) may name several nodes of
+one RabbitMQ cluster, separated by ";" (dramatiq's convention). `parameters(urls)` turns such a
+string into pika connection parameters, refusing a malformed URL by its position and host;
+every connection Rota opens goes through it. A `BlockingConnection` given the list tries each
+node in turn; `ConfirmPublisher` does the same for its `SelectConnection`, starting from the
+node that worked last.
 """
 
 from __future__ import annotations
@@ -19,11 +26,80 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import pika
 from pika.spec import Basic
 
 log = logging.getLogger("rota.transport")
+
+SEPARATOR = ";"
+"""Between the URLs of several nodes of one cluster in one string (dramatiq's convention)."""
+
+
+class AmqpUrlError(ValueError):
+    """An AMQP URL Rota cannot use; the message says which one (never its password)."""
+
+
+def split_urls(urls: str) -> list[str]:
+    """The URLs in `urls` (one, or several separated by ";"), stripped of spaces."""
+    return [part.strip() for part in urls.split(SEPARATOR)]
+
+
+def redact(url: str) -> str:
+    """`url` without its password, fit for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+    except ValueError:
+        return "<unparseable URL>"
+
+
+def parameters(urls: str) -> list[pika.URLParameters]:
+    """pika connection parameters for each URL in `urls` (one, or several separated by ";",
+    each a node of the same cluster), in order; `AmqpUrlError` names a malformed one."""
+    found = split_urls(urls)
+    out: list[pika.URLParameters] = []
+    for n, url in enumerate(found, 1):
+        which = f"AMQP URL {n} of {len(found)}" if len(found) > 1 else "AMQP URL"
+        if not url:
+            raise AmqpUrlError(f"{which} is empty (several URLs are separated by "
+                               f"{SEPARATOR!r}: amqp://host-a:5672/vhost;amqp://host-b:5672/vhost)")
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as exc:
+            raise AmqpUrlError(f"{which} {redact(url)!r} is malformed: {exc}") from None
+        if parts.scheme not in ("amqp", "amqps"):
+            raise AmqpUrlError(f"{which} {redact(url)!r} must start with amqp:// or amqps://")
+        if not parts.hostname:
+            raise AmqpUrlError(f"{which} {redact(url)!r} names no host")
+        try:
+            out.append(pika.URLParameters(url))
+        except Exception as exc:
+            raise AmqpUrlError(f"{which} {redact(url)!r} is refused by pika: {exc}") from None
+    return out
+
+
+def hosts(urls: str) -> str:
+    """The host:port of each URL in `urls`, for messages ("a:5672, b:5672")."""
+    out = []
+    for url in split_urls(urls):
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+            out.append(f"{parts.hostname}:{port}")
+        except ValueError:
+            out.append(redact(url))
+    return ", ".join(out)
+
+
+def _where(params: pika.connection.Parameters) -> str:
+    return f"{params.host}:{params.port}"
 
 Item = tuple[str, str, bytes]
 """(exchange, routing key, body)."""
@@ -50,11 +126,20 @@ class _Batch:
 
 
 class ConfirmPublisher:
-    """Publishes batches over one connection of its own, reopened after any failure."""
+    """Publishes batches over one connection of its own, reopened after any failure.
 
-    def __init__(self, parameters: pika.connection.Parameters, *, timeout: float = 30.0,
-                 name: str = "amqp-publisher") -> None:
-        self.parameters = parameters
+    With several nodes' parameters, a connection that cannot be opened is tried on the next
+    node, round-robin, until one opens or each has failed once (then `publish` raises and the
+    caller's retry policy applies); a connection that opens stays on its node."""
+
+    def __init__(self,
+                 parameters: pika.connection.Parameters | Sequence[pika.connection.Parameters],
+                 *, timeout: float = 30.0, name: str = "amqp-publisher") -> None:
+        self.parameters = (list(parameters) if isinstance(parameters, Sequence)
+                           else [parameters])
+        if not self.parameters:
+            raise ValueError("ConfirmPublisher needs the parameters of at least one node")
+        self._next = 0  # the node tried first: the one that opened last
         self.timeout = timeout
         self.name = name
         self._lock = threading.Lock()  # one batch in flight
@@ -99,12 +184,28 @@ class ConfirmPublisher:
                 and self._channel is not None and self._channel.is_open:
             return self._conn
         self._shut()
+        failures: list[str] = []
+        for _ in range(len(self.parameters)):
+            params = self.parameters[self._next]
+            try:
+                return self._open_on(params)
+            except PublishError as exc:
+                failures.append(f"{_where(params)}: {exc}")
+                self._next = (self._next + 1) % len(self.parameters)
+                if len(self.parameters) > 1:
+                    log.warning("%s: cannot open a confirm channel on %s (%s); trying the next "
+                                "node", self.name, _where(params), exc)
+        nodes = "" if len(failures) == 1 else f" on any of {len(failures)} nodes"
+        raise PublishError(f"cannot open a confirm channel{nodes}: {'; '.join(failures)}")
+
+    def _open_on(self, params: pika.connection.Parameters) -> Any:
+        """A connection to one node with a channel in confirm mode; `PublishError` if not."""
         self._ready.clear()
         self._open_error = None
         self._tag = 0
         self._unconfirmed.clear()
         conn = pika.SelectConnection(
-            self.parameters, on_open_callback=self._on_open,
+            params, on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error, on_close_callback=self._on_closed,
         )
         self._conn = conn
@@ -113,7 +214,7 @@ class ConfirmPublisher:
         if not self._ready.wait(self.timeout) or self._open_error is not None:
             why = self._open_error or f"not open within {self.timeout:g} s"
             self._shut()
-            raise PublishError(f"cannot open a confirm channel: {why}")
+            raise PublishError(why)
         return conn
 
     def _shut(self) -> None:

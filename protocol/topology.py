@@ -21,6 +21,13 @@ own node queue, to consume it, and binds nothing. Queues dead-letter to `rota.x.
 so that declaring them needs no access to the default exchange either (RabbitMQ asks the
 declarer for write access to the dead-letter exchange).
 
+Every queue Rota declares for messages is a quorum queue (`queue_arguments`,
+`dead_queue_arguments`): replicated on the nodes of a RabbitMQ cluster (three by default,
+RabbitMQ's `quorum_cluster_size`), so that losing one node loses no order, report or request.
+A message a consumer takes and gives back (its connection closed, its process killed, a requeue)
+more than `DELIVERY_LIMIT` times is dead-lettered to its `.XQ` like an undecodable envelope.
+The history streams are replicated by nature (`coordinator/adapters/history.py`).
+
 `PERMISSIONS` gives each role's configure, write and read regular expressions (RabbitMQ matches
 them against queue and exchange names alike); ops/localservers.py and the compose definitions
 set them.
@@ -29,6 +36,8 @@ set them.
 from __future__ import annotations
 
 import functools
+import os
+from typing import Any
 
 ORDERS_EXCHANGE = "rota.x.orders"
 RESULTS_EXCHANGE = "rota.x.results"
@@ -45,6 +54,55 @@ _FED_BY = {
     "rota.requests": REQUESTS_EXCHANGE,
     "rota.deadletter": DEAD_EXCHANGE,
 }
+
+DELIVERY_LIMIT = 10
+"""Times a message may be given back to its queue (a consumer's connection closed before the
+ack, a process killed while holding it, a requeue) before RabbitMQ dead-letters it to its
+`.XQ`: delivered at most 11 times. A message that kills whoever takes it (a report that crashes
+each leader in turn) stops after that many restarts instead of forever; an innocent message
+given back by failovers (each leader killed with reports unacknowledged, a worker's connection
+lost with orders prefetched, a RabbitMQ node gone) never comes near it in practice. It is part
+of the queue's definition: RabbitMQ refuses to declare an existing queue with another value, so
+change it with a policy (`delivery-limit`), not here."""
+DEAD_LETTER_STRATEGY = "at-least-once"
+"""RabbitMQ keeps a dead-lettered message in its quorum queue until the `.XQ` has confirmed it
+(at-most-once, the default, drops it when it cannot be routed, e.g. to a worker's node queue
+whose `.XQ` the coordinator has not bound yet): a poison message is evidence to keep."""
+OVERFLOW = "reject-publish"
+"""What at-least-once dead-lettering needs (no `drop-head`). Rota sets no length limit, so it
+only matters under an operator's `max-length` policy: publishers are refused (and retry)
+instead of the oldest messages being dropped."""
+DEAD_MESSAGE_TTL = int(os.getenv("dramatiq_dead_message_ttl", 86400000 * 7))
+"""How long a `.XQ` keeps a message, in milliseconds (dramatiq's setting: a week)."""
+
+
+def queue_arguments(queue: str) -> dict[str, Any]:
+    """The arguments of `queue` (and of the `.DQ` dramatiq declares beside it): a quorum queue
+    dead-lettering to its `.XQ` through `rota.x.unreadable` after `DELIVERY_LIMIT` returns."""
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": UNREADABLE_EXCHANGE,
+        "x-dead-letter-routing-key": dead_queue(queue),
+        "x-dead-letter-strategy": DEAD_LETTER_STRATEGY,
+        "x-overflow": OVERFLOW,
+        "x-delivery-limit": DELIVERY_LIMIT,
+    }
+
+
+def dead_queue_arguments() -> dict[str, Any]:
+    """The arguments of a `.XQ`: a quorum queue whose messages expire after a week. It has no
+    delivery limit (it would drop what an operator reads and gives back) and dead-letters
+    nothing."""
+    return {"x-queue-type": "quorum", "x-message-ttl": DEAD_MESSAGE_TTL}
+
+
+def dead_queue(queue: str) -> str:
+    """The `.XQ` beside `queue` (dramatiq's `xq_name`)."""
+    for suffix in (".DQ", ".XQ"):
+        if queue.endswith(suffix):
+            queue = queue[: -len(suffix)]
+    return queue + ".XQ"
+
 
 COORDINATOR = "coordinator"
 WORKER = "worker"

@@ -12,8 +12,9 @@ Queues:
 - `rota.results`: run events from workers to the leader;
 - `rota.requests`: operator requests (manual runs, service edits) to the leader;
 - `rota.deadletter`: refused input, each with the reason it was refused.
-Beside each, `<queue>.XQ` keeps envelopes the transport could not decode, byte for byte.
-On RabbitMQ each queue is fed by an exchange of its own (`protocol.topology`).
+Beside each, `<queue>.XQ` keeps envelopes the transport could not decode, byte for byte, and
+messages given back to the queue more often than `protocol.topology.DELIVERY_LIMIT`.
+On RabbitMQ each queue is a quorum queue fed by an exchange of its own (`protocol.topology`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,23 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 class RefusedByBroker(ConnectionError):
     """The broker refused an operation for good: no permission, or no such exchange."""
+
+
+class QueueMismatch(RefusedByBroker):
+    """RabbitMQ holds a queue of Rota's under other arguments than Rota declares (a classic
+    queue left by an earlier Rota, which RabbitMQ cannot turn into a quorum queue): retrying
+    cannot help; the message says what to do."""
+
+    def __init__(self, queue: str, vhost: str, detail: str) -> None:
+        self.queue, self.vhost = queue, vhost
+        super().__init__(
+            f"RabbitMQ already has queue {queue!r} in vhost {vhost!r} with other arguments than "
+            f"Rota declares ({detail}). Rota declares its queues as quorum queues (replicated, "
+            "with a delivery limit); a queue left by an earlier Rota is a classic queue, which "
+            "RabbitMQ cannot convert. Let the earlier version's consumers drain it (`rabbitmqctl "
+            f"list_queues -p {vhost} name type messages` shows what is left), delete it with "
+            f"`rabbitmqctl delete_queue -p {vhost} {queue}`, and start Rota again: it declares "
+            "the queue anew.")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -33,6 +33,7 @@ from protocol.transport import (
     Batch,
     Consumer,
     Delivery,
+    RefusedByBroker,
     Transport,
 )
 
@@ -156,7 +157,10 @@ class _Reader(Consumer):
                 consumer = self.broker.consume(self.queue, prefetch=self.prefetch, timeout=100)
             except Exception as exc:
                 wait = backoff.next()
-                log.warning("cannot consume %s (%s); retrying in %.1fs", self.queue, exc, wait)
+                # Refused for good (a queue left under other arguments): said loudly, and
+                # retried all the same, so that deleting the queue is enough to recover.
+                level = logging.ERROR if isinstance(exc, RefusedByBroker) else logging.WARNING
+                log.log(level, "cannot consume %s (%s); retrying in %.1fs", self.queue, exc, wait)
                 self._stop.wait(wait)
                 continue
             backoff.reset()

@@ -12,22 +12,45 @@ default exchange, so that each role's RabbitMQ user needs write access to the ex
 it sends and nothing more. A transport made for the coordinator (or for no particular role)
 declares the exchanges and binds the queues it declares; one made for a worker declares the
 queue it consumes and binds nothing, and one made for an operator declares nothing.
+
+Queues: each queue (`rota.node.<id>`, `rota.results`, `rota.requests`, `rota.deadletter`) is
+declared with its `.DQ` (which dramatiq's worker consumes for delayed messages; Rota sends none,
+so it stays empty) and its `.XQ`. dramatiq's released broker declares classic queues only;
+`_RotaBroker` declares all three as quorum queues, replicated across a RabbitMQ cluster, with
+the arguments of `protocol.topology.queue_arguments`: a delivery limit, and at-least-once
+dead-lettering to the `.XQ` through `rota.x.unreadable`. RabbitMQ cannot turn an existing
+classic queue (left by an earlier Rota) into a quorum queue and refuses the declaration; that
+raises `QueueMismatch`, which names the queue and what to do, rather than being retried.
+
+The URL may name several nodes of one cluster, separated by ";" (`protocol.amqp.parameters`):
+each connection goes to the first that answers.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pika
 import pika.exceptions
 from dramatiq.brokers.rabbitmq import MAX_DECLARE_ATTEMPTS, RabbitmqBroker
-from dramatiq.common import q_name, xq_name
+from dramatiq.common import dq_name, q_name, xq_name
 from dramatiq.errors import ConnectionClosed
 
 from protocol import topology
-from protocol.amqp import ConfirmPublisher
-from protocol.transport import DEAD, REQUESTS, RESULTS, Batch, RefusedByBroker
+from protocol.amqp import ConfirmPublisher, parameters
+from protocol.transport import (
+    DEAD,
+    REQUESTS,
+    RESULTS,
+    Batch,
+    Consumer,
+    Delivery,
+    QueueMismatch,
+    RefusedByBroker,
+)
 from protocol.transport_dramatiq import BatchPublisher, DramatiqTransport, install_encoder
 
 log = logging.getLogger("rota.transport")
@@ -37,19 +60,39 @@ _SEND_ATTEMPTS = 6
 
 
 class _RotaBroker(RabbitmqBroker):
-    """dramatiq's broker on Rota's topology: queues dead-letter to `rota.x.unreadable`, and
-    publishing goes through the exchange that feeds the queue."""
+    """dramatiq's broker on Rota's topology: quorum queues that dead-letter to
+    `rota.x.unreadable`, publishing through the exchange that feeds the queue, connections to
+    the first node of `url` (";"-separated URLs) that answers."""
 
     def __init__(self, url: str, role: str | None) -> None:
-        super().__init__(url=url, confirm_delivery=True, middleware=[])
+        super().__init__(confirm_delivery=True, middleware=[])
+        self.parameters = parameters(url)  # a list: pika tries each node in turn
         self.role = role
         self.binds = topology.declares_topology(role)
 
-    def _build_queue_arguments(self, queue_name):
-        return {
-            "x-dead-letter-exchange": topology.UNREADABLE_EXCHANGE,
-            "x-dead-letter-routing-key": xq_name(queue_name),
-        }
+    def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
+        return topology.queue_arguments(queue_name)
+
+    def _declare_queue(self, queue_name: str) -> Any:
+        return self._declare(queue_name, self._build_queue_arguments(queue_name))
+
+    def _declare_dq_queue(self, queue_name: str) -> Any:
+        return self._declare(dq_name(queue_name), self._build_queue_arguments(queue_name))
+
+    def _declare_xq_queue(self, queue_name: str) -> Any:
+        return self._declare(xq_name(queue_name), topology.dead_queue_arguments())
+
+    def _declare(self, queue: str, arguments: dict[str, Any]) -> Any:
+        """Every queue declaration of this broker; `QueueMismatch` when RabbitMQ holds `queue`
+        with other arguments (it closes the channel: the next call opens another)."""
+        try:
+            return self.channel.queue_declare(queue=queue, durable=True, arguments=arguments)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 406:  # PRECONDITION_FAILED: inequivalent arguments
+                raise
+            del self.channel
+            raise QueueMismatch(queue, self.parameters[0].virtual_host, exc.reply_text) \
+                from None
 
     def declare_exchanges(self) -> None:
         """Rota's exchanges, declared once per connection of the calling thread."""
@@ -168,12 +211,37 @@ class RabbitmqTransport(DramatiqTransport):
             self.rabbit.declare_exchanges()
             for q in (RESULTS, REQUESTS, DEAD):
                 self.rabbit.declare_queue(q, ensure=True)
+        except QueueMismatch:
+            self.rabbit.close()
+            raise
         except Exception as exc:  # not reachable yet: declared lazily on first use
             log.warning("RabbitMQ not reachable yet (%s); queues will be declared on use", exc)
 
     def declare(self, queue: str) -> None:
         """Declare `queue` now (with its .DQ and .XQ), bound as the role allows."""
         self.rabbit.declare_queue(queue, ensure=True)
+
+    def serve(
+        self,
+        queue: str,
+        handler: Callable[[Delivery], None],
+        *,
+        threads: int = 4,
+        refused: Callable[[str], None] | None = None,
+    ) -> Consumer:
+        """As `DramatiqTransport.serve`, with `queue` declared first: a queue RabbitMQ holds
+        under other arguments fails here (`QueueMismatch`) instead of in dramatiq's consumer
+        threads, which would retry it forever; an unreachable RabbitMQ is left to them."""
+        try:
+            self.rabbit.declare_queue(queue, ensure=True)
+        except QueueMismatch:
+            raise
+        except Exception as exc:
+            log.warning("RabbitMQ not reachable yet (%s); %s will be declared on use", exc,
+                        queue)
+        finally:
+            del self.rabbit.connection  # this thread's: the consumers open their own
+        return super().serve(queue, handler, threads=threads, refused=refused)
 
     def batch_publisher(self) -> BatchPublisher:
         return _Confirmed(self)

@@ -23,6 +23,8 @@ examples:
   rota worker --node calc-1 --roles Processing,Calculation --zk ... \\
       --amqp amqp://rota-worker:PASSWORD@127.0.0.1:5672/
                                             each role as its own RabbitMQ user (README)
+  rota worker ... --amqp "amqp://u:p@mq-1:5672/;amqp://u:p@mq-2:5672/"
+                                            several nodes of one RabbitMQ cluster
   rota check my-catalogue.toml              validate a catalogue file
 
 operators (on a coordinator's HTTP API: --url or ROTA_URL, --token or ROTA_TOKEN):
@@ -83,7 +85,8 @@ def _add_servers(p: argparse.ArgumentParser, required: bool) -> None:
                    "to costs a reconnection, not a new term (env ROTA_ZK)")
     p.add_argument("--amqp", default=_env("ROTA_AMQP_URL"),
                    required=required and not _env("ROTA_AMQP_URL"), metavar="URL",
-                   help="RabbitMQ URL, amqp://user:pass@host:port/vhost (env ROTA_AMQP_URL)")
+                   help="RabbitMQ URL, amqp://user:pass@host:port/vhost; several nodes of one "
+                   "cluster as URLs separated by ';', tried in turn (env ROTA_AMQP_URL)")
 
 
 def _add_tokens(p: argparse.ArgumentParser, without: str) -> None:
@@ -257,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="who asks (with --amqp; through the API, the token's name)")
     run.add_argument("--amqp", default=None, metavar="URL",
                      help="publish the request to RabbitMQ instead of the API (env "
-                     "ROTA_AMQP_URL, used when no --url is given)")
+                     "ROTA_AMQP_URL, used when no --url is given); several nodes' URLs may "
+                     "be given, separated by ';'")
 
     st = sub.add_parser("set", help="edit a service's status or schedule",
                         description="Edit a service. It persists across restarts and "
@@ -279,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="who makes the edit (with --amqp; through the API, the token's name)")
     st.add_argument("--amqp", default=None, metavar="URL",
                     help="publish the edit to RabbitMQ instead of the API (env "
-                    "ROTA_AMQP_URL, used when no --url is given)")
+                    "ROTA_AMQP_URL, used when no --url is given); several nodes' URLs may "
+                    "be given, separated by ';'")
 
     ck = sub.add_parser("check", help="validate a catalogue file and list its services",
                         description="Load a catalogue as a coordinator would; list every "
@@ -437,10 +442,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     catalogue = _load(args.catalogue)
     ident = args.id or f"{os.uname().nodename}-{os.getpid()}"
-    coordination = ZkCoordination(args.zk, session_timeout=args.session_timeout,
-                                  identifier=ident)
+    # RabbitMQ first: a malformed URL or a queue it refuses ends the command before ZooKeeper.
     leader_transport = transport.make_transport(args.amqp, role="coordinator")
     events = RabbitEventBus(args.amqp)
+    coordination = ZkCoordination(args.zk, session_timeout=args.session_timeout,
+                                  identifier=ident)
     try:
         fault = fault_from_spec(os.environ.get("ROTA_FAULT"))
     except ValueError as exc:
@@ -503,9 +509,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     roles = [r.strip() for r in args.roles.split(",") if r.strip()]
     if not roles:
         sys.exit("rota worker: --roles needs at least one role")
+    worker_transport = transport.make_transport(args.amqp, role="worker")
     coordination = ZkCoordination(args.zk, session_timeout=args.session_timeout,
                                   identifier=args.node)
-    worker_transport = transport.make_transport(args.amqp, role="worker")
     metrics_url = None
     if args.http_port:
         from prometheus_client import start_http_server
@@ -537,24 +543,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _publish_request(amqp: str, msg) -> None:
-    from urllib.parse import urlsplit
-
     from protocol import encode, transport
+    from protocol.amqp import AmqpUrlError, hosts
 
     logging.getLogger("pika").setLevel(logging.CRITICAL)
-    where = urlsplit(amqp)
     try:
         requests = transport.make_transport(amqp, role="operator")
         try:
             requests.send(transport.REQUESTS, encode(msg))
         finally:
             requests.close()
+    except AmqpUrlError as exc:
+        sys.exit(f"rota: --amqp / ROTA_AMQP_URL: {exc}")
     except transport.RefusedByBroker as exc:
         sys.exit(f"rota: {exc}; the operator's RabbitMQ user needs write access to "
                  "rota.x.requests, which exists once a coordinator has started")
     except Exception as exc:
-        sys.exit(f"rota: cannot reach RabbitMQ at {where.hostname}:{where.port or 5672} "
-                 f"({type(exc).__name__}); check --amqp / ROTA_AMQP_URL and that it is running")
+        sys.exit(f"rota: cannot reach RabbitMQ at {hosts(amqp)} ({type(exc).__name__}); "
+                 "check --amqp / ROTA_AMQP_URL and that it is running")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -653,6 +659,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # piped into `head`: stop quietly
         sys.stderr.close()
         return 0
+    except (ValueError, ConnectionError) as exc:
+        # A malformed --amqp, or a queue RabbitMQ holds under other arguments: said plainly.
+        from protocol.amqp import AmqpUrlError
+        from protocol.transport import QueueMismatch
+
+        if isinstance(exc, AmqpUrlError):
+            sys.exit(f"rota {args.command}: --amqp / ROTA_AMQP_URL: {exc}")
+        if isinstance(exc, QueueMismatch):
+            sys.exit(f"rota {args.command}: {exc}")
+        raise
 
 
 if __name__ == "__main__":

@@ -95,7 +95,9 @@ class EventRecorder:
                 ch.exchange_declare("rota.events", exchange_type="topic", durable=True)
                 # Durable and named, not exclusive: events published while this recorder
                 # lags behind or is reconnecting, even across a broker restart, wait for it.
-                q = ch.queue_declare(self.queue, durable=True).method.queue
+                # A quorum queue, as Rota's own are: the leader's confirms wait for it too.
+                q = ch.queue_declare(self.queue, durable=True,
+                                     arguments={"x-queue-type": "quorum"}).method.queue
                 ch.queue_bind(q, "rota.events", routing_key="#")
                 self._ready.set()
                 ch.basic_qos(prefetch_count=1000)

@@ -13,6 +13,10 @@ While RabbitMQ is unreachable, `RabbitEventBus` keeps up to `max_pending` events
 counts each wait in `waits_full`. A batch larger than the bound is taken alone once nothing
 else is pending. Only `close()` gives up on what is still pending, and says how many.
 
+The URL may name several nodes of one RabbitMQ cluster, separated by ";"
+(`protocol.amqp.parameters`): the bus connects to the first that answers, and to the next one
+when its node goes away.
+
 `publish_batch(events, then)` calls `then` once the batch is stored: the leader acknowledges a
 turn's reports only then, so a leader killed before its events left has the reports taken
 again by its successor, which records what they say (daemon intervals included) once more.
@@ -88,6 +92,9 @@ class RabbitEventBus:
     """Publishes to the durable topic exchange `rota.events` from a background thread."""
 
     def __init__(self, amqp_url: str, max_pending: int = MAX_PENDING) -> None:
+        from protocol.amqp import parameters
+
+        parameters(amqp_url)  # a malformed URL fails here, not in the publishing thread
         self.amqp_url = amqp_url
         self.max_pending = max_pending
         self.waits_full = 0  # times a publisher had to wait for room
@@ -179,7 +186,7 @@ class RabbitEventBus:
     def _run(self) -> None:
         import pika
 
-        from protocol.amqp import ConfirmPublisher
+        from protocol.amqp import ConfirmPublisher, parameters
 
         props = pika.BasicProperties(delivery_mode=2, content_type="application/msgpack")
         backoff = Backoff()
@@ -190,7 +197,7 @@ class RabbitEventBus:
                 break
             try:
                 if publisher is None:
-                    params = pika.URLParameters(self.amqp_url)
+                    params = parameters(self.amqp_url)
                     conn = pika.BlockingConnection(params)
                     try:  # the exchange, and the history stream bound to it
                         declare_history(conn.channel())

@@ -10,6 +10,12 @@ Operator edits (`ServiceChange`, routing key `service.changed`) go the same way 
 stream, `rota.changes` (retained 1 year or 256 MiB): the change log survives any leader's
 death; `read_changes(url, ...)` reads it back.
 
+Streams are replicated on every node of a RabbitMQ cluster that runs when they are declared
+(RabbitMQ's default for `x-initial-cluster-size`, which Rota leaves alone: setting it now would
+make RabbitMQ refuse to declare the streams an earlier Rota created without it). A stream
+declared while a node was down has no replica there until an operator adds one
+(`rabbitmq-streams add_replica`). The readers' URL may name several nodes, separated by ";".
+
 `declare_history(channel)` creates and binds the streams (idempotent; the event bus calls it when
 it connects). `read_history(url, since=..., limit=...)` reads it back as `RunRecord`s, oldest
 first. Records that fail to decode are skipped and counted, never raised: the stream carries
@@ -89,7 +95,9 @@ def read_history(
     """
     import pika
 
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    from protocol.amqp import parameters
+
+    conn = pika.BlockingConnection(parameters(amqp_url))
     out: list[RunRecord] = []
     bad = 0
     try:
@@ -128,7 +136,9 @@ def read_changes(
     first. Edits are rare, so the stream is read from its start."""
     import pika
 
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    from protocol.amqp import parameters
+
+    conn = pika.BlockingConnection(parameters(amqp_url))
     out: list[ServiceChange] = []
     try:
         ch = conn.channel()

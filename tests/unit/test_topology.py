@@ -93,3 +93,19 @@ def test_declaring_is_for_the_coordinator_or_a_process_with_every_right() -> Non
     assert topology.declares_topology("coordinator")
     assert not topology.declares_topology("worker")
     assert not topology.declares_topology("operator")
+
+
+def test_queues_are_quorum_queues_that_dead_letter_to_their_xq_after_the_limit() -> None:
+    arguments = topology.queue_arguments(node_queue("calc-1"))
+    assert arguments["x-queue-type"] == "quorum"
+    assert arguments["x-dead-letter-exchange"] == topology.UNREADABLE_EXCHANGE
+    assert arguments["x-dead-letter-routing-key"] == "rota.node.calc-1.XQ"
+    assert arguments["x-delivery-limit"] == topology.DELIVERY_LIMIT > 0
+    # at-least-once dead-lettering is only honoured with reject-publish overflow
+    assert (arguments["x-dead-letter-strategy"], arguments["x-overflow"]) \
+        == ("at-least-once", "reject-publish")
+    assert topology.queue_arguments(RESULTS + ".DQ")["x-dead-letter-routing-key"] \
+        == "rota.results.XQ"
+    dead = topology.dead_queue_arguments()
+    assert dead["x-queue-type"] == "quorum" and "x-delivery-limit" not in dead
+    assert topology.dead_queue("rota.results.XQ") == "rota.results.XQ"
