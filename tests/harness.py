@@ -25,7 +25,15 @@ from typing import Any
 
 import pika
 
-from protocol import ProtocolError, RankingAlert, RankingUpdate, RunRecord, ServiceChange, decode
+from protocol import (
+    ProtocolError,
+    RankingAlert,
+    RankingUpdate,
+    RunRecord,
+    ServiceChange,
+    amqp,
+    decode,
+)
 
 SECONDS_CATALOGUE = Path(__file__).parent / "integration" / "catalogues" / "seconds.toml"
 """A catalogue on second-level cron schedules, for cluster tests."""
@@ -90,7 +98,7 @@ class EventRecorder:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+                conn = pika.BlockingConnection(amqp.parameters(self.amqp_url))
                 ch = conn.channel()
                 ch.exchange_declare("rota.events", exchange_type="topic", durable=True)
                 # Durable and named, not exclusive: events published while this recorder
@@ -132,7 +140,7 @@ class EventRecorder:
         self._stop.set()
         self._thread.join(5)
         try:  # the queue outlives connections by design: remove it
-            conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+            conn = pika.BlockingConnection(amqp.parameters(self.amqp_url))
             conn.channel().queue_delete(self.queue)
             conn.close()
         except Exception:

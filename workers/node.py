@@ -311,17 +311,23 @@ class WorkerNode:
             order = self._held.pop(run_id, None)
             if order is None:
                 return
-            if order.epoch < self._epoch:
-                # Its leader was superseded: the successor sends the run again (it adopted
-                # it from the ledger); forget it so that order is taken.
-                self._seen.pop(run_id, None)
-                log.info("held order %s (%s) not started: epoch %d superseded by %d; "
-                         "waiting for the current leader to send it again", run_id,
-                         order.service, order.epoch, self._epoch)
-                metrics.SUPERSEDED.labels(self.node_id).inc()
+            if self._superseded(order, "held order"):
                 return
         if not self._refuse(order, self.clock.now()):
             self._begin(order)
+
+    def _superseded(self, order: RunOrder, what: str) -> bool:
+        """Whether a newer leader than `order`'s was seen; if so the order is forgotten, so
+        that the successor, which adopted the run from the ledger and sends it again, has its
+        order taken. Called with `_seen_lock` held."""
+        if order.epoch >= self._epoch:
+            return False
+        self._seen.pop(order.run_id, None)
+        log.info("%s %s (%s) not started: epoch %d superseded by %d; waiting for the current "
+                 "leader to send it again", what, order.run_id, order.service, order.epoch,
+                 self._epoch)
+        metrics.SUPERSEDED.labels(self.node_id).inc()
+        return True
 
     def _refuse(self, order: RunOrder, now: float) -> bool:
         """Refuse `order` if it must not run (reported `rejected` with the reason)."""
@@ -341,13 +347,20 @@ class WorkerNode:
         self._pool.submit(self._execute, order)
 
     def _execute(self, order: RunOrder) -> None:
+        # Checked again as the run really starts: with many orders at one instant, the pool
+        # may take it some time after it was accepted, and a successor may be known by then.
+        with self._seen_lock:
+            seen = self._epoch
+            if self._superseded(order, "order"):
+                self._running.pop(order.run_id, None)
+                return
         utility = Utility(
             callable=order.callable,
             command=tuple(order.command) if order.command else None,
         )
 
         def started(at: float) -> None:
-            self._write_journal("start", order, at)
+            self._write_journal("start", order, at, seen_epoch=seen)
             self._report(RunEvent(
                 run_id=order.run_id, service=order.service, node=self.node_id,
                 state="started", at=at, epoch=order.epoch, started_at=at,
@@ -373,15 +386,18 @@ class WorkerNode:
             self._running.pop(order.run_id, None)
 
     def _write_journal(
-        self, what: str, order: RunOrder, at: float, outcome: str | None = None
+        self, what: str, order: RunOrder, at: float, outcome: str | None = None,
+        seen_epoch: int | None = None,
     ) -> None:
-        """One JSON line per run start and end: this node's own account of what it ran."""
+        """One JSON line per run start and end: this node's own account of what it ran. A
+        start names the newest epoch seen when the node decided to start it."""
         if self._journal is None:
             return
         line = json.dumps({
             "event": what, "run_id": order.run_id, "service": order.service,
             "node": self.node_id, "slot": order.slot, "epoch": order.epoch,
-            "seen_epoch": self._epoch, "at": at, "outcome": outcome,
+            "seen_epoch": self._epoch if seen_epoch is None else seen_epoch,
+            "at": at, "outcome": outcome,
             "run_groups": order.run_groups, "start_at": order.start_at,
         })
         with self._journal_lock:

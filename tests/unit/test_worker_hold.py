@@ -194,3 +194,34 @@ def test_a_held_order_past_its_deadline_at_its_instant_is_refused(n: Node) -> No
     assert ev.state == "rejected" and ev.reason is not None
     assert ev.reason.startswith("past its deadline")
     assert n.starts() == []
+
+
+def test_an_order_whose_leader_is_superseded_before_the_pool_starts_it_does_not_start(
+    n: Node,
+) -> None:
+    """Accepted, then a newer leader is seen before a thread of the pool takes the run (many
+    orders at one instant): it does not start, and the successor's order runs once."""
+    real = n.node._pool
+    deferred: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+
+    class Gate:
+        def submit(self, fn: Callable[..., object], *args: object) -> None:
+            deferred.append((fn, args))
+
+    n.node._pool = Gate()  # type: ignore[assignment]
+    try:
+        order = n.order(start_at=None, epoch=1)
+        n.send(order)
+        until(lambda: bool(deferred))
+        n.new_leader(2)
+    finally:
+        n.node._pool = real
+    for fn, args in deferred:
+        real.submit(fn, *args)
+    time.sleep(0.3)
+    assert n.starts() == [] and n.events(order.run_id) == []
+    again = n.order(start_at=None, epoch=2, run_id=order.run_id, issued_at=T + 1)
+    n.send(again)
+    until(lambda: any(ev.state == "succeeded" for ev in n.events(order.run_id)))
+    [start] = n.starts()
+    assert (start["epoch"], start["seen_epoch"]) == (2, 2)
