@@ -75,6 +75,10 @@ def _catalogue(path: Path, slot: float) -> Path:
     return path
 
 
+LEAD_TIME = 1.5
+"""The coordinators' default lead time: an order leaves this long before its slot."""
+
+
 def _next_order_after(rec: EventRecorder, seen: int, timeout: float) -> float | None:
     """When the first order recorded after the first `seen` records arrived."""
     deadline = time.monotonic() + timeout
@@ -83,6 +87,21 @@ def _next_order_after(rec: EventRecorder, seen: int, timeout: float) -> float | 
         for at, r in stamped[seen:]:
             if r.state in ORDERED:
                 return at
+        time.sleep(0.01)
+    return None
+
+
+def _first_order_sent_after(rec: EventRecorder, killed_at: float, skip: set[str],
+                            timeout: float) -> tuple[float, float] | None:
+    """The first order that can only have been sent after `killed_at` (its slot is more
+    than the lead time later; services in `skip` aside): when its record arrived, and how
+    late that was against the instant it was due to leave (slot - lead time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for at, r in rec.stamped():
+            if (r.state in ORDERED and r.service not in skip and r.slot is not None
+                    and r.slot - LEAD_TIME > killed_at):
+                return at, at - (r.slot - LEAD_TIME)
         time.sleep(0.01)
     return None
 
@@ -113,6 +132,8 @@ def _burst_with_a_kill(amqp_url: str, zk_hosts: str, tmp_path: Path,
         what = kill()
         next_order = _next_order_after(rec, seen, 60)
         assert next_order is not None, f"no order after {what} was killed\n{c.logs()}"
+        sent = _first_order_sent_after(rec, killed_at, names, 60)
+        assert sent is not None, f"no order sent after {what} was killed\n{c.logs()}"
         finals: dict[str, str] = {}
         deadline = time.monotonic() + max(10.0, slot + SETTLE - time.time())
         while time.monotonic() < deadline:
@@ -129,8 +150,10 @@ def _burst_with_a_kill(amqp_url: str, zk_hosts: str, tmp_path: Path,
         audit_journal(c.journal(), report)
         states = Counter(r.state for r in all_finals if r.service in names)
         print(f"\n[cluster] {what} SIGKILLed {killed_at - slot:+.2f} s from the burst's slot; "
-              f"kill -> next order seen {max(0.0, next_order - killed_at):.2f} s; burst runs "
-              f"by final state: {dict(sorted(states.items()))}")
+              f"kill -> next order seen {max(0.0, next_order - killed_at):.2f} s, first order "
+              f"sent after the kill seen {sent[0] - killed_at:.2f} s after it ({sent[1]:+.2f} s "
+              f"from its due instant); burst runs by final state: "
+              f"{dict(sorted(states.items()))}")
         print("[cluster] audit:", report.line())
         missing = sorted(names - finals.keys())
         assert not missing, (f"{len(missing)} burst slots without a final record after "
