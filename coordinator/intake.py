@@ -109,6 +109,12 @@ def on_event(engine: Engine, ev: RunEvent, now: float, turn: Turn) -> list[Actio
         log.warning("node %s refused order %s: %s", ev.node, ev.run_id, ev.reason)
         turn.records.append(forms.refused_order_record(ev))
         return []
+    if ev.state == "rejected" and ev.epoch < engine.epoch:
+        # The order of a deposed leader, refused: this leader adopted the run from the
+        # ledger and sends it again in its own epoch, which the node takes.
+        log.info("node %s refused the epoch-%d order of %s (now epoch %d): %s", ev.node,
+                 ev.epoch, ev.run_id, engine.epoch, ev.reason)
+        return []
     if not engine.knows(ev.run_id):
         # Checked before anything is counted: a forged report names any service it likes.
         raise UnknownRun(f"unknown run {ev.run_id!r} (reported {ev.state} by {ev.node})")

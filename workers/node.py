@@ -296,6 +296,11 @@ class WorkerNode:
             if len(self._seen) > SEEN_LIMIT:
                 self._seen.popitem(last=False)
         if self._refuse(order, now):
+            if order.epoch < self._epoch:
+                # From a deposed leader: its successor adopted the run from the ledger and
+                # sends it again; that order must be taken.
+                with self._seen_lock:
+                    self._seen.pop(order.run_id, None)
             return
         self._raise_epoch(order.epoch)
         if order.start_at is not None and order.start_at > now and self._timer is not None:

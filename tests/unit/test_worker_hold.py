@@ -225,3 +225,17 @@ def test_an_order_whose_leader_is_superseded_before_the_pool_starts_it_does_not_
     until(lambda: any(ev.state == "succeeded" for ev in n.events(order.run_id)))
     [start] = n.starts()
     assert (start["epoch"], start["seen_epoch"]) == (2, 2)
+
+
+def test_an_order_of_a_deposed_leader_is_refused_and_the_successors_order_runs_once(
+    n: Node,
+) -> None:
+    n.new_leader(2)
+    old = n.order(start_at=None, epoch=1)
+    n.send(old)
+    until(lambda: any(ev.state == "rejected" for ev in n.events(old.run_id)))
+    again = n.order(start_at=None, epoch=2, run_id=old.run_id, issued_at=T + 1)
+    n.send(again)
+    until(lambda: any(ev.state == "succeeded" for ev in n.events(old.run_id)))
+    [start] = n.starts()
+    assert (start["epoch"], start["seen_epoch"]) == (2, 2)
