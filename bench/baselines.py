@@ -24,6 +24,7 @@ import pika
 from kazoo.client import KazooClient
 
 from ops import localservers
+from protocol.amqp import parameters
 
 MESSAGE_SIZE = 256
 ZNODE_SIZE = 64
@@ -35,7 +36,7 @@ def pika_publish_rate(amqp_url: str, n: int = 5000, size: int = MESSAGE_SIZE) ->
     Uses a BlockingConnection (each publish waits for its confirm) and a fresh durable queue,
     which is purged and deleted afterwards.
     """
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    connection = pika.BlockingConnection(parameters(amqp_url))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
@@ -121,13 +122,29 @@ def pika_batch_confirm_rate(
         errors.append(reason)
         connection.ioloop.stop()
 
-    connection = pika.SelectConnection(
-        pika.URLParameters(amqp_url), on_open_callback=on_open,
-        on_open_error_callback=lambda _c, exc: give_up(f"cannot connect: {exc}"),
-        on_close_callback=lambda _c, _reason: connection.ioloop.stop(),
-    )
-    connection.ioloop.call_later(300, lambda: give_up("no confirms within 300 s"))
-    connection.ioloop.start()
+    connected = False
+
+    def opened(conn: pika.SelectConnection) -> None:
+        nonlocal connected
+        connected = True
+        on_open(conn)
+
+    # Several nodes' URLs: the first node that accepts the connection, tried in turn.
+    nodes = parameters(amqp_url)
+    for tried, params in enumerate(nodes, 1):
+        connected = False
+        errors.clear()
+        where = f"{params.host}:{params.port}"
+        connection = pika.SelectConnection(
+            params, on_open_callback=opened,
+            on_open_error_callback=lambda _c, exc, where=where: give_up(
+                f"cannot connect to {where}: {exc!r}"),
+            on_close_callback=lambda conn, _reason: conn.ioloop.stop(),
+        )
+        connection.ioloop.call_later(300, lambda: give_up("no confirms within 300 s"))
+        connection.ioloop.start()
+        if connected or tried == len(nodes):
+            break
     if errors:
         raise RuntimeError("; ".join(errors))
     return n / (ended - began)
@@ -138,7 +155,7 @@ def pika_tx_rate(amqp_url: str, n: int = 5000, batch: int = 100,
     """Messages/s for ``n`` persistent messages published in AMQP transactions of ``batch``
     (``tx.select`` once, then ``batch`` publishes and a ``tx.commit`` that waits for the broker).
     """
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    connection = pika.BlockingConnection(parameters(amqp_url))
     try:
         channel = connection.channel()
         queue = f"bench-baseline-{uuid.uuid4().hex[:8]}"
@@ -173,7 +190,7 @@ def pika_consume_ack_rate(amqp_url: str, n: int = 5000, prefetch: int = 100,
     """Messages/s consumed from a durable queue holding ``n`` persistent messages, each
     acknowledged on its own (prefetch ``prefetch``); from the first delivery to the last ack.
     """
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    connection = pika.BlockingConnection(parameters(amqp_url))
     try:
         channel = connection.channel()
         queue = f"bench-baseline-{uuid.uuid4().hex[:8]}"

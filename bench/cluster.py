@@ -12,15 +12,21 @@ nothing, and ends with a summary of each figure beside its baseline and target;
 bench/README.md explains each figure.
 
 Scenarios: baselines, burst, spread, burst-embedded, spread-embedded, handoff, failover,
-scale (100,000 services: the idle leader's CPU and memory, then leader kills), throughput.
+scale (100,000 services: the idle leader's CPU and memory, then leader kills), burst-ha and
+spread-ha (the burst and the spread again, on a 3-server ZooKeeper ensemble and 3-node RabbitMQ
+cluster that ops.localcluster starts in a temporary directory on free ports and stops by pid
+once they are done; each figure beside the single servers' of the same run, with the ratio),
+throughput.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -44,8 +50,9 @@ from kazoo.exceptions import NoNodeError
 from bench import probes
 from bench.baselines import Baseline, measure
 from coordinator.leader import LeaderOptions
-from ops import localservers
+from ops import localcluster, localservers
 from protocol import ProtocolError, RunRecord, decode_as
+from protocol.amqp import parameters, split_urls
 from protocol.catalogue import load_catalogue
 from protocol.clock import SystemClock
 from rota.embedded import Cluster, NodeSpec
@@ -58,9 +65,13 @@ NODES = (
 )
 ANY_NODE = ["Master", "Redundancy", "Processing"]
 # The throughput scenario overloads the cluster on purpose: it runs last, so that servers it
-# may bring down cannot take the other figures with them.
+# may bring down cannot take the other figures with them. The scenarios on the 3+3 cluster run
+# after every other one on the single servers (which stay idle meanwhile), and the cluster is
+# stopped before throughput.
 SCENARIOS = ("baselines", "burst", "spread", "burst-embedded", "spread-embedded", "handoff",
-             "failover", "scale", "throughput")
+             "failover", "scale", "burst-ha", "spread-ha", "throughput")
+ON_CLUSTER = {"burst-ha": "burst", "spread-ha": "spread"}
+"""The scenarios run on the 3+3 cluster, and the single-server scenario each repeats."""
 START = time.monotonic()
 
 
@@ -119,29 +130,42 @@ class Servers:
     @staticmethod
     def _find_local(url: str, zk: str) -> localservers.Servers | None:
         candidates = [os.environ.get("ROTA_SERVERS_DIR"), str(localservers.DEFAULT_DIR)]
-        port = urlparse(url).port
+        port = urlparse(split_urls(url)[0]).port
         for cand in filter(None, candidates):
             servers = localservers.load(cand)
             if servers is not None and (servers.amqp_port, servers.zk_hosts) == (port, zk):
                 return servers
         return None
 
+    @property
+    def broker(self) -> probes.Broker | None:
+        """The broker as rabbitmqctl reaches it, or None without rabbitmqctl access."""
+        return self.local
+
+    def _add_vhost(self, name: str) -> str:
+        assert self.local is not None
+        return localservers.add_vhost(self.local, name)
+
+    def _delete_vhost(self, name: str) -> None:
+        assert self.local is not None
+        localservers.delete_vhost(self.local, name)
+
     def vhost(self, label: str) -> str:
         """A fresh virtual host; without rabbitmqctl access, the given one with Rota's
         queues deleted."""
-        if self.local is None:
+        if self.broker is None:
             _delete_rota_queues(self.amqp_url)
             return self.amqp_url
         name = f"bench-{label}-{self.tag}"
-        url = localservers.add_vhost(self.local, name)
+        url = self._add_vhost(name)
         self._vhosts.append(name)
         return url
 
     def drop_vhost(self, url: str) -> None:
-        name = urlparse(url).path.lstrip("/")
-        if self.local is not None and name in self._vhosts:
+        name = urlparse(split_urls(url)[0]).path.lstrip("/")
+        if self.broker is not None and name in self._vhosts:
             with contextlib.suppress(Exception):
-                localservers.delete_vhost(self.local, name)
+                self._delete_vhost(name)
             self._vhosts.remove(name)
 
     def chroot(self, label: str) -> str:
@@ -171,14 +195,109 @@ class Servers:
             self.drop_vhost(url)
             self.drop_chroot(zk)
 
-    def close(self) -> None:
+    def _clean(self) -> None:
         for name in list(self._vhosts):
             with contextlib.suppress(Exception):
-                localservers.delete_vhost(self.local, name)  # type: ignore[arg-type]
+                self._delete_vhost(name)
         for path in list(self._chroots):
             self.drop_chroot(self.zk_hosts + path)
+
+    def close(self) -> None:
+        self._clean()
         if self.started_here and self.state_dir is not None:
             localservers.stop(self.state_dir)
+
+
+CLUSTER_DIR_PREFIX = "rota-bench-cluster-"
+OWNER_FILE = "owner.pid"
+
+
+class ClusterServers(Servers):
+    """A 3-server ZooKeeper ensemble and a 3-node RabbitMQ cluster (`ops.localcluster`),
+    started in a temporary directory on the first free port blocks at or above the defaults
+    (ROTA_LOCAL_CLUSTER_AMQP_PORT and ROTA_LOCAL_CLUSTER_ZK_PORT choose others), and a fresh
+    virtual host and chroot per scenario on them. `close()` stops every member by pid.
+
+    Every process is given every member: the three servers in the ZooKeeper connection
+    string, the three nodes' URLs joined by ";".
+    """
+
+    def __init__(self) -> None:
+        _stop_orphan_clusters()
+        self.local = None
+        self.started_here = True
+        self.state_dir = Path(tempfile.mkdtemp(prefix=CLUSTER_DIR_PREFIX))
+        (self.state_dir / OWNER_FILE).write_text(f"{os.getpid()}\n")
+        print(f"starting a 3-server ZooKeeper ensemble and a 3-node RabbitMQ cluster in "
+              f"{self.state_dir}", flush=True)
+        began = time.monotonic()
+        try:
+            self.cluster = _start_cluster(self.state_dir)
+        except BaseException:
+            # localcluster.start stops what it launched before it raises
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            raise
+        progress(f"cluster up in {time.monotonic() - began:.0f} s: ZooKeeper "
+                 f"{self.cluster.zk_hosts}, RabbitMQ {localcluster.HOST} ports "
+                 f"{', '.join(str(self.cluster.node_amqp_port(i)) for i in self.cluster.members)}")
+        self.amqp_url, self.zk_hosts = self.cluster.amqp_urls, self.cluster.zk_hosts
+        self._vhosts = []
+        self._chroots = []
+        self.tag = uuid.uuid4().hex[:6]
+
+    @property
+    def broker(self) -> probes.Broker | None:
+        return self.cluster
+
+    def _add_vhost(self, name: str) -> str:
+        return localcluster.add_vhost(self.cluster, name)
+
+    def _delete_vhost(self, name: str) -> None:
+        localcluster.delete_vhost(self.cluster, name)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._clean()
+        assert self.state_dir is not None
+        began = time.monotonic()
+        localcluster.stop(self.state_dir)
+        progress(f"cluster stopped in {time.monotonic() - began:.0f} s")
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def _start_cluster(state_dir: Path) -> localcluster.LocalCluster:
+    """Start the ensemble and the cluster on the first free port blocks, moving on a block
+    when another program takes a port meanwhile."""
+    attempt = 0
+    while True:
+        amqp_base, zk_base = localcluster.default_ports()
+        try:
+            amqp_port, zk_port = localcluster.find_free_ports(
+                amqp_base + localcluster.AMQP_SPAN * attempt,
+                zk_base + localcluster.ZK_SPAN * attempt,
+            )
+            return localcluster.start(state_dir, amqp_port, zk_port)
+        except localcluster.ServerError as error:
+            attempt += 1
+            if attempt < 3 and "already in use" in str(error):
+                continue
+            raise
+
+
+def _stop_orphan_clusters() -> None:
+    """Stop clusters that earlier runs of this bench left running when they were killed."""
+    for owner in Path(tempfile.gettempdir()).glob(f"{CLUSTER_DIR_PREFIX}*/{OWNER_FILE}"):
+        try:
+            os.kill(int(owner.read_text()), 0)
+            continue  # its bench still runs
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue
+        print(f"stopping a cluster left running in {owner.parent}", flush=True)
+        with contextlib.suppress(Exception):
+            localcluster.stop(owner.parent)
+            shutil.rmtree(owner.parent, ignore_errors=True)
 
 
 def _with_zk(hosts: str, action: Callable[[KazooClient], object]) -> None:
@@ -192,7 +311,7 @@ def _with_zk(hosts: str, action: Callable[[KazooClient], object]) -> None:
 
 
 def _delete_rota_queues(url: str) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = pika.BlockingConnection(parameters(url))
     try:
         for q in ("rota.results", "rota.requests", "rota.deadletter",
                   *(f"rota.node.{n.id}" for n in NODES)):
@@ -375,7 +494,7 @@ class ProcCluster:
 
     def snapshot(self) -> probes.Snapshot:
         return probes.take(self.coordinator.pid, [w.pid for w in self.workers], self.zk,
-                           self.ctx.servers.local, self.port, self.observer)
+                           self.ctx.servers.broker, self.port, self.observer)
 
     def journal(self) -> list[dict[str, Any]]:
         return probes.read_journals(self.journals)
@@ -411,7 +530,7 @@ class EventTap:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+                conn = pika.BlockingConnection(parameters(self.amqp_url))
                 ch = conn.channel()
                 ch.exchange_declare("rota.events", exchange_type="topic", durable=True)
                 q = ch.queue_declare("", exclusive=True).method.queue
@@ -510,6 +629,7 @@ class Row:
     baseline: str
     target: str
     met: bool | None  # None: no target, or not measured
+    scenario: str = ""  # the scenario that measured it, where a row on the cluster pairs with it
 
 
 @dataclass
@@ -521,13 +641,54 @@ class Context:
     costs: dict[str, probes.Costs] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     lead_time: float | None = None  # the coordinators' --lead-time (None: their default)
+    figures: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Headline figures by scenario, for the ratios of the cluster's to the single servers'."""
+    on_cluster: bool = False
+    """True in the context of the scenarios run on the 3+3 cluster (`cluster_context`)."""
+    cluster: ClusterServers | None = None
+    """The 3+3 cluster, once a scenario has started it; stopped by `main`."""
+
+    @property
+    def kind(self) -> str:
+        """How the scenarios' rows say where the processes ran."""
+        return "processes, 3+3 cluster" if self.on_cluster else "processes"
+
+    @property
+    def where(self) -> str:
+        """Added to the scenarios' headings on the cluster."""
+        return (", on a 3-server ZooKeeper ensemble and a 3-node RabbitMQ cluster"
+                if self.on_cluster else "")
+
+    def name(self, scenario: str) -> str:
+        """The scenario's name in this context: `burst` on the single servers, `burst-ha` on
+        the cluster."""
+        return f"{scenario}-ha" if self.on_cluster else scenario
 
     def scale(self, full: float, quick: float) -> float:
         return quick if self.quick else full
 
     def row(self, figure: str, measured: str, target: str = "—", met: bool | None = None,
-            baseline: str = "") -> None:
-        self.rows.append(Row(figure, measured, baseline, target, met))
+            baseline: str = "", scenario: str = "") -> None:
+        self.rows.append(Row(figure, measured, baseline, target, met, scenario))
+
+    def keep(self, scenario: str, figures: dict[str, float]) -> str:
+        """Keep a scenario's headline figures (seconds). On the cluster, print each one's ratio
+        to the single servers' of the same run and return them for the summary ("" when the
+        single servers' were not measured in this run)."""
+        self.figures[self.name(scenario)] = figures
+        single = self.figures.get(scenario)
+        if not self.on_cluster or not single:
+            return ""
+        parts = []
+        print("  3+3 cluster / single servers of this run:", flush=True)
+        for key, value in figures.items():
+            base = single.get(key)
+            if base is None:
+                continue
+            ratio = value / base if base > 0 else float("nan")
+            line(f"  {key}", f"{ms(value)} / {ms(base)} = {ratio:.2f}")
+            parts.append(f"{key} {ratio:.2f}")
+        return ("× single servers: " + ", ".join(parts)) if parts else ""
 
     def baseline(self, key: str) -> float:
         b = self.baselines.get(key)
@@ -543,8 +704,49 @@ class Context:
                 f"{ms(n / consume)}")
 
 
+def cluster_context(ctx: Context) -> Context:
+    """The context of the scenarios on the 3+3 cluster: started here on first use, with its own
+    directory for catalogues and logs; the rows, figures and costs go to the run's."""
+    if ctx.cluster is None:
+        ctx.cluster = ClusterServers()
+    tmp = ctx.tmp / "ha"
+    tmp.mkdir(exist_ok=True)
+    return dataclasses.replace(ctx, servers=ctx.cluster, tmp=tmp, on_cluster=True)
+
+
+def bench_burst_ha(ctx: Context) -> None:
+    bench_burst(cluster_context(ctx))
+
+
+def bench_spread_ha(ctx: Context) -> None:
+    bench_spread(cluster_context(ctx))
+
+
+COST_FIGURES: tuple[tuple[str, Callable[[probes.Costs], float | None]], ...] = (
+    ("coordinator CPU per 1,000 runs", lambda c: c.cpu_per_1000),
+    ("coordinator resident memory, peak", lambda c: float(c.peak_rss_kib)),
+    ("znode writes per run (coordinator's ledger counter)", lambda c: c.ledger_writes_per_run),
+    ("znode writes per run (version sums, at least)", lambda c: c.zk_writes_at_least_per_run),
+    ("ZooKeeper write transactions per run", lambda c: c.zk_per_run),
+    ("RabbitMQ messages published per run", lambda c: c.messages_per_run),
+)
+
+
 def report_costs(ctx: Context, scenario: str, c: probes.Costs) -> None:
-    """The per-scenario cost lines: coordinator CPU and memory, ZooKeeper and RabbitMQ."""
+    """The per-scenario cost lines: coordinator CPU and memory, ZooKeeper and RabbitMQ; on the
+    cluster, each one's ratio to the single servers' of the same run."""
+    _report_costs(ctx, scenario, c)
+    single = ctx.costs.get(scenario.removesuffix("-ha"))
+    if not ctx.on_cluster or single is None:
+        return
+    print("  the same costs, 3+3 cluster / single servers of this run:", flush=True)
+    for label, get in COST_FIGURES:
+        value, base = get(c), get(single)
+        if value is not None and base:
+            line(f"  {label}", f"{value / base:.2f}")
+
+
+def _report_costs(ctx: Context, scenario: str, c: probes.Costs) -> None:
     ctx.costs[scenario] = c
     mib = 1024
     if c.cpu_per_1000 is not None:
@@ -580,6 +782,12 @@ def report_costs(ctx: Context, scenario: str, c: probes.Costs) -> None:
         line("RabbitMQ messages published per run", "not available (no rabbitmqctl access)")
 
 
+def _raw_path(ctx: Context, n: int) -> str:
+    """The raw clients' path beside a figure on the single servers; nothing on the cluster,
+    whose raw clients this run does not measure."""
+    return "" if ctx.on_cluster else ctx.raw_path(n)
+
+
 def _lateness(entries: list[dict[str, Any]], lo: float, hi: float) -> list[float]:
     """Slot -> utility start on the worker, for every journaled start with lo <= slot < hi."""
     return [e["at"] - e["slot"] for e in entries
@@ -605,11 +813,11 @@ def bench_baselines(ctx: Context) -> None:
 
 def bench_burst(ctx: Context) -> None:
     n, capacity = 1000, 400
-    print(f"burst, separate processes: {n:,} services due at the same second, a coordinator "
-          f"and 3 worker processes with capacity {capacity} each:", flush=True)
+    print(f"burst, separate processes{ctx.where}: {n:,} services due at the same second, a "
+          f"coordinator and 3 worker processes with capacity {capacity} each:", flush=True)
     slot = next_second_at_least(14.0)
     services = [cron_service(f"burst-{i:04d}", f"* * * * * {slot % 60}") for i in range(n)]
-    with ProcCluster(ctx, "burst", services, capacity) as pc:
+    with ProcCluster(ctx, ctx.name("burst"), services, capacity) as pc:
         if time.time() > slot - 5.0:
             progress("the cluster came up less than 5 s before the burst's slot")
         progress(f"the burst is due in {slot - time.time():.1f} s")
@@ -622,31 +830,36 @@ def bench_burst(ctx: Context) -> None:
         cost = pc.costs(before, after, entries)
         progress(f"{pc.count('start')} of {n} burst runs started")
     started = sorted(_lateness(entries, slot, slot + 1))
+    figure = f"burst of {n:,} slots at one instant: all started ({ctx.kind})"
     if len(started) >= n:
         line(f"slot -> all {n} started (max start - slot)", ms(started[-1]))
         line("slot -> first start", ms(started[0]))
-        ctx.row(f"burst of {n:,} slots at one instant: all started (processes)",
-                f"{ms(started[-1])}; first start {ms(started[0])}", "≤ 300 ms",
-                started[-1] <= 0.3, baseline=ctx.raw_path(n))
     else:
         line(f"slot -> all {n} started", f"only {len(started)} started within 30 s")
-        ctx.row(f"burst of {n:,} slots at one instant: all started (processes)",
-                f"only {len(started)} started", "≤ 300 ms", False, baseline=ctx.raw_path(n))
     if started:
         line("  start times after the slot", spread(started))
     ends = sorted(e["at"] - slot for e in entries if e.get("event") == "end"
                   and e.get("slot") == slot and e.get("outcome") == "succeeded")
     if ends:
         line(f"slot -> all {len(ends)} succeeded runs finished on the workers", ms(ends[-1]))
-    report_costs(ctx, "burst", cost)
+    if len(started) >= n:
+        versus = ctx.keep("burst", {"all started": started[-1], "first start": started[0]})
+        ctx.row(figure, f"{ms(started[-1])}; first start {ms(started[0])}", "≤ 300 ms",
+                started[-1] <= 0.3, baseline=versus or _raw_path(ctx, n),
+                scenario=ctx.name("burst"))
+    else:
+        ctx.row(figure, f"only {len(started)} started", "≤ 300 ms", False,
+                baseline=_raw_path(ctx, n), scenario=ctx.name("burst"))
+    report_costs(ctx, ctx.name("burst"), cost)
 
 
 def bench_spread(ctx: Context) -> None:
     n, window = 1000, ctx.scale(60, 20)
-    print(f"spread, separate processes: {n:,} services every 10 s at whole-second offsets "
-          f"({n // 10} due each second), 3 worker processes, {window:.0f} s window:", flush=True)
+    print(f"spread, separate processes{ctx.where}: {n:,} services every 10 s at whole-second "
+          f"offsets ({n // 10} due each second), 3 worker processes, {window:.0f} s window:",
+          flush=True)
     services = [cron_service(f"spread-{i:04d}", f"* * * * * {i % 10}-59/10") for i in range(n)]
-    with ProcCluster(ctx, "spread", services) as pc:
+    with ProcCluster(ctx, ctx.name("spread"), services) as pc:
         time.sleep(3.0)  # the first slots after the leader took over
         before = pc.snapshot()
         t0 = float(math.ceil(before.at))
@@ -664,16 +877,17 @@ def bench_spread(ctx: Context) -> None:
     line("slots in the window: started / due", f"{len(late):,} / {expected:,}")
     v = sorted(late)
     if v and len(v) >= expected:
-        p99, top = quantile(v, 0.99), v[-1]
+        p50, p99, top = quantile(v, 0.5), quantile(v, 0.99), v[-1]
+        versus = ctx.keep("spread", {"p50": p50, "p99": p99, "max": top})
         ctx.row(f"spread: {n // 10} slots due each second, start lateness p99 / max "
-                "(processes)", f"p50 {ms(quantile(v, 0.5))}, p99 {ms(p99)}, max {ms(top)}",
+                f"({ctx.kind})", f"p50 {ms(p50)}, p99 {ms(p99)}, max {ms(top)}",
                 "≤ 10 ms / ≤ 50 ms", p99 <= 0.010 and top <= 0.050,
-                baseline=ctx.raw_path(n // 10))
+                baseline=versus or _raw_path(ctx, n // 10), scenario=ctx.name("spread"))
     else:
-        ctx.row(f"spread: {n // 10} slots due each second (processes)",
+        ctx.row(f"spread: {n // 10} slots due each second ({ctx.kind})",
                 f"{len(v):,} of {expected:,} slots started", "≤ 10 ms / ≤ 50 ms", False,
-                baseline=ctx.raw_path(n // 10))
-    report_costs(ctx, "spread", cost)
+                baseline=_raw_path(ctx, n // 10), scenario=ctx.name("spread"))
+    report_costs(ctx, ctx.name("spread"), cost)
 
 
 def bench_throughput(ctx: Context) -> None:
@@ -1023,9 +1237,12 @@ NOT_MEASURED = (
 
 
 def summary_rows(ctx: Context) -> list[Row]:
-    """The cost rows (from the spread scenario, others beside it) and what is not measured."""
+    """The cost rows (from the spread scenario, others beside it) and what is not measured.
+
+    A scenario on the 3+3 cluster follows its single-server one, with the ratio of the two."""
     rows: list[Row] = []
-    order = [k for k in ("spread", "burst", "throughput") if k in ctx.costs]
+    order = [k for k in ("spread", "spread-ha", "burst", "burst-ha", "throughput")
+             if k in ctx.costs]
     if order:
         head = ctx.costs[order[0]]
 
@@ -1033,7 +1250,12 @@ def summary_rows(ctx: Context) -> list[Row]:
             parts = []
             for k in order:
                 value = get(ctx.costs[k])
-                parts.append(f"{k} {format(value, fmt) if value is not None else 'n/a'}")
+                text = f"{k} {format(value, fmt) if value is not None else 'n/a'}"
+                single = ctx.costs.get(k.removesuffix("-ha")) if k.endswith("-ha") else None
+                base = None if single is None else get(single)
+                if value is not None and base:
+                    text += f" (× {value / base:.2f})"
+                parts.append(text)
             return "; ".join(parts)
 
         cpu = head.cpu_per_1000
@@ -1067,8 +1289,24 @@ def summary_rows(ctx: Context) -> list[Row]:
     return rows
 
 
+def paired(rows: Sequence[Row]) -> list[Row]:
+    """The rows in order, except that each row of a scenario on the cluster comes right after
+    the last row of the same scenario on the single servers, when there is one."""
+    out = [r for r in rows if not (r.scenario.endswith("-ha") and any(
+        s.scenario == r.scenario.removesuffix("-ha") for s in rows))]
+    for r in rows:
+        if r in out:
+            continue
+        single = r.scenario.removesuffix("-ha")
+        at = max(i for i, s in enumerate(out) if s.scenario == single)
+        while at + 1 < len(out) and out[at + 1].scenario == r.scenario:
+            at += 1
+        out.insert(at + 1, r)
+    return out
+
+
 def print_summary(ctx: Context) -> None:
-    rows = ctx.rows + summary_rows(ctx)
+    rows = paired(ctx.rows) + summary_rows(ctx)
     if not rows:
         return
     verdict = {True: "met", False: "not met", None: "—"}
@@ -1083,6 +1321,12 @@ def print_summary(ctx: Context) -> None:
 
 
 # == main ======================================================================================
+def _stop_cluster(ctx: Context) -> None:
+    cluster, ctx.cluster = ctx.cluster, None
+    if cluster is not None:
+        cluster.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1113,23 +1357,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baselines": bench_baselines, "burst": bench_burst, "spread": bench_spread,
         "throughput": bench_throughput, "burst-embedded": bench_burst_embedded,
         "spread-embedded": bench_spread_embedded, "handoff": bench_handoff,
-        "failover": bench_failover, "scale": bench_scale,
+        "failover": bench_failover, "scale": bench_scale, "burst-ha": bench_burst_ha,
+        "spread-ha": bench_spread_ha,
     }
+    # SIGTERM ends the run as Ctrl-C does: the finally clauses stop what it started.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(128 + signal.SIGTERM))
+    order = [name for name in SCENARIOS if name in chosen]
+    cluster_failed: str | None = None
     try:
-        for name in SCENARIOS:
-            if name not in chosen:
-                continue
+        for k, name in enumerate(order):
             began = time.monotonic()
             try:
+                if name in ON_CLUSTER and cluster_failed:
+                    raise RuntimeError(f"the cluster did not start: {cluster_failed}")
                 runners[name](ctx)
             except Exception as exc:  # one broken scenario does not hide the others
                 print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
                 ctx.row(f"{name}", f"failed: {type(exc).__name__}", met=False)
+                if name in ON_CLUSTER and ctx.cluster is None and cluster_failed is None:
+                    cluster_failed = f"{type(exc).__name__}: {exc}"
             progress(f"{name} took {time.monotonic() - began:.0f} s")
+            if ctx.cluster is not None and not set(order[k + 1:]) & set(ON_CLUSTER):
+                _stop_cluster(ctx)  # before the scenarios after it, on the single servers
         print("GetRanking: not built yet, skipped", flush=True)
         print_summary(ctx)
     finally:
-        servers.close()
+        try:
+            _stop_cluster(ctx)
+        finally:
+            servers.close()
     print(f"total {time.monotonic() - START:.0f} s", flush=True)
     return 0
 

@@ -2,8 +2,9 @@
 
 Each probe uses a public surface only, so it works whatever the coordinator and workers do
 inside: `/proc/<pid>` for CPU and memory, ZooKeeper's `srvr` four-letter word for its
-transaction id, RabbitMQ's global counters through `rabbitmqctl eval`, a coordinator's
-Prometheus `/metrics` page, and the JSON lines a worker writes with `--journal`.
+transaction id, RabbitMQ's global counters through `rabbitmqctl eval` (on a RabbitMQ cluster,
+every running node's, added up), a coordinator's Prometheus `/metrics` page, and the JSON
+lines a worker writes with `--journal`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops import localservers
+from ops import localcluster, localservers
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -109,18 +110,32 @@ class BrokerCounts:
     delivered: int  # messages delivered to consumers
 
 
-def rabbit_counts(servers: localservers.Servers | None) -> BrokerCounts | None:
-    """The broker's global message counters (RabbitMQ 3.9+, no management plugin needed).
+Broker = localservers.Servers | localcluster.LocalCluster
+"""A local broker this bench can reach with rabbitmqctl: one server, or a 3-node cluster."""
+
+# Every running node's counters, from one rabbitmqctl call: a client publishes to the node it
+# is connected to, and each node counts only what its own clients publish and consume.
+_CLUSTER_OVERVIEW = "rpc:multicall([node() | nodes()], rabbit_global_counters, overview, [])."
+
+
+def rabbit_counts(servers: Broker | None) -> BrokerCounts | None:
+    """The broker's global message counters (RabbitMQ 3.9+, no management plugin needed); on
+    a cluster, the sum over its running nodes.
 
     None when the broker is not a local one this bench can reach with rabbitmqctl.
     """
     if servers is None:
         return None
     try:
-        result = localservers.rabbitmqctl(
-            servers, "-q", "eval", "rabbit_global_counters:overview().", timeout=30, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
+        if isinstance(servers, localcluster.LocalCluster):
+            result = localcluster.rabbitmqctl(servers, "-q", "eval", _CLUSTER_OVERVIEW,
+                                              timeout=30, check=False)
+        else:
+            result = localservers.rabbitmqctl(
+                servers, "-q", "eval", "rabbit_global_counters:overview().", timeout=30,
+                check=False
+            )
+    except (OSError, subprocess.SubprocessError, localservers.ServerError):
         return None
     if result.returncode != 0:
         return None
@@ -192,7 +207,7 @@ def take(
     coordinator_pid: int,
     worker_pids: Sequence[int],
     zk_hosts: str,
-    servers: localservers.Servers | None,
+    servers: Broker | None,
     metrics_port: int | None,
     zk_client: Any = None,
 ) -> Snapshot:

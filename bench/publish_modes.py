@@ -11,7 +11,8 @@ three ways and prints messages/s (the best of `--rounds` rounds, modes interleav
 - `confirm batch`: `protocol.amqp.ConfirmPublisher`, which streams the batch and waits once
   for all of its confirms.
 All three give the same guarantee: when the call returns, every message of the batch is stored.
-The URL defaults to `ROTA_AMQP_URL` (see `python -m ops.localservers env`).
+The URL defaults to `ROTA_AMQP_URL` (see `python -m ops.localservers env`); the URLs of
+several nodes of one cluster, joined by ";", are tried in turn.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ from collections.abc import Callable, Sequence
 
 import pika
 
-from protocol.amqp import ConfirmPublisher
+from protocol.amqp import ConfirmPublisher, parameters
 
 MESSAGE_SIZE = 256
 PROPS = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
 Publish = Callable[[list[tuple[str, str, bytes]]], None]
+Nodes = list[pika.URLParameters]
+"""The parameters of each node named by the URL (several nodes' URLs joined by ";")."""
 
 
-def _tx(params: pika.URLParameters) -> tuple[Publish, Callable[[], None]]:
+def _tx(params: Nodes) -> tuple[Publish, Callable[[], None]]:
     conn = pika.BlockingConnection(params)
     ch = conn.channel()
     ch.tx_select()
@@ -45,7 +48,7 @@ def _tx(params: pika.URLParameters) -> tuple[Publish, Callable[[], None]]:
     return publish, conn.close
 
 
-def _confirm_each(params: pika.URLParameters) -> tuple[Publish, Callable[[], None]]:
+def _confirm_each(params: Nodes) -> tuple[Publish, Callable[[], None]]:
     conn = pika.BlockingConnection(params)
     ch = conn.channel()
     ch.confirm_delivery()
@@ -57,7 +60,7 @@ def _confirm_each(params: pika.URLParameters) -> tuple[Publish, Callable[[], Non
     return publish, conn.close
 
 
-def _confirm_batch(params: pika.URLParameters) -> tuple[Publish, Callable[[], None]]:
+def _confirm_batch(params: Nodes) -> tuple[Publish, Callable[[], None]]:
     publisher = ConfirmPublisher(params, name="bench-confirm")
 
     def publish(batch: list[tuple[str, str, bytes]]) -> None:
@@ -66,12 +69,12 @@ def _confirm_batch(params: pika.URLParameters) -> tuple[Publish, Callable[[], No
     return publish, publisher.close
 
 
-MODES: dict[str, Callable[[pika.URLParameters], tuple[Publish, Callable[[], None]]]] = {
+MODES: dict[str, Callable[[Nodes], tuple[Publish, Callable[[], None]]]] = {
     "tx": _tx, "confirm each": _confirm_each, "confirm batch": _confirm_batch,
 }
 
 
-def rate(params: pika.URLParameters, mode: str, queue: str, size: int, total: int) -> float:
+def rate(params: Nodes, mode: str, queue: str, size: int, total: int) -> float:
     publish, close = MODES[mode](params)
     body = b"x" * MESSAGE_SIZE
     batch = [("", queue, body)] * size
@@ -98,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.amqp:
         print("error: give --amqp or set ROTA_AMQP_URL", file=sys.stderr)
         return 2
-    params = pika.URLParameters(args.amqp)
+    params = parameters(args.amqp)
     queue = f"bench-publish-{uuid.uuid4().hex[:8]}"
     setup = pika.BlockingConnection(params)
     ch = setup.channel()
