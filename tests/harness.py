@@ -354,6 +354,58 @@ class Cluster:
         return "\n".join(f"--- {p.name} (pid {p.pid}) ---\n{p.tail()}" for p in self.procs.values())
 
 
+
+# -- a burst: many services due at one instant -------------------------------------------
+BURST = 1000
+BURST_CAPACITY = 400
+"""Runs a burst worker takes at once: wide enough for its share of the whole burst."""
+BURST_GROUPED = 10
+"""Burst services sharing one run group: they must run one after another."""
+_BURST_ROLE_SETS = (["Master", "Processing"], ["Redundancy", "Reporting"], ["Master"],
+                    ["Processing", "Calculation", "Reporting"])
+TICK_CATALOGUE = "\n".join([
+    "[system]", 'timezone = "UTC"',
+    'roles = ["Master", "Redundancy", "Reporting", "Processing", "Calculation"]',
+    "catch_up = 60", "",
+    "[[service]]", 'name = "Tick"', 'kind = "cron"', 'cron = "* * * * * */2"',
+    'allowed_roles = ["Master", "Processing"]', 'utility = "workers.demo:noop"',
+    "timeout = 10", ""])
+"""A catalogue of one service every two seconds, to which a burst is added."""
+
+
+def burst_names() -> set[str]:
+    return {f"burst-{i:04d}" for i in range(BURST)}
+
+
+def burst_catalogue(path: Path, slot: float, head: str = TICK_CATALOGUE) -> Path:
+    """`head` (a catalogue's text) plus BURST cron services due once a day at `slot` (UTC),
+    over four sets of allowed roles, the first BURST_GROUPED sharing one run group."""
+    t = time.gmtime(slot)
+    cron = f"{t.tm_min} {t.tm_hour} * * * {t.tm_sec}"
+    out = [head, ""]
+    for i in range(BURST):
+        roles = ", ".join(f'"{r}"' for r in _BURST_ROLE_SETS[i % len(_BURST_ROLE_SETS)])
+        out += ["[[service]]", f'name = "burst-{i:04d}"', 'kind = "cron"', f'cron = "{cron}"',
+                f"allowed_roles = [{roles}]", 'utility = "workers.demo:noop"', "timeout = 30"]
+        if i < BURST_GROUPED:
+            out.append('run_groups = ["burst_group"]')
+        out.append("")
+    path.write_text("\n".join(out), encoding="utf-8")
+    return path
+
+
+class BurstCluster(Cluster):
+    """The harness's cluster, with workers wide enough to take the whole burst at once."""
+
+    def worker(self, node: str, roles: str, session_timeout: float = 2.0) -> Proc:
+        journal = self.workdir / f"{node}.journal"
+        return self._spawn(node, [
+            "worker", "--node", node, "--roles", roles, "--zk", self.zk_hosts,
+            "--amqp", self.amqp_url, "--session-timeout", str(session_timeout),
+            "--journal", str(journal), "--catalogue", str(self.catalogue),
+            "--capacity", str(BURST_CAPACITY),
+        ], journal=journal)
+
 @contextmanager
 def running_cluster(
     amqp_url: str, zk_hosts: str, catalogue: Path, workdir: Path

@@ -26,53 +26,22 @@ from coordinator.audit import NOT_RUN, RAN, audit, audit_journal
 from ops import localcluster
 from protocol.catalogue import load_catalogue
 from tests.harness import (
+    BURST,
     SECONDS_CATALOGUE,
     THREE_NODES,
     THREE_NODES_ROLES,
+    BurstCluster,
     Cluster,
     EventRecorder,
-    Proc,
+    burst_catalogue,
+    burst_names,
 )
 
-BURST = 1000
-CAPACITY = 400
-GROUPED = 10
-ROLE_SETS = (["Master", "Processing"], ["Redundancy", "Reporting"], ["Master"],
-             ["Processing", "Calculation", "Reporting"])
 LEAD = 40.0
 """Seconds from writing the catalogue to the burst's slot: room for the cluster to come up."""
 SETTLE = 120.0
 """Seconds allowed after the slot for every burst slot's final record."""
 ORDERED = ("dispatched", "running", "succeeded")
-
-
-class BurstCluster(Cluster):
-    """The harness's cluster, with workers wide enough to take the whole burst at once."""
-
-    def worker(self, node: str, roles: str, session_timeout: float = 2.0) -> Proc:
-        journal = self.workdir / f"{node}.journal"
-        return self._spawn(node, [
-            "worker", "--node", node, "--roles", roles, "--zk", self.zk_hosts,
-            "--amqp", self.amqp_url, "--session-timeout", str(session_timeout),
-            "--journal", str(journal), "--catalogue", str(self.catalogue),
-            "--capacity", str(CAPACITY),
-        ], journal=journal)
-
-
-def _catalogue(path: Path, slot: float) -> Path:
-    """The second-level catalogue, plus BURST services due once a day at `slot` (UTC)."""
-    t = time.gmtime(slot)
-    cron = f"{t.tm_min} {t.tm_hour} * * * {t.tm_sec}"
-    out = [SECONDS_CATALOGUE.read_text(encoding="utf-8"), ""]
-    for i in range(BURST):
-        roles = ", ".join(f'"{r}"' for r in ROLE_SETS[i % len(ROLE_SETS)])
-        out += ["[[service]]", f'name = "burst-{i:04d}"', 'kind = "cron"', f'cron = "{cron}"',
-                f"allowed_roles = [{roles}]", 'utility = "workers.demo:noop"', "timeout = 30"]
-        if i < GROUPED:
-            out.append('run_groups = ["burst_group"]')
-        out.append("")
-    path.write_text("\n".join(out), encoding="utf-8")
-    return path
 
 
 LEAD_TIME = 1.5
@@ -109,8 +78,9 @@ def _first_order_sent_after(rec: EventRecorder, killed_at: float, skip: set[str]
 def _burst_with_a_kill(amqp_url: str, zk_hosts: str, tmp_path: Path,
                        kill: Callable[[], str]) -> None:
     slot = float(int(time.time() + LEAD))
-    catalogue = _catalogue(tmp_path / "burst.toml", slot)
-    names = {f"burst-{i:04d}" for i in range(BURST)}
+    catalogue = burst_catalogue(tmp_path / "burst.toml", slot,
+                                SECONDS_CATALOGUE.read_text(encoding="utf-8"))
+    names = burst_names()
     c = BurstCluster(amqp_url, zk_hosts, catalogue, tmp_path)
     rec = EventRecorder(amqp_url).start()
     try:

@@ -17,60 +17,28 @@ import pytest
 
 from coordinator.audit import NOT_RUN, RAN, audit, audit_journal
 from protocol.catalogue import load_catalogue
-from tests.harness import THREE_NODES, THREE_NODES_ROLES, Cluster, EventRecorder, Proc
+from tests.harness import (
+    BURST,
+    THREE_NODES,
+    THREE_NODES_ROLES,
+    BurstCluster,
+    EventRecorder,
+    burst_catalogue,
+    burst_names,
+)
 
-BURST = 1000
-CAPACITY = 400
-GROUPED = 10
-"""Burst services sharing one run group: they must run one after another."""
-ROLE_SETS = (["Master", "Processing"], ["Redundancy", "Reporting"], ["Master"],
-             ["Processing", "Calculation", "Reporting"])
 LEAD = 30.0
 """Seconds from writing the catalogue to the burst's slot: room for the cluster to come up."""
 SETTLE = 90.0
 """Seconds allowed after the slot for every burst slot's final record."""
 
 
-class BurstCluster(Cluster):
-    """The harness's cluster, with workers wide enough to take the whole burst at once."""
-
-    def worker(self, node: str, roles: str, session_timeout: float = 2.0) -> Proc:
-        journal = self.workdir / f"{node}.journal"
-        return self._spawn(node, [
-            "worker", "--node", node, "--roles", roles, "--zk", self.zk_hosts,
-            "--amqp", self.amqp_url, "--session-timeout", str(session_timeout),
-            "--journal", str(journal), "--catalogue", str(self.catalogue),
-            "--capacity", str(CAPACITY),
-        ], journal=journal)
-
-
-def _burst_catalogue(path: Path, slot: float) -> Path:
-    """BURST cron services due once a day, at `slot` (UTC), plus a 2-second tick."""
-    t = time.gmtime(slot)
-    cron = f"{t.tm_min} {t.tm_hour} * * * {t.tm_sec}"
-    out = ['[system]', 'timezone = "UTC"',
-           'roles = ["Master", "Redundancy", "Reporting", "Processing", "Calculation"]',
-           "catch_up = 60", "",
-           "[[service]]", 'name = "Tick"', 'kind = "cron"', 'cron = "* * * * * */2"',
-           'allowed_roles = ["Master", "Processing"]', 'utility = "workers.demo:noop"',
-           "timeout = 10", ""]
-    for i in range(BURST):
-        roles = ", ".join(f'"{r}"' for r in ROLE_SETS[i % len(ROLE_SETS)])
-        out += ["[[service]]", f'name = "burst-{i:04d}"', 'kind = "cron"', f'cron = "{cron}"',
-                f"allowed_roles = [{roles}]", 'utility = "workers.demo:noop"', "timeout = 30"]
-        if i < GROUPED:
-            out.append('run_groups = ["burst_group"]')
-        out.append("")
-    path.write_text("\n".join(out), encoding="utf-8")
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_leader_sigkilled_mid_burst(amqp_url: str, zk_hosts: str, tmp_path: Path) -> None:
     slot = float(int(time.time() + LEAD))
-    catalogue = _burst_catalogue(tmp_path / "burst.toml", slot)
-    names = {f"burst-{i:04d}" for i in range(BURST)}
+    catalogue = burst_catalogue(tmp_path / "burst.toml", slot)
+    names = burst_names()
     c = BurstCluster(amqp_url, zk_hosts, catalogue, tmp_path)
     rec = EventRecorder(amqp_url).start()
     try:
