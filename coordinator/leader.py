@@ -55,7 +55,7 @@ from protocol.catalogue import Catalogue
 from protocol.clock import Clock
 from protocol.coordination import Coordination, Fenced, Term
 from protocol.rankings import RankingError
-from protocol.schedule import warm, zone
+from protocol.schedule import Cron, Schedule, warm, zone
 from protocol.transport import Consumer, Delivery, Transport
 
 if TYPE_CHECKING:
@@ -139,11 +139,16 @@ class Coordinator:
         (`protocol.schedule.warm`), so that a follower that starts leading finds the slots
         of 100,000 services from memory instead of computing each (seconds at that size).
         Only expressions whose next slot has passed are computed again."""
+        crons_of: tuple[Catalogue | None, list[Schedule]] = (None, [])
         while not self._stopping.is_set():
             catalogue = self.catalogue
             try:
-                warm((svc.schedule for svc in catalogue.services.values()),
-                     zone(catalogue.timezone), self.clock.now())
+                if crons_of[0] is not catalogue:  # one of each expression, once per catalogue
+                    crons = {svc.schedule.expr: svc.schedule
+                             for svc in catalogue.services.values()
+                             if isinstance(svc.schedule, Cron)}
+                    crons_of = (catalogue, list(crons.values()))
+                warm(crons_of[1], zone(catalogue.timezone), self.clock.now())
             except Exception:  # an optimisation only: the leader computes what it needs
                 log.exception("%s could not compute slots ahead", self.identifier)
             self._stopping.wait(WARM_EVERY)
