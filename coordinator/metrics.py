@@ -106,14 +106,28 @@ def count_ended(runs: Iterable[Run]) -> None:
         if not run.state.terminal or run.run_id in seen:
             continue
         seen.add(run.run_id)
-        RUNS.labels(run.service, run.node or "", run.state.value).inc()
+        key = (run.service, run.node or "", run.state.value)
+        counter = _RUNS_OF.get(key)
+        if counter is None:
+            counter = _RUNS_OF[key] = RUNS.labels(*key)
+        counter.inc()
         if run.started_at is not None:
+            timings = _TIMINGS_OF.get(run.service)
+            if timings is None:
+                timings = _TIMINGS_OF[run.service] = (LATENESS.labels(run.service),
+                                                      DURATION.labels(run.service))
             if run.slot is not None and run.state is not RunState.REJECTED:
-                LATENESS.labels(run.service).observe(max(0.0, run.started_at - run.slot))
+                timings[0].observe(max(0.0, run.started_at - run.slot))
             if run.finished_at is not None:
-                DURATION.labels(run.service).observe(max(0.0, run.finished_at - run.started_at))
+                timings[1].observe(max(0.0, run.finished_at - run.started_at))
         if run.dispatched_at is not None:
             QUEUE_WAIT.observe(max(0.0, run.dispatched_at - run.queued_at))
+
+
+# The children of the per-run series, looked up once each (`labels` checks and locks every
+# call). These series are never cleared, so a cached child stays the registered one.
+_RUNS_OF: dict[tuple[str, str, str], Counter] = {}
+_TIMINGS_OF: dict[str, tuple[Histogram, Histogram]] = {}
 
 
 def show_state(

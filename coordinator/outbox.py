@@ -18,13 +18,14 @@ from coordinator import forms, metrics
 from coordinator.adapters.events import Done, EventBus
 from coordinator.core.actions import Action, Changes, Control, DaemonInterval, Dispatch, Record
 from coordinator.core.node import Node
+from coordinator.core.run import RunState
 from coordinator.inbox import Outcome, Reply
 from coordinator.ledger import Ledger
 from protocol import ProtocolError, RunRecord, ServiceChange, encode
 from protocol.backoff import Backoff
 from protocol.catalogue import Catalogue
 from protocol.coordination import Fenced, Term
-from protocol.transport import REQUESTS, Delivery, Transport, node_queue
+from protocol.transport import REQUESTS, Delivery, Transport, ack_all, node_queue
 
 log = logging.getLogger("rota.leader")
 
@@ -47,6 +48,18 @@ class Turn:
     """Ledger writes beside the engine's (RankingS), committed in the same batch."""
     events: list[tuple[str, bytes]] = field(default_factory=list)
     """Other events for `rota.events` (ranking updates and alerts): (routing key, body)."""
+
+
+def _unfolded(recorded: list[Record | DaemonInterval]) -> list[Record | DaemonInterval]:
+    """The records a turn publishes: a run's `running` record is left out when the same turn
+    also records its end (its `started` and final reports came together), as a worker leaves
+    out the `started` report of a run that ended before it was sent; the final record carries
+    `started_at`. Every other record, and every final one, is published."""
+    ended = {a.run.run_id for a in recorded if isinstance(a, Record) and a.run.state.terminal}
+    if not ended:
+        return recorded
+    return [a for a in recorded if not (isinstance(a, Record) and a.run.run_id in ended
+                                        and a.run.state is RunState.RUNNING)]
 
 
 class Outbox:
@@ -117,13 +130,12 @@ class Outbox:
             controls.append((node_queue(c.node), encode(msg)))
         self.send(controls, term)
         records = [forms.record_of(a.run) if isinstance(a, Record) else forms.interval_record(a)
-                   for a in recorded]
+                   for a in _unfolded(recorded)]
         records += turn.records
         acks = turn.acks
 
         def acknowledge() -> None:
-            for d in acks:
-                d.ack()
+            ack_all(acks)
 
         # Reports and requests are acknowledged once the events they led to are stored (the
         # bus stores batches in order): a leader killed before then leaves them to its

@@ -89,9 +89,35 @@ class Delivery:
     error: ProtocolError | None
     _ack: Callable[[], None]
     raw: bytes = b""
+    batch: AckBatch | None = None
+    """Set when the consumer can acknowledge several deliveries at once (`ack_all`)."""
+    token: object = None
+    """What `batch` needs to acknowledge this delivery."""
 
     def ack(self) -> None:
         self._ack()
+
+
+class AckBatch(abc.ABC):
+    """A consumer's way to acknowledge many deliveries in one hand-over to its connection."""
+
+    @abc.abstractmethod
+    def ack_many(self, tokens: Sequence[object]) -> None:
+        """Acknowledge the deliveries `tokens` name; never raises (an unacknowledged
+        delivery is redelivered)."""
+
+
+def ack_all(deliveries: Sequence[Delivery]) -> None:
+    """Acknowledge `deliveries`, in one hand-over per consumer where it allows it (a turn's
+    reports cost one wake-up of the reader's connection, not one each)."""
+    groups: dict[int, tuple[AckBatch, list[object]]] = {}
+    for d in deliveries:
+        if d.batch is None:
+            d.ack()
+        else:
+            groups.setdefault(id(d.batch), (d.batch, []))[1].append(d.token)
+    for batch, tokens in groups.values():
+        batch.ack_many(tokens)
 
 
 class Consumer(abc.ABC):

@@ -30,6 +30,7 @@ from protocol.transport import (
     DEAD,
     REQUESTS,
     RESULTS,
+    AckBatch,
     Batch,
     Consumer,
     Delivery,
@@ -164,13 +165,17 @@ class _Reader(Consumer):
                 self._stop.wait(wait)
                 continue
             backoff.reset()
+            # RabbitMQ's consumers take acknowledgements in batches; others (the stub
+            # broker's) one at a time.
+            acks = (_ConsumerAcks(consumer) if hasattr(consumer, "known_tags")
+                    and hasattr(consumer, "connection") else None)
             try:
                 for proxy in consumer:
                     if self._stop.is_set():
                         break
                     if proxy is None:
                         continue
-                    self.handler(self._delivery(consumer, proxy))
+                    self.handler(self._delivery(consumer, proxy, acks))
             except Exception as exc:
                 if not self._stop.is_set():
                     log.warning("lost %s (%s); reconnecting", self.queue, exc)
@@ -182,7 +187,7 @@ class _Reader(Consumer):
                     pass
 
     @staticmethod
-    def _delivery(consumer, proxy) -> Delivery:
+    def _delivery(consumer, proxy, acks: _ConsumerAcks | None) -> Delivery:
         def ack() -> None:
             try:
                 consumer.ack(proxy)
@@ -190,13 +195,42 @@ class _Reader(Consumer):
                 log.debug("ack failed; the message will be redelivered")
 
         try:
-            return Delivery(payload_of(proxy), None, ack)
+            return Delivery(payload_of(proxy), None, ack, batch=acks, token=proxy)
         except ProtocolError as exc:
             try:
                 raw = proxy._message.encode()
             except Exception:
                 raw = b""
-            return Delivery(None, exc, ack, raw)
+            return Delivery(None, exc, ack, raw, batch=acks, token=proxy)
+
+
+class _ConsumerAcks(AckBatch):
+    """Acknowledges many deliveries of one dramatiq consumer with one callback handed to its
+    connection's thread, instead of one callback (and one wake-up of that thread) each."""
+
+    def __init__(self, consumer) -> None:
+        self.consumer = consumer
+
+    def ack_many(self, tokens: Sequence[object]) -> None:
+        consumer = self.consumer
+        tags = []
+        for proxy in tokens:
+            tag = proxy._tag  # type: ignore[attr-defined]
+            if tag in consumer.known_tags:  # else: a channel since replaced; redelivered
+                consumer.known_tags.discard(tag)
+                tags.append(tag)
+        if not tags:
+            return
+        channel = consumer.channel
+
+        def ack() -> None:
+            for tag in tags:
+                channel.basic_ack(tag)
+
+        try:
+            consumer.connection.add_callback_threadsafe(ack)
+        except Exception:  # the connection is gone: RabbitMQ redelivers them
+            log.debug("acks failed; %d message(s) will be redelivered", len(tags))
 
 
 class _Served(Consumer):
