@@ -311,6 +311,10 @@ def _load(path: str):
         sys.exit(f"rota: cannot load catalogue: {exc}")
 
 
+SIGNAL_POLL = 0.2
+"""Seconds between two returns of a waiting main thread to Python, to run signal handlers."""
+
+
 def _install_stop(stop: threading.Event) -> None:
     def handler(signum, frame):
         stop.set()
@@ -320,8 +324,16 @@ def _install_stop(stop: threading.Event) -> None:
 
 
 def _wait_for_signal(stop: threading.Event, duration: float | None) -> None:
+    """Wait until SIGINT or SIGTERM (or `duration` seconds). In short waits: Python runs a
+    signal handler (SIGHUP's reload too) only when the main thread runs, and a signal the
+    kernel hands to another thread does not wake a main thread blocked on a lock."""
     _install_stop(stop)
-    stop.wait(duration)
+    deadline = None if duration is None else time.monotonic() + duration
+    while not stop.is_set():
+        left = SIGNAL_POLL if deadline is None else min(SIGNAL_POLL, deadline - time.monotonic())
+        if left <= 0:
+            return
+        stop.wait(left)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -79,9 +79,15 @@ def ensemble(zk_hosts: str, proxies: tuple[FaultProxy, FaultProxy]) -> str:
     return ",".join(p.address for p in proxies) + "/" + chroot
 
 
-def in_use(proxies: tuple[FaultProxy, FaultProxy]) -> FaultProxy:
-    """The proxy the client's live connection goes through."""
-    live = [p for p in proxies if p.stats()["active"] > 0]
+def in_use(proxies: tuple[FaultProxy, FaultProxy], timeout: float = 10.0) -> FaultProxy:
+    """The proxy the client's live connection goes through (waited for while the client
+    reconnects: a loaded server may drop a connection on its own)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        live = [p for p in proxies if p.stats()["active"] > 0]
+        if len(live) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert len(live) == 1, [p.stats() for p in proxies]
     return live[0]
 
@@ -243,7 +249,9 @@ def test_an_interrupted_commit_that_was_applied_is_not_applied_again(  # type: i
 
     term._send = applied_then_lost  # type: ignore[method-assign]
     term.commit({"run/once": b"1"})
-    assert calls == ["applied, reply lost", "retry"]
+    # The retry may itself meet the link still settling and be sent again: what counts is
+    # that the commit applied once and the term goes on.
+    assert calls[0] == "applied, reply lost" and calls[1:] and set(calls[1:]) == {"retry"}
     assert not term.lost() and term.transactions == 1
     assert term.load() == {"run/once": b"1"}
     assert len(deltas_of(raw, term.epoch)) == 1
