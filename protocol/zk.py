@@ -728,6 +728,10 @@ class ZkTerm:
 
     def _send(self, ops: list[_Op]) -> list[Any]:
         """Send one transaction, the epoch check first; its results, one per op."""
+        return list(self._reply(self._start(ops)))
+
+    def _start(self, ops: list[_Op]) -> Any:
+        """Send one transaction, the epoch check first, without waiting: its async result."""
         txn = self._client.transaction()
         txn.check(EPOCH, self.epoch)
         for op in ops:
@@ -737,7 +741,7 @@ class ZkTerm:
                 txn.set_data(op.path, op.value)
             else:
                 txn.delete(op.path)
-        return list(self._reply(txn.commit_async()))
+        return txn.commit_async()
 
     def _resolve(self, ops: list[_Op]) -> list[Any]:
         """Settle a transaction interrupted by a connection loss: it may have been applied, or

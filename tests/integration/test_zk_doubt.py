@@ -190,16 +190,7 @@ def test_a_commit_in_flight_when_the_link_resets_is_applied_once(  # type: ignor
         """The first send of each commit: the link is reset right behind the request, so it
         may or may not reach the server, and its reply may or may not come back."""
         if len(interrupted) == rounds_done[0]:
-            txn = term._client.transaction()
-            txn.check(EPOCH, term.epoch)
-            for op in ops:
-                if op.kind == "create":
-                    txn.create(op.path, op.value)
-                elif op.kind == "set":
-                    txn.set_data(op.path, op.value)
-                else:
-                    txn.delete(op.path)
-            result = txn.commit_async()
+            result = term._start(ops)
             in_use(proxies).reset()
             try:
                 got = list(term._reply(result))
