@@ -449,14 +449,23 @@ def _transport_of(given: Transport | dramatiq.Broker) -> Transport:
     return found
 
 
+FAULT_POINTS = ("after-ledger", "after-publish", "in-delta", "in-flight")
+"""Test-only crash points (`ROTA_FAULT=point:N`): after a turn's ledger commit, after its
+orders are published, after the first part of a commit in several parts, and while a commit
+with orders is in flight (sent, its reply not read)."""
+IN_FLIGHT_DELAY = 0.02
+"""Seconds between sending the transaction and the kill at `in-flight`, for the request to
+reach ZooKeeper (which then applies it or not: the successor must cope with either)."""
+
+
 def fault_from_spec(spec: str | None) -> FaultHook | None:
-    """Test-only crash points: `after-ledger:N` or `after-publish:N` SIGKILLs this process
-    the Nth time the leader reaches that point with orders to send. Unset in production."""
+    """Test-only crash points: `<point>:N` SIGKILLs this process the Nth time the leader
+    reaches that point (see `FAULT_POINTS`). Unset in production."""
     if not spec:
         return None
     point, _, count = spec.partition(":")
-    if point not in ("after-ledger", "after-publish"):
-        raise ValueError(f"unknown fault point {point!r}: use after-ledger or after-publish")
+    if point not in FAULT_POINTS:
+        raise ValueError(f"unknown fault point {point!r}: use one of {', '.join(FAULT_POINTS)}")
     remaining = [int(count or 1)]
 
     def hook(where: str) -> None:
@@ -467,12 +476,15 @@ def fault_from_spec(spec: str | None) -> FaultHook | None:
                 import signal
 
                 log.warning("fault point %s reached: killing this process", where)
+                if where == "in-flight":
+                    time.sleep(IN_FLIGHT_DELAY)
                 os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
 
 
 __all__ = [
-    "REPUBLISH_WINDOW", "Coordinator", "LeaderOptions", "NotLeading", "fault_from_spec",
+    "FAULT_POINTS", "REPUBLISH_WINDOW", "Coordinator", "LeaderOptions", "NotLeading",
+    "fault_from_spec",
     "schedule_of_update",
 ]

@@ -287,7 +287,8 @@ class ZkTerm:
         self.max_bytes = MAX_BYTES
         # Test-only: called after each transaction of a commit in several transactions
         # ("delta <i>", "delta complete", "logs <i>") or of a migration ("migrate <i>",
-        # "upgrade <i>"); a test makes the term deposed there.
+        # "upgrade <i>"), and once a transaction is sent, before its reply is read
+        # ("sent"); a test makes the term deposed, or its process killed, there.
         self.fault: Callable[[str], None] | None = None
 
     def lost(self) -> bool:
@@ -728,7 +729,10 @@ class ZkTerm:
 
     def _send(self, ops: list[_Op]) -> list[Any]:
         """Send one transaction, the epoch check first; its results, one per op."""
-        return list(self._reply(self._start(ops)))
+        sent = self._start(ops)
+        if self.fault:
+            self.fault("sent")
+        return list(self._reply(sent))
 
     def _start(self, ops: list[_Op]) -> Any:
         """Send one transaction, the epoch check first, without waiting: its async result."""
