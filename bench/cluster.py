@@ -51,10 +51,11 @@ from bench import probes
 from bench.baselines import Baseline, measure
 from coordinator.leader import LeaderOptions
 from ops import localcluster, localservers
-from protocol import ProtocolError, RunRecord, decode_as
+from protocol import ProtocolError, RunRecord
 from protocol.amqp import parameters, split_urls
 from protocol.catalogue import load_catalogue
 from protocol.clock import SystemClock
+from protocol.run_records import records_of
 from rota.embedded import Cluster, NodeSpec
 
 ROLES = ("Master", "Redundancy", "Reporting", "Processing", "Calculation")
@@ -542,12 +543,14 @@ class EventTap:
                     if method is None:
                         continue
                     now = time.time()
+                    if not method.routing_key.startswith("run."):
+                        continue
                     try:
-                        rec = decode_as(body, RunRecord)
+                        recs = records_of(body)
                     except ProtocolError:
                         continue
                     with self._lock:
-                        self.records.append(Stamped(now, rec))
+                        self.records.extend(Stamped(now, rec) for rec in recs)
                 conn.close()
             except Exception:
                 self._stop.wait(0.5)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from coordinator import forms, metrics
-from coordinator.adapters.events import Done, EventBus
+from coordinator.adapters.events import Done, Event, EventBus
 from coordinator.core.actions import Action, Changes, Control, DaemonInterval, Dispatch, Record
 from coordinator.core.node import Node
 from coordinator.core.run import RunState
@@ -25,6 +25,7 @@ from protocol import ProtocolError, RunRecord, ServiceChange, encode
 from protocol.backoff import Backoff
 from protocol.catalogue import Catalogue
 from protocol.coordination import Fenced, Term
+from protocol.run_records import bodies_of
 from protocol.transport import REQUESTS, Delivery, Transport, ack_all, node_queue
 
 log = logging.getLogger("rota.leader")
@@ -82,15 +83,28 @@ class Outbox:
         self._params: dict[str, forms.Params] = {}
         self._control_seq = 0  # numbers daemon controls: a worker orders one turn's by it
 
+    def _arm_commit_faults(self, term: Term, *, orders: bool) -> None:
+        """Test-only: the fault points inside a ledger commit, for a term that reports its
+        steps (ZooKeeper's): `in-delta` after the first part of a commit in several parts,
+        `in-flight` once a commit carrying orders is sent."""
+        hook = self.fault
+        if hook is None or not hasattr(term, "fault"):
+            return
+
+        def step(name: str) -> None:
+            if name == "delta 0":
+                hook("in-delta")
+            elif name == "sent" and orders:
+                hook("in-flight")
+
+        term.fault = step
+
     def finish(self, term: Term, ledger: Ledger, changes: Changes, turn: Turn,
                catalogue: Catalogue, nodes: Mapping[str, Node], now: float) -> None:
         """Carry out a turn: ledger, orders, controls, records, acknowledgements."""
         writes = ledger.writes(changes) if changes or changes.finished else {}
         if turn.writes:
             writes = {**writes, **turn.writes}
-        if writes:
-            with metrics.LEDGER_COMMIT.time():
-                term.commit(writes)  # raises Fenced when deposed: nothing below happens
         dispatches: list[Dispatch] = []
         controls_due: list[Control] = []
         recorded: list[Record | DaemonInterval] = []
@@ -101,6 +115,11 @@ class Outbox:
                 dispatches.append(a)
             elif isinstance(a, Control):
                 controls_due.append(a)
+        if writes:
+            if self.fault:
+                self._arm_commit_faults(term, orders=bool(dispatches))
+            with metrics.LEDGER_COMMIT.time():
+                term.commit(writes)  # raises Fenced when deposed: nothing below happens
         if log.isEnabledFor(logging.DEBUG) and (dispatches or changes):
             log.debug("epoch %d turn: ledger runs %s cursors %s; orders %s; records %s",
                       term.epoch,
@@ -198,7 +217,7 @@ class Outbox:
             if then is not None:
                 then()
             return
-        self.events.publish_batch([(rec.routing_key, encode(rec)) for rec in recs], then)
+        self.events.publish_batch(_batched(recs), then)
         if not history or not self.history_sinks:
             return
         for rec in recs:
@@ -229,3 +248,17 @@ class Outbox:
                     now: float, reason: str) -> None:
         self.transport.dead_letter(source, payload, error, now)
         metrics.DEAD_LETTERS.labels(source, reason).inc()
+
+
+def _batched(recs: list[RunRecord]) -> list[Event]:
+    """A turn's records as events: one body per routing key (a batch when several share it,
+    `protocol.run_records`). Keys go in lifecycle order (queued, dispatched, running, then
+    the ends), so a run that moved twice in the turn is seen to move in order."""
+    by_key: dict[str, list[bytes]] = {}
+    for rec in recs:
+        by_key.setdefault(rec.routing_key, []).append(encode(rec))
+    keys = sorted(by_key, key=lambda k: _STAGE.get(k, len(_STAGE)))
+    return [(key, body) for key in keys for body in bodies_of(by_key[key])]
+
+
+_STAGE = {"run.queued": 0, "run.dispatched": 1, "run.running": 2}

@@ -93,38 +93,46 @@ def _decode(data: Any, expected: type[Message] | None) -> Message:
         raise ProtocolError(
             GARBAGE, f"message: expected a map at the top, got {type(wire).__name__}"
         )
+    return from_wire(wire, expected)
 
+
+def from_wire(wire: dict[Any, Any], expected: type[Message] | None = None,
+              where: str = "message") -> Message:
+    """The message in an already unpacked wire map (which this consumes); `where` names it
+    in errors (a record inside a batch: ``records[3]``)."""
+    if type(wire) is not dict:
+        raise ProtocolError(WRONG_TYPE, f"{where}: expected a map, got {type(wire).__name__}")
     version = wire.pop("v", _MISSING)
     if version is _MISSING:
-        raise ProtocolError(MISSING_FIELD, "message.v: missing", field="v")
+        raise ProtocolError(MISSING_FIELD, f"{where}.v: missing", field="v")
     if type(version) is not int:
         raise ProtocolError(
-            WRONG_TYPE, f"message.v: expected int, got {type(version).__name__}", field="v"
+            WRONG_TYPE, f"{where}.v: expected int, got {type(version).__name__}", field="v"
         )
     if version not in SUPPORTED_VERSIONS:
         supported = ", ".join(map(str, sorted(SUPPORTED_VERSIONS)))
         raise ProtocolError(
             UNKNOWN_VERSION,
-            f"message.v: unsupported schema version {version} (supported: {supported})",
+            f"{where}.v: unsupported schema version {version} (supported: {supported})",
             field="v",
         )
 
     name = wire.pop("t", _MISSING)
     if name is _MISSING:
-        raise ProtocolError(MISSING_FIELD, "message.t: missing", field="t")
+        raise ProtocolError(MISSING_FIELD, f"{where}.t: missing", field="t")
     if type(name) is not str:
         raise ProtocolError(
-            WRONG_TYPE, f"message.t: expected str, got {type(name).__name__}", field="t"
+            WRONG_TYPE, f"{where}.t: expected str, got {type(name).__name__}", field="t"
         )
     cls = MESSAGE_TYPES.get(name)
     if cls is None:
         raise ProtocolError(
-            UNKNOWN_TYPE, f"message.t: unknown message type {name[:60]!r}", field="t"
+            UNKNOWN_TYPE, f"{where}.t: unknown message type {name[:60]!r}", field="t"
         )
     if expected is not None and cls is not expected:
         raise ProtocolError(
             UNEXPECTED_TYPE,
-            f"message.t: expected {expected.__name__}, got {name}",
+            f"{where}.t: expected {expected.__name__}, got {name}",
             field="t",
         )
     return cls.from_dict(wire, version)

@@ -34,6 +34,7 @@ from protocol import (
     amqp,
     decode,
 )
+from protocol.run_records import records_of
 
 SECONDS_CATALOGUE = Path(__file__).parent / "integration" / "catalogues" / "seconds.toml"
 """A catalogue on second-level cron schedules, for cluster tests."""
@@ -114,14 +115,18 @@ class EventRecorder:
                         break
                     if method is None:
                         continue
+                    msg: object = None
                     try:
-                        msg = decode(body)
+                        if method.routing_key.startswith("run."):
+                            msg = records_of(body)
+                        else:
+                            msg = decode(body)
                     except ProtocolError:
                         msg = None
                     with self._lock:
-                        if isinstance(msg, RunRecord):
-                            self.records.append(msg)
-                            self.received.append(time.time())
+                        if isinstance(msg, list):
+                            self.records.extend(msg)
+                            self.received.extend([time.time()] * len(msg))
                         elif isinstance(msg, ServiceChange):
                             self.changes.append(msg)
                         elif isinstance(msg, RankingUpdate | RankingAlert):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol import ProtocolError, RunRecord, ServiceChange, decode_as
+from protocol.run_records import records_of
 
 log = logging.getLogger("rota.history")
 
@@ -105,16 +106,17 @@ def read_history(
         offset: Any = "first" if since is None else _offset_at(since)
         for body in _bodies(ch, STREAM, offset, idle, timeout):
             try:
-                rec = decode_as(body, RunRecord)
+                recs = records_of(body)
             except ProtocolError as exc:
                 bad += 1
                 log.warning("history record skipped: %s", exc)
                 continue
-            if since is not None and (rec.finished_at or rec.queued_at or 0.0) < since:
-                continue
-            if keep is not None and not keep(rec):
-                continue
-            out.append(rec)
+            for rec in recs:
+                if since is not None and (rec.finished_at or rec.queued_at or 0.0) < since:
+                    continue
+                if keep is not None and not keep(rec):
+                    continue
+                out.append(rec)
             if limit is not None and len(out) > 4 * limit:
                 del out[: len(out) - limit]
     finally:

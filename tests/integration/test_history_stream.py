@@ -9,6 +9,7 @@ import pika
 from coordinator.adapters.events import RabbitEventBus
 from coordinator.adapters.history import STREAM, read_history
 from protocol import RunRecord, encode
+from protocol.run_records import batch
 
 
 def _record(i: int, state: str, at: float, service: str = "Backup Manager") -> RunRecord:
@@ -76,3 +77,26 @@ def test_a_malformed_message_in_the_stream_is_skipped_and_counted(amqp_url: str)
     got = read_history(amqp_url)
     assert [r.run_id for r in got.records] == ["run-0", "run-1"]
     assert got.undecodable == 1
+
+
+def test_batched_records_are_kept_and_read_back_one_by_one(amqp_url: str) -> None:
+    """A leader turn's records of one state go as one `RunRecords` message: the stream keeps
+    it, and the reader gives back every record, filtered and limited as lone ones are."""
+    t0 = time.time() - 100
+    lone = _record(0, "failed", t0)
+    recs = [_record(i, "succeeded", t0 + i) for i in range(1, 7)]
+    bus = RabbitEventBus(amqp_url)
+    try:
+        bus.publish_batch([(lone.routing_key, encode(lone)),
+                           ("run.dispatched", batch([encode(_record(9, "dispatched", t0))] * 2)),
+                           ("run.succeeded", batch([encode(r) for r in recs]))])
+    finally:
+        bus.close()
+    _wait_for(amqp_url, 2)  # two messages: the dispatched ones are not history
+    got = read_history(amqp_url)
+    assert [(r.run_id, r.state) for r in got.records] == \
+        [("run-0", "failed")] + [(f"run-{i}", "succeeded") for i in range(1, 7)]
+    assert got.undecodable == 0
+    assert [r.run_id for r in read_history(amqp_url, since=t0 + 4.5).records] == \
+        ["run-4", "run-5", "run-6"]
+    assert [r.run_id for r in read_history(amqp_url, limit=2).records] == ["run-5", "run-6"]

@@ -64,6 +64,7 @@ def test_the_outbox_hands_a_turns_records_to_the_bus_as_one_batch() -> None:
     from coordinator.core.run import Run, Trigger
     from coordinator.outbox import Outbox, Turn
     from protocol.catalogue import Catalogue
+    from protocol.run_records import records_of
     from protocol.transport import Delivery, make_transport
 
     class Bus:
@@ -89,8 +90,11 @@ def test_the_outbox_hands_a_turns_records_to_the_bus_as_one_batch() -> None:
                 acks=[Delivery(b"", None, lambda i=i: acked.append(i)) for i in range(3)])
     catalogue = Catalogue(timezone="UTC", roles=("Master",), services={})
     outbox.finish(None, None, Changes(), turn, catalogue, {}, 0.0)  # type: ignore[arg-type]
-    assert len(bus.batches) == 1 and len(bus.batches[0]) == 50
-    assert {key for key, _ in bus.batches[0]} == {"run.queued"}
+    # One confirm round, and one message for the 50 records of one state.
+    assert len(bus.batches) == 1 and len(bus.batches[0]) == 1
+    key, body = bus.batches[0][0]
+    assert key == "run.queued"
+    assert [r.run_id for r in records_of(body)] == [f"r{i}" for i in range(50)]
     # The reports behind these records are acknowledged once the bus has stored them.
     assert acked == []
     assert bus.then is not None

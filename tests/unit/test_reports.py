@@ -16,6 +16,7 @@ from protocol import RunEvent, RunOrder, RunRecord, decode_as, encode
 from protocol.catalogue import Catalogue
 from protocol.clock import SystemClock
 from protocol.coordination import MemoryCoordination
+from protocol.run_records import records_of
 from protocol.schedule import Periodic
 from protocol.service import Utility
 from protocol.transport import RESULTS, Batch, make_transport
@@ -123,7 +124,7 @@ def test_the_leader_takes_one_final_report_for_the_start_and_end_of_a_run(
     history: list[RunRecord] = []
     events = MemoryEventBus()
     records: list[RunRecord] = []
-    events.subscribe("run.*", lambda _key, body: records.append(decode_as(body, RunRecord)))
+    events.subscribe("run.*", lambda _key, body: records.extend(records_of(body)))
     coordinator = Coordinator("c1", catalogue, coordination, transport, events, SystemClock(),
                               options=LeaderOptions(idle_wait=0.05),
                               history_sinks=[history.append])
