@@ -32,6 +32,7 @@ from protocol import (
     decode,
     decode_as,
 )
+from protocol.batches import RUN_EVENTS, is_batch, unpack
 from protocol.schedule import Cron, FixedTimes, Periodic, Schedule, ScheduleError
 from protocol.service import Service
 
@@ -80,6 +81,9 @@ def delivered(engine: Engine, item: Delivered, now: float, turn: Turn, outbox: O
         outbox.dead_letter(source, delivery.raw, delivery.error or "empty", now,
                            getattr(delivery.error, "reason", "garbage"))
         return
+    if source is Source.RESULTS and is_batch(delivery.payload, RUN_EVENTS):
+        _reports(engine, delivery.payload, now, turn, outbox)
+        return
     try:
         msg = decode(delivery.payload)
         if source is Source.RESULTS:
@@ -94,6 +98,26 @@ def delivered(engine: Engine, item: Delivered, now: float, turn: Turn, outbox: O
         outbox.dead_letter(source, delivery.payload, exc, now, exc.reason)
     except UnknownRun as exc:
         outbox.dead_letter(source, delivery.payload, str(exc), now, "unknown_run")
+
+
+def _reports(engine: Engine, payload: bytes, now: float, turn: Turn, outbox: Outbox) -> None:
+    """A worker's reports sent as one `RunEvents` batch: each taken as if it came alone; one
+    that is not valid, or names a run this leader does not know, is dead-lettered with its
+    own bytes, and the others are taken."""
+    source = Source.RESULTS
+    try:
+        found = unpack(payload, RUN_EVENTS)
+    except ProtocolError as exc:
+        outbox.dead_letter(source, payload, exc, now, exc.reason)
+        return
+    for raw, ev in found:
+        if isinstance(ev, ProtocolError):
+            outbox.dead_letter(source, raw, ev, now, ev.reason)
+            continue
+        try:
+            turn.actions += on_event(engine, ev, now, turn)
+        except UnknownRun as exc:
+            outbox.dead_letter(source, raw, str(exc), now, "unknown_run")
 
 
 def on_event(engine: Engine, ev: RunEvent, now: float, turn: Turn) -> list[Action]:

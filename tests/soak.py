@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-server-restarts", action="store_true",
                    help="only kill processes; never restart RabbitMQ or ZooKeeper")
     args = p.parse_args(argv)
+    # SIGTERM ends the soak as Ctrl-C does: every process and server it started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rnd = random.Random(seed)

@@ -18,7 +18,8 @@ not start and is forgotten: the successor adopts the run from the ledger and sen
 and that order is taken as new. A re-sent order arriving while the run is still held replaces
 the held one when it carries a newer epoch; either way the run starts once.
 
-Run events go to `rota.results` through a bounded outbox and one reporter thread. While
+Run events go to `rota.results` through a bounded outbox and one reporter thread, the events
+waiting together sent as one `RunEvents` batch message (`protocol/batches.py`). While
 RabbitMQ is unreachable the reporter retries with backoff and keeps every event; once the
 outbox holds `OUTBOX_LIMIT` events, whoever reports waits for room: consumer threads stop
 taking orders (RabbitMQ keeps them in the queue), finished runs wait to be reported. No event
@@ -61,6 +62,7 @@ from protocol import (
     encode,
 )
 from protocol.backoff import Backoff
+from protocol.batches import RUN_EVENTS, packs
 from protocol.catalogue import Catalogue
 from protocol.clock import Clock
 from protocol.coordination import Coordination
@@ -537,12 +539,12 @@ class WorkerNode:
             if self._outbox.wait_head() and REPORT_LINGER > 0:
                 time.sleep(REPORT_LINGER)
             item = self._outbox.get()
-            items: list[tuple[str, bytes]] = []
+            items: list[bytes] = []
             while True:
                 if item is None:
                     closing = True
                     break
-                items.append((RESULTS, item.data))
+                items.append(item.data)
                 if len(items) >= REPORT_BATCH:
                     break
                 try:
@@ -551,7 +553,9 @@ class WorkerNode:
                     break
             if not items:
                 continue
-            batch = self.transport.prepare(items)  # encoded once, however often it is retried
+            # A RunEvents batch per message (protocol/batches.py), encoded once, however
+            # often it is retried.
+            batch = self.transport.prepare([(RESULTS, body) for body in packs(RUN_EVENTS, items)])
             while True:
                 try:
                     self.transport.publish(batch)
@@ -560,7 +564,7 @@ class WorkerNode:
                 except Exception as exc:  # broker down: keep the events, retry with backoff
                     wait = backoff.next()
                     log.warning("cannot report %d event(s) (%s); retrying in %.1fs",
-                                len(batch), exc, wait)
+                                len(items), exc, wait)
                     time.sleep(wait)
             metrics.OUTBOX.labels(self.node_id).set(self._outbox.qsize())
 

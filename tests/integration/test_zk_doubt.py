@@ -29,7 +29,8 @@ import pytest
 from kazoo.client import KazooClient
 from kazoo.exceptions import ConnectionLoss
 
-from protocol import RunEvent, RunOrder, decode_as, encode
+from protocol import RunEvent, RunOrder, encode
+from protocol.batches import RUN_EVENTS, messages_of
 from protocol.clock import SystemClock
 from protocol.coordination import Fenced, Term
 from protocol.transport import RESULTS, Delivery, make_transport
@@ -305,7 +306,8 @@ class Reports:
     def _take(self, delivery: Delivery) -> None:
         assert delivery.payload is not None
         with self._lock:
-            self.events.append((time.time(), decode_as(delivery.payload, RunEvent)))
+            now = time.time()
+            self.events += [(now, ev) for ev in messages_of(delivery.payload, RUN_EVENTS)]
         delivery.ack()
 
     def final(self, run_id: str) -> tuple[float, RunEvent] | None:

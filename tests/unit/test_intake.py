@@ -39,3 +39,48 @@ def test_a_refusal_of_a_deposed_leaders_order_leaves_the_adopted_run_to_its_rese
     intake.on_event(second, now_refused, T0 + 3, turn)
     assert order.run.run_id not in second.runs or \
         second.runs[order.run.run_id].state is not RunState.DISPATCHED
+
+
+def test_a_batch_of_reports_is_taken_report_by_report_and_bad_ones_dead_lettered() -> None:
+    """A worker's `RunEvents` batch: the valid reports end their runs; an element that is not
+    a valid event, and one naming an unknown run, each go to the dead letters with their own
+    bytes; the delivery is acknowledged once, with the turn."""
+    import msgpack
+
+    from coordinator.inbox import Delivered, Source
+    from protocol import encode
+    from protocol.batches import RUN_EVENTS, pack
+    from protocol.transport import Delivery
+
+    engine = Engine([service("Mail Manager", Periodic(60)), service("Events", Periodic(60))])
+    engine.node_up(node("m1", "Master"), T0)
+    engine.start(T0, epoch=1)
+    runs = [a.run for name in ("Mail Manager", "Events")
+            for a in engine.manual_run(name, T0 + 1, f"r-{name}") if isinstance(a, Dispatch)]
+
+    def done(run_id: str, svc: str) -> bytes:
+        return encode(RunEvent(run_id=run_id, service=svc, node="m1", state="succeeded",
+                               at=T0 + 2, epoch=1, started_at=T0 + 1.5, finished_at=T0 + 2))
+
+    bad = msgpack.packb({"t": "RunEvent", "v": 1, "run_id": "x"})
+    unknown = done("nobody-knows", "Events")
+    payload = pack(RUN_EVENTS, [done(runs[0].run_id, "Mail Manager"), bad, unknown,
+                                done(runs[1].run_id, "Events")])
+
+    class Outbox:
+        letters: list[tuple[bytes, str]] = []
+
+        def dead_letter(self, source: str, raw: bytes, error: object, now: float,
+                        reason: str) -> None:
+            self.letters.append((raw, reason))
+
+    assert len(runs) == 2 and all(r.run_id in engine.runs for r in runs)
+    acked: list[bool] = []
+    turn = Turn()
+    outbox = Outbox()
+    intake.delivered(engine, Delivered(Source.RESULTS, Delivery(payload, None,
+                                                                lambda: acked.append(True))),
+                     T0 + 2, turn, outbox)  # type: ignore[arg-type]
+    assert all(r.run_id not in engine.runs for r in runs), "both valid reports ended their runs"
+    assert outbox.letters == [(bad, "missing_field"), (unknown, "unknown_run")]
+    assert len(turn.acks) == 1 and acked == []  # acknowledged with the turn, not before

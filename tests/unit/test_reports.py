@@ -12,7 +12,8 @@ import pytest
 
 from coordinator.adapters.events import MemoryEventBus
 from coordinator.leader import Coordinator, LeaderOptions
-from protocol import RunEvent, RunOrder, RunRecord, decode_as, encode
+from protocol import RunEvent, RunOrder, RunRecord, encode
+from protocol.batches import RUN_EVENTS, messages_of
 from protocol.catalogue import Catalogue
 from protocol.clock import SystemClock
 from protocol.coordination import MemoryCoordination
@@ -35,7 +36,8 @@ class ResultsSpy:
 
         def prepare(items: Sequence[tuple[str, bytes]]) -> Batch:
             with self._lock:
-                self.events += [decode_as(p, RunEvent) for q, p in items if q == RESULTS]
+                self.events += [ev for q, p in items if q == RESULTS
+                                for ev in messages_of(p, RUN_EVENTS)]
             return real_prepare([(q, p) for q, p in items])
 
         def publish(items: Sequence[tuple[str, bytes]] | Batch) -> None:

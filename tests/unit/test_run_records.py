@@ -50,7 +50,7 @@ def _batch_wire(records: list[Any], version: Any = 1) -> bytes:
 
 @pytest.mark.parametrize(("body", "reason", "names"), [
     (_batch_wire([{"t": "RunRecord", "v": 1}]), "missing_field", "records[0]"),
-    (_batch_wire([msgpack.unpackb(encode(record(1))), "nope"]), "wrong_type", "records[1]"),
+    (_batch_wire([msgpack.unpackb(encode(record(1))), "nope"]), "garbage", "records[1]"),
     (_batch_wire([msgpack.unpackb(encode(record(1))) | {"state": "bogus"}]), "bad_value",
      "records[0]: RunRecord.state"),
     (_batch_wire([], version=9), "unknown_version", "unsupported batch version 9"),

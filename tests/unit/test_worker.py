@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol import DaemonControl, RunEvent, RunOrder, decode_as, encode
+from protocol import DaemonControl, RunEvent, RunOrder, encode
+from protocol.batches import RUN_EVENTS, messages_of
 from protocol.clock import SystemClock
 from protocol.coordination import MemoryCoordination
 from protocol.service import Utility
@@ -60,7 +61,7 @@ class Reports:
     def _take(self, delivery: Delivery) -> None:
         assert delivery.payload is not None
         with self._lock:
-            self.events.append(decode_as(delivery.payload, RunEvent))
+            self.events += messages_of(delivery.payload, RUN_EVENTS)
         delivery.ack()
 
     def wait_for(self, what: Callable[[RunEvent], bool], timeout: float = 10.0) -> RunEvent:
