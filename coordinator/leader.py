@@ -309,8 +309,8 @@ class Coordinator:
         # Events are published after each ledger write, so a leader killed in between never
         # sent some: say again what the ledger knows of the last minutes (at least once).
         recent = [r for r in ended if (r.finished_at or r.queued_at) >= now - REPUBLISH_WINDOW]
-        for run in [*state.runs, *recent]:
-            self.outbox.publish(forms.record_of(run), history=False)
+        self.outbox.publish_all([forms.record_of(run) for run in [*state.runs, *recent]],
+                                history=False)
         turn = Turn()
         turn.actions += intake.nodes_changed(engine, members, now)
         turn.actions += engine.start(now, state, term.epoch)
