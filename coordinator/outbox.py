@@ -23,6 +23,7 @@ from coordinator.inbox import Outcome, Reply
 from coordinator.ledger import Ledger
 from protocol import ProtocolError, RunRecord, ServiceChange, encode
 from protocol.backoff import Backoff
+from protocol.batches import RUN_ORDERS, packs, takes_order_batches
 from protocol.catalogue import Catalogue
 from protocol.coordination import Fenced, Term
 from protocol.run_records import bodies_of
@@ -130,12 +131,11 @@ class Outbox:
         if self.fault and dispatches:
             self.fault("after-ledger")
         params = self._params_of(catalogue)
-        orders = [
-            (node_queue(a.run.node or ""),
-             encode(forms.order_of(a.run, a.service, term.epoch, now, params(a.service.name))))
-            for a in dispatches
-        ]
-        self.send(orders, term)
+        by_node: dict[str, list[bytes]] = {}
+        for a in dispatches:
+            by_node.setdefault(a.run.node or "", []).append(encode(
+                forms.order_of(a.run, a.service, term.epoch, now, params(a.service.name))))
+        self.send(_order_bodies(by_node, nodes), term)
         if dispatches:
             metrics.DISPATCHED.inc(len(dispatches))
         if self.fault and dispatches:
@@ -262,3 +262,18 @@ def _batched(recs: list[RunRecord]) -> list[Event]:
 
 
 _STAGE = {"run.queued": 0, "run.dispatched": 1, "run.running": 2}
+
+
+def _order_bodies(by_node: dict[str, list[bytes]], nodes: Mapping[str, Node]
+                  ) -> list[tuple[str, bytes]]:
+    """A turn's encoded orders as messages: one `RunOrders` batch per node that takes them
+    (`protocol.batches.takes_order_batches`), one message per order for older workers."""
+    out: list[tuple[str, bytes]] = []
+    for node_id, encoded in by_node.items():
+        queue = node_queue(node_id)
+        node = nodes.get(node_id)
+        if node is not None and takes_order_batches(node.version):
+            out += [(queue, body) for body in packs(RUN_ORDERS, encoded)]
+        else:
+            out += [(queue, data) for data in encoded]
+    return out

@@ -8,8 +8,10 @@ every message is encoded once; a lone message is sent as itself. A reader takes 
 apart element by element (`unpack`), so an element that is not a valid message is told
 apart, with its own bytes (to dead-letter it), from the valid ones around it.
 
-Batch types (`KINDS`): `RunRecords` (records, on `rota.events`; `protocol/run_records.py`)
-and `RunEvents` (events, a worker's reports on `rota.results`).
+Batch types (`KINDS`): `RunRecords` (records, on `rota.events`; `protocol/run_records.py`),
+`RunEvents` (events, a worker's reports on `rota.results`) and `RunOrders` (orders, a leader
+turn's orders for one node, on its queue; only to workers that announce version 0.2 or later,
+`takes_order_batches`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from protocol.errors import (
     WRONG_TYPE,
     ProtocolError,
 )
-from protocol.messages import Message, RunEvent, RunRecord
+from protocol.messages import Message, RunEvent, RunOrder, RunRecord
 
 VERSION: Final = 1
 MAX_BATCH_BYTES: Final = 512 * 1024
@@ -61,7 +63,21 @@ class Kind(Generic[_M]):
 
 RUN_RECORDS: Final = Kind("RunRecords", RunRecord, "records")
 RUN_EVENTS: Final = Kind("RunEvents", RunEvent, "events")
-KINDS: Final = (RUN_RECORDS, RUN_EVENTS)
+RUN_ORDERS: Final = Kind("RunOrders", RunOrder, "orders")
+KINDS: Final = (RUN_RECORDS, RUN_EVENTS, RUN_ORDERS)
+ORDERS_SINCE: Final = (0, 2)
+"""The first worker version (`NodeAnnouncement.version`) that takes `RunOrders` batches: a
+leader sends older workers one order per message."""
+
+
+def takes_order_batches(version: str) -> bool:
+    """Whether a worker announcing `version` ("0.2.0") takes `RunOrders` batches."""
+    parts: list[int] = []
+    for piece in version.split(".")[:2]:
+        if not piece.isdigit():
+            return False
+        parts.append(int(piece))
+    return tuple(parts) >= ORDERS_SINCE
 
 
 def pack(kind: Kind[Any], encoded: Sequence[bytes]) -> bytes:
@@ -180,5 +196,6 @@ def _named(found: _M | ProtocolError, where: str) -> _M | ProtocolError:
     return found
 
 
-__all__ = ["KINDS", "MAX_BATCH_BYTES", "MAX_BATCH_ITEMS", "RUN_EVENTS", "RUN_RECORDS", "Kind",
-           "is_batch", "messages_of", "pack", "packs", "unpack"]
+__all__ = ["KINDS", "MAX_BATCH_BYTES", "MAX_BATCH_ITEMS", "ORDERS_SINCE", "RUN_EVENTS",
+           "RUN_ORDERS", "RUN_RECORDS", "Kind", "is_batch", "messages_of", "pack", "packs",
+           "takes_order_batches", "unpack"]

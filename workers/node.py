@@ -62,7 +62,7 @@ from protocol import (
     encode,
 )
 from protocol.backoff import Backoff
-from protocol.batches import RUN_EVENTS, packs
+from protocol.batches import RUN_EVENTS, RUN_ORDERS, is_batch, packs, unpack
 from protocol.catalogue import Catalogue
 from protocol.clock import Clock
 from protocol.coordination import Coordination
@@ -75,7 +75,8 @@ from workers.hold import StartTimer
 
 log = logging.getLogger("rota.worker")
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
+"""Announced to the leader; 0.2 takes orders in `RunOrders` batches (`protocol/batches.py`)."""
 SEEN_LIMIT = 100_000
 OUTBOX_LIMIT = 10_000
 """Run events the outbox holds while RabbitMQ is unreachable; reporters wait beyond it."""
@@ -232,6 +233,9 @@ class WorkerNode:
             metrics.DEAD_LETTERS.labels(self.node_id, error.reason).inc()
             return
         payload = delivery.payload
+        if is_batch(payload, RUN_ORDERS):
+            self._on_orders(payload, now)
+            return
         try:
             msg = decode(payload)
         except ProtocolError as exc:
@@ -249,6 +253,22 @@ class WorkerNode:
             )
             self.transport.dead_letter(self.queue, payload, wrong, now)
             metrics.DEAD_LETTERS.labels(self.node_id, wrong.reason).inc()
+
+    def _on_orders(self, payload: bytes, now: float) -> None:
+        """A leader turn's orders for this node as one batch: each taken as if it came
+        alone; an element that is not a valid order is dead-lettered with its own bytes."""
+        try:
+            found = unpack(payload, RUN_ORDERS)
+        except ProtocolError as exc:
+            self.transport.dead_letter(self.queue, payload, exc, now)
+            metrics.DEAD_LETTERS.labels(self.node_id, exc.reason).inc()
+            return
+        for raw, order in found:
+            if isinstance(order, ProtocolError):
+                self.transport.dead_letter(self.queue, raw, order, now)
+                metrics.DEAD_LETTERS.labels(self.node_id, order.reason).inc()
+            else:
+                self._on_order(order, now)
 
     def _refusal(self, order: RunOrder, now: float) -> str | None:
         if order.node != self.node_id:

@@ -363,3 +363,53 @@ def test_controls_of_one_turn_taken_out_of_order_cannot_undo_the_later_one(
     states = [ev.state for ev in reports.events if ev.service == "Calc"]
     assert states == ["started", "paused", "paused"]
     assert node.daemons.status() == {"Calc": "paused"}
+
+
+def test_a_batch_of_orders_runs_each_and_dead_letters_a_bad_element(
+    worker: tuple[WorkerNode, Reports],
+) -> None:
+    """A leader turn's orders for one node in one `RunOrders` message: every valid order
+    runs once; an element that is no valid order goes to the dead letters with its own bytes,
+    naming its place in the batch."""
+    import msgpack
+
+    from protocol import DeadLetter, decode_as
+    from protocol.batches import RUN_ORDERS, pack
+    from protocol.transport import DEAD
+
+    node, reports = worker
+    letters: list[DeadLetter] = []
+    node.transport.consume(DEAD, lambda d: (letters.append(decode_as(d.payload or b"",
+                                                                      DeadLetter)), d.ack()))
+    first, second = _order("n1", "until_cancelled", timeout=0.2), _order("n1", "nan_metric")
+    bad = msgpack.packb({"t": "RunOrder", "v": 1, "run_id": "half an order"})
+    node.transport.send(node.queue, pack(RUN_ORDERS, [encode(first), bad, encode(second),
+                                                      encode(first)]))
+    assert reports.finished(first.run_id).state == "timed_out"
+    assert reports.finished(second.run_id).state == "failed"
+    deadline = time.monotonic() + 5
+    while not letters and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [(d.original, d.reason) for d in letters] == [(bad, "missing_field")]
+    assert "RunOrders.orders[1]" in letters[0].detail
+    time.sleep(0.3)
+    assert sum(1 for ev in reports.events if ev.run_id == first.run_id
+               and ev.state != "started") == 1, "the repeated order ran once"
+
+
+def test_orders_go_as_one_batch_per_node_only_to_workers_that_take_batches() -> None:
+    from coordinator.core.node import Node
+    from coordinator.outbox import _order_bodies
+    from protocol.batches import RUN_ORDERS, messages_of, takes_order_batches
+
+    assert takes_order_batches("0.2.0") and takes_order_batches("1.0")
+    assert not takes_order_batches("0.1.0") and not takes_order_batches("dev")
+    new, old = _order("new", "nan_metric"), _order("old", "nan_metric")
+    encoded = {"new": [encode(new)] * 3, "old": [encode(old)] * 2, "gone": [encode(old)]}
+    nodes = {"new": Node("new", frozenset({"Master"}), 4, worker_node.VERSION),
+             "old": Node("old", frozenset({"Master"}), 4, "0.1.0")}
+    bodies = _order_bodies(encoded, nodes)
+    assert [q for q, _ in bodies] == ["rota.node.new", "rota.node.old", "rota.node.old",
+                                      "rota.node.gone"]
+    assert messages_of(bodies[0][1], RUN_ORDERS) == [new] * 3
+    assert [b for _, b in bodies[1:]] == [encode(old)] * 3
