@@ -284,8 +284,10 @@ class Coordinator:
 
     def _build(self, term: Term) -> Engine:
         """A fresh engine resumed from the ledger; its first actions are carried out."""
+        began = time.perf_counter()
         self.ledger = Ledger()
         loaded = term.load()
+        read = time.perf_counter()
         state = self.ledger.restore(loaded)
         ended = self.ledger.recent_all(since=float("-inf"))
         # Membership read after the epoch bump, not the watch's view, which may lag: a run
@@ -311,11 +313,18 @@ class Coordinator:
         recent = [r for r in ended if (r.finished_at or r.queued_at) >= now - REPUBLISH_WINDOW]
         self.outbox.publish_all([forms.record_of(run) for run in [*state.runs, *recent]],
                                 history=False)
+        built = time.perf_counter()
         turn = Turn()
         turn.actions += intake.nodes_changed(engine, members, now)
         turn.actions += engine.start(now, state, term.epoch)
         turn.actions += engine.redispatch(now)
+        started = time.perf_counter()
         self._finish_turn(term, engine, turn)
+        done = time.perf_counter()
+        log.info("epoch %d resumed in %.3f s: ledger read %.3f s (%d keys), state %.3f s, "
+                 "engine start %.3f s, first turn %.3f s (%d runs adopted)", term.epoch,
+                 done - began, read - began, len(loaded), built - read, started - built,
+                 done - started, len(state.runs))
         return engine
 
     def _loop(self, term: Term, engine: Engine) -> bool:
