@@ -33,6 +33,7 @@ from typing import IO, Literal
 from protocol.backoff import Backoff
 from protocol.clock import Clock
 from protocol.service import Utility
+from workers.threads import ThreadPool
 
 Outcome = Literal["succeeded", "failed", "timed_out"]
 
@@ -365,6 +366,8 @@ class Executor:
         self.kill_grace = kill_grace
         self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
+        self.threads = ThreadPool("rota-utility")
+        """The threads callables run on, reused (`workers/threads.py`)."""
 
     def running(self) -> list[str]:
         with self._lock:
@@ -428,16 +431,18 @@ class Executor:
         box: dict[str, object] = {}
 
         def target() -> None:
+            me = threading.current_thread()
+            pool_name, me.name = me.name, f"rota-run:{ctx.run_id}"
             try:
                 box["value"] = fn(ctx)
             except BaseException as exc:  # reported as the run's failure
                 box["error"] = exc
             finally:
+                me.name = pool_name
                 done.set()
                 run.wake.set()
 
-        thread = threading.Thread(target=target, name=f"rota-run:{ctx.run_id}", daemon=True)
-        thread.start()
+        self.threads.submit(target)
         ended = self._watch(run, started + timeout, done.is_set)
         if ended != "done":
             if ended == "timeout":

@@ -47,7 +47,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from protocol import (
@@ -72,6 +72,7 @@ from workers import metrics
 from workers.daemon import DaemonEvent, DaemonSupervisor
 from workers.executor import Executor
 from workers.hold import StartTimer
+from workers.threads import ThreadPool
 
 log = logging.getLogger("rota.worker")
 
@@ -115,7 +116,7 @@ class WorkerNode:
         self.queue = node_queue(node_id)
         self.executor = Executor(clock)
         self.daemons = DaemonSupervisor(clock, self._daemon_report, node=node_id)
-        self._pool = ThreadPoolExecutor(capacity, thread_name_prefix=f"run:{node_id}")
+        self._pool = ThreadPool(f"run:{node_id}")
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._seen_lock = threading.Lock()
         self._running: dict[str, frozenset[str]] = {}  # run id -> run groups
@@ -190,7 +191,7 @@ class WorkerNode:
                 log.warning("node %s stops with %d order(s) held for later", self.node_id,
                             held)
         self.daemons.stop_all()
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        self._pool.shutdown()
         try:  # send what is queued, then stop reporting
             self._outbox.put(None, timeout=timeout)
         except queue.Full:
@@ -328,7 +329,11 @@ class WorkerNode:
         if order.start_at is not None and order.start_at > now and self._timer is not None:
             with self._seen_lock:
                 self._held[order.run_id] = order
+                waiting = len(self._held)
             self._timer.at(order.start_at, order.run_id)
+            # The threads these runs start on, started now rather than at their instant.
+            self._pool.reserve(waiting)
+            self.executor.threads.reserve(waiting)
             return
         self._begin(order)
 
@@ -371,7 +376,7 @@ class WorkerNode:
 
     def _begin(self, order: RunOrder) -> None:
         self._running[order.run_id] = frozenset(order.run_groups)
-        self._pool.submit(self._execute, order)
+        self._pool.submit(partial(self._execute, order))
 
     def _execute(self, order: RunOrder) -> None:
         # Checked again as the run really starts: with many orders at one instant, the pool
