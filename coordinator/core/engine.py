@@ -61,16 +61,17 @@ class Engine(Admission, Recovery, Daemons, Membership, Overrides):
         actions += self._reconcile_daemons(now)
         # Adopted queued runs keep their place ahead of any slot recovered below.
         actions += self._requeue_adopted(now)
-        for svc in self.services.values():
-            if svc.is_daemon or not svc.enabled or svc.schedule is None:
-                continue
-            cursor = state.cursors.get(svc.name)
-            if cursor is None:
-                # Slots are handled from now on: a successor recovers any it misses.
-                self._changes.cursors[svc.name] = now
-                self._set_next(svc, now)
-            else:
-                actions += self._recover(svc, cursor, now)
+        with self.timeline.loading():
+            for svc in self.services.values():
+                if svc.is_daemon or not svc.enabled or svc.schedule is None:
+                    continue
+                cursor = state.cursors.get(svc.name)
+                if cursor is None:
+                    # Slots are handled from now on: a successor recovers any it misses.
+                    self._changes.cursors[svc.name] = now
+                    self._set_next(svc, now)
+                else:
+                    actions += self._recover(svc, cursor, now)
         return actions
 
     def next_wakeup(self) -> float | None:

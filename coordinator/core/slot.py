@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class Timeline:
@@ -18,6 +19,18 @@ class Timeline:
         self._gen: dict[str, int] = {}
         self._due: dict[str, float] = {}
         self._seq = itertools.count()
+        self._loading = False
+
+    @contextmanager
+    def loading(self) -> Iterator[None]:
+        """Set many slots at once (a new leader's whole catalogue): the heap is built once at
+        the end instead of kept in order after each."""
+        self._loading = True
+        try:
+            yield
+        finally:
+            self._loading = False
+            heapq.heapify(self._heap)
 
     def __len__(self) -> int:
         return len(self._due)
@@ -30,6 +43,9 @@ class Timeline:
             self._due.pop(name, None)
             return
         self._due[name] = due
+        if self._loading:
+            self._heap.append((due, next(self._seq), name, gen))
+            return
         heapq.heappush(self._heap, (due, next(self._seq), name, gen))
         if len(self._heap) > 4 * len(self._due) + 64:
             self._compact()

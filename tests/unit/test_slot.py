@@ -143,3 +143,19 @@ def test_timeline_matches_a_dict_model(ops: list[tuple[str, str, int]]) -> None:
         assert tl.peek() == (min(model.values()) if model else None)
         for n in "abcdefgh":
             assert tl.due_of(n) == model.get(n)
+
+
+def test_loading_many_slots_at_once_gives_the_same_order() -> None:
+    rnd = random.Random(7)
+    dues = {f"s{i}": rnd.uniform(0, 100) for i in range(500)}
+    one_by_one, loaded = Timeline(), Timeline()
+    for name, due in dues.items():
+        one_by_one.set(name, due)
+    with loaded.loading():
+        for name, due in dues.items():
+            loaded.set(name, due)
+        loaded.set("s3", 200.0)  # set again while loading: the later value counts
+    one_by_one.set("s3", 200.0)
+    assert loaded.peek() == one_by_one.peek()
+    assert list(loaded.pop_due(150)) == list(one_by_one.pop_due(150))
+    assert list(loaded.pop_due(300)) == [("s3", 200.0)]
