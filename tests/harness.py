@@ -17,11 +17,12 @@ import threading
 import time
 import urllib.error
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
 
@@ -35,6 +36,9 @@ from protocol import (
     decode,
 )
 from protocol.run_records import records_of
+
+if TYPE_CHECKING:
+    from coordinator.audit import Report
 
 SECONDS_CATALOGUE = Path(__file__).parent / "integration" / "catalogues" / "seconds.toml"
 """A catalogue on second-level cron schedules, for cluster tests."""
@@ -397,6 +401,50 @@ def burst_catalogue(path: Path, slot: float, head: str = TICK_CATALOGUE) -> Path
         out.append("")
     path.write_text("\n".join(out), encoding="utf-8")
     return path
+
+
+@dataclass
+class BurstOutcome:
+    """How a burst ended: each burst slot's final state, every run's last record, the audit."""
+
+    finals: dict[str, str]
+    records: list[RunRecord]
+    report: Report
+    states: Counter[str]
+
+    def check(self, names: set[str], logs: str, settle: float) -> None:
+        """Every burst slot has a final record; the audit saw them due and found nothing."""
+        missing = sorted(names - self.finals.keys())
+        assert not missing, (f"{len(missing)} burst slots without a final record after "
+                             f"{settle:.0f} s, e.g. {missing[:5]}\n{logs}")
+        assert self.report.slots_due >= BURST
+        assert not self.report.violations, "\n".join(self.report.violations[:25]) + "\n" + logs
+
+
+def settle_burst(rec: EventRecorder, cluster: Cluster, names: set[str], *, start: float,
+                 until: float, after: float, margin: float = 5.0) -> BurstOutcome:
+    """Wait (until the wall-clock instant `until`) for a final record of every burst slot,
+    then `after` seconds more for the other services; audit `rota.events` and the workers'
+    journals for slots due from `start` to `margin` seconds before the end."""
+    from coordinator.audit import NOT_RUN, RAN, audit, audit_journal
+    from protocol.catalogue import load_catalogue
+
+    deadline = time.monotonic() + max(10.0, until - time.time())
+    finals: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        finals = {r.service: r.state for r in rec.finals()
+                  if r.service in names and r.state in RAN | NOT_RUN}
+        if len(finals) == BURST:
+            break
+        time.sleep(0.5)
+    time.sleep(after)
+    end = time.time()
+    records = rec.finals(end=end)
+    report = audit(records, load_catalogue(cluster.catalogue), THREE_NODES_ROLES,
+                   start=start, settled=end - margin)
+    audit_journal(cluster.journal(), report)
+    states = Counter(r.state for r in records if r.service in names)
+    return BurstOutcome(finals, records, report, states)
 
 
 class BurstCluster(Cluster):

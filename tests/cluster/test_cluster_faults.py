@@ -22,11 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.audit import NOT_RUN, RAN, audit, audit_journal
+from coordinator.audit import audit, audit_journal
 from ops import localcluster
 from protocol.catalogue import load_catalogue
 from tests.harness import (
-    BURST,
     SECONDS_CATALOGUE,
     THREE_NODES,
     THREE_NODES_ROLES,
@@ -35,6 +34,7 @@ from tests.harness import (
     EventRecorder,
     burst_catalogue,
     burst_names,
+    settle_burst,
 )
 
 LEAD = 40.0
@@ -104,32 +104,14 @@ def _burst_with_a_kill(amqp_url: str, zk_hosts: str, tmp_path: Path,
         assert next_order is not None, f"no order after {what} was killed\n{c.logs()}"
         sent = _first_order_sent_after(rec, killed_at, names, 60)
         assert sent is not None, f"no order sent after {what} was killed\n{c.logs()}"
-        finals: dict[str, str] = {}
-        deadline = time.monotonic() + max(10.0, slot + SETTLE - time.time())
-        while time.monotonic() < deadline:
-            finals = {r.service: r.state for r in rec.finals()
-                      if r.service in names and r.state in RAN | NOT_RUN}
-            if len(finals) == BURST:
-                break
-            time.sleep(0.5)
-        time.sleep(6)  # the second-level services settle
-        t1 = time.time()
-        all_finals = rec.finals(end=t1)
-        report = audit(all_finals, load_catalogue(catalogue), THREE_NODES_ROLES,
-                       start=t0, settled=t1 - 5)
-        audit_journal(c.journal(), report)
-        states = Counter(r.state for r in all_finals if r.service in names)
+        out = settle_burst(rec, c, names, start=t0, until=slot + SETTLE, after=6)
         print(f"\n[cluster] {what} SIGKILLed {killed_at - slot:+.2f} s from the burst's slot; "
               f"kill -> next order seen {max(0.0, next_order - killed_at):.2f} s, first order "
               f"sent after the kill seen {sent[0] - killed_at:.2f} s after it ({sent[1]:+.2f} s "
               f"from its due instant); burst runs by final state: "
-              f"{dict(sorted(states.items()))}")
-        print("[cluster] audit:", report.line())
-        missing = sorted(names - finals.keys())
-        assert not missing, (f"{len(missing)} burst slots without a final record after "
-                             f"{SETTLE:.0f} s, e.g. {missing[:5]}\n{c.logs()}")
-        assert report.slots_due >= BURST
-        assert not report.violations, "\n".join(report.violations[:25]) + "\n" + c.logs()
+              f"{dict(sorted(out.states.items()))}")
+        print("[cluster] audit:", out.report.line())
+        out.check(names, c.logs(), SETTLE)
     finally:
         c.close()
         rec.stop()

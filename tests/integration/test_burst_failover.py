@@ -10,21 +10,18 @@ allowed role. The audit reads both `rota.events` and the workers' own journals.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from coordinator.audit import NOT_RUN, RAN, audit, audit_journal
-from protocol.catalogue import load_catalogue
+from coordinator.audit import NOT_RUN, RAN
 from tests.harness import (
-    BURST,
     THREE_NODES,
-    THREE_NODES_ROLES,
     BurstCluster,
     EventRecorder,
     burst_catalogue,
     burst_names,
+    settle_burst,
 )
 
 LEAD = 30.0
@@ -68,30 +65,12 @@ def test_leader_sigkilled_mid_burst(amqp_url: str, zk_hosts: str, tmp_path: Path
         assert new is not None, f"no order from the successor\n{c.logs()}"
         failover = time.time() - killed_at
         # Every slot of the burst ends with a final record.
-        deadline = time.monotonic() + max(10.0, slot + SETTLE - time.time())
-        finals: dict[str, str] = {}
-        while time.monotonic() < deadline:
-            finals = {r.service: r.state for r in rec.finals()
-                      if r.service in names and r.state in RAN | NOT_RUN}
-            if len(finals) == BURST:
-                break
-            time.sleep(0.5)
-        time.sleep(6)  # ticks after the burst settle
-        t1 = time.time()
-        all_finals = rec.finals(end=t1)
-        report = audit(all_finals, load_catalogue(catalogue), THREE_NODES_ROLES,
-                       start=t0, settled=t1 - 5)
-        audit_journal(c.journal(), report)
-        states = Counter(r.state for r in all_finals if r.service in names)
+        out = settle_burst(rec, c, names, start=t0, until=slot + SETTLE, after=6)
         print(f"at the kill: {ordered} burst runs ordered, {ended} ended; leader {leader} killed "
               f"{killed_at - slot:+.2f} s from the slot; kill → successor's first order "
-              f"{failover:.2f} s; burst runs by final state: {dict(sorted(states.items()))}")
-        print("audit:", report.line())
-        missing = sorted(names - finals.keys())
-        assert not missing, (f"{len(missing)} burst slots without a final record after "
-                             f"{SETTLE:.0f} s, e.g. {missing[:5]}\n{c.logs()}")
-        assert report.slots_due >= BURST
-        assert not report.violations, "\n".join(report.violations[:25]) + "\n" + c.logs()
+              f"{failover:.2f} s; burst runs by final state: {dict(sorted(out.states.items()))}")
+        print("audit:", out.report.line())
+        out.check(names, c.logs(), SETTLE)
     finally:
         c.close()
         rec.stop()

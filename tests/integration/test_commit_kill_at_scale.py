@@ -25,17 +25,15 @@ from pathlib import Path
 import pytest
 from kazoo.client import KazooClient
 
-from coordinator.audit import NOT_RUN, RAN, audit, audit_journal
-from protocol.catalogue import load_catalogue
 from protocol.zk import DELTAS, EPOCH
 from tests.harness import (
     BURST,
     THREE_NODES,
-    THREE_NODES_ROLES,
     BurstCluster,
     EventRecorder,
     burst_catalogue,
     burst_names,
+    settle_burst,
 )
 
 SERVICES = 100_000
@@ -119,37 +117,19 @@ def test_leader_sigkilled_mid_commit_at_100000_services(
             f"the first leader was not killed at {point}\n{c.logs()}"
         second = c.wait_leader(not_="coord-a", timeout=max(30.0, slot - time.time()))
         t0 = min(time.time(), slot - 1)
-        deadline = time.monotonic() + max(10.0, slot + SETTLE - time.time())
-        finals: dict[str, str] = {}
-        while time.monotonic() < deadline:
-            finals = {r.service: r.state for r in rec.finals()
-                      if r.service in names and r.state in RAN | NOT_RUN}
-            if len(finals) == BURST:
-                break
-            time.sleep(0.5)
-        time.sleep(3)
-        t1 = time.time()
-        all_finals = rec.finals(end=t1)
-        report = audit(all_finals, load_catalogue(catalogue), THREE_NODES_ROLES,
-                       start=t0, settled=t1 - 2)
-        audit_journal(c.journal(), report)
-        states = Counter(r.state for r in all_finals if r.service in names)
-        by_epoch = Counter(r.epoch for r in all_finals if r.service in names)
+        out = settle_burst(rec, c, names, start=t0, until=slot + SETTLE, after=3, margin=2)
+        by_epoch = Counter(r.epoch for r in out.records if r.service in names)
         print(f"leader killed {killed_at - slot:+.2f} s from the slot; successor {second}; "
-              f"burst runs by final state {dict(sorted(states.items()))}, by the epoch on "
+              f"burst runs by final state {dict(sorted(out.states.items()))}, by the epoch on "
               f"their final record {dict(sorted(by_epoch.items()))}")
         if point == "in-flight":
             # Runs of the killed leader's epoch exist only if its commit was applied (it
             # published no order): the successor adopted them from the ledger.
             print("the commit in flight was " + ("applied: its runs were adopted"
                                                   if by_epoch.get(epoch) else "not applied"))
-        print("audit:", report.line())
-        missing = sorted(names - finals.keys())
-        assert not missing, (f"{len(missing)} burst slots without a final record, e.g. "
-                             f"{missing[:5]}\n{c.logs()}")
-        assert states.get("succeeded", 0) == BURST, dict(states)
-        assert report.slots_due >= BURST
-        assert not report.violations, "\n".join(report.violations[:25]) + "\n" + c.logs()
+        print("audit:", out.report.line())
+        out.check(names, c.logs(), SETTLE)
+        assert out.states.get("succeeded", 0) == BURST, dict(out.states)
         _, deltas = _deltas(zk_hosts)
         assert not _of_epoch(deltas, epoch) or point == "in-flight", \
             f"the incomplete delta of epoch {epoch} is still there: {deltas}"
