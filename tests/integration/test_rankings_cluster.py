@@ -67,16 +67,20 @@ def _run(c: Cluster, rec: EventRecorder, behaviour: Path) -> None:
     ranking = health()
     assert ranking["Metrics"]["node-c"]["*asr"] == 0.0
     assert ranking["Metrics"]["node-a"]["*acd"] < ranking["Metrics"]["node-b"]["*acd"]
-    updates = [m for m in list(rec.rankings) if isinstance(m, RankingUpdate)]
-    assert any(u.id == "node-health" and u.sorted_stat_ids == ["node-a", "node-b", "node-c"]
-               for u in updates)
+    poll_until("the update on rota.events", lambda: any(
+        isinstance(u, RankingUpdate) and u.id == "node-health"
+        and u.sorted_stat_ids == ["node-a", "node-b", "node-c"] for u in list(rec.rankings)),
+        context=c.logs)
 
     # node-c is taken out of placement: on the nodes view and as an alert.
     def out_nodes() -> set[str]:
         return {n["id"] for n in _get(port, "/api/v1/nodes")["nodes"] if n["out_of_placement"]}
 
     poll_until("node-c out", lambda: out_nodes() == {"node-c"}, context=c.logs)
-    fired = [m for m in list(rec.rankings) if isinstance(m, RankingAlert)]
+    # The page shows the turn's state at once; its events reach `rota.events` after the
+    # turn's ledger commit, so the alert may arrive a moment later.
+    fired = poll_until("the alert on rota.events", lambda: [
+        m for m in list(rec.rankings) if isinstance(m, RankingAlert)], context=c.logs)
     assert (fired[0].threshold_id, fired[0].state, fired[0].node_out) == (
         "node-c-failing", "firing", "node-c")
 
@@ -98,17 +102,19 @@ def _run(c: Cluster, rec: EventRecorder, behaviour: Path) -> None:
     since = time.time() + 1.0
     later = poll_until("Pick ran again", lambda: picks(since)[:3], context=c.logs)
     assert {r.node for r in later} == {"node-b"}, [(r.node, r.placement) for r in later]
-    moved = [m for m in list(rec.rankings) if isinstance(m, RankingUpdate)
-             and m.id == "node-health" and m.sorted_stat_ids[:1] == ["node-b"]]
-    assert moved and any(mv["stat_id"] == "node-b" and mv["after"] == 0
+    moved = poll_until("the move on rota.events", lambda: [
+        m for m in list(rec.rankings) if isinstance(m, RankingUpdate)
+        and m.id == "node-health" and m.sorted_stat_ids[:1] == ["node-b"]], context=c.logs)
+    assert any(mv["stat_id"] == "node-b" and mv["after"] == 0
                          for mv in moved[0].moved)
 
     # node-c recovers and comes back.
     _behave(behaviour, {"node-a": {"fail": True}, "node-b": {"seconds": 0.5}, "node-c": {}})
     poll_until("node-c back", lambda: out_nodes() == set(), context=c.logs)
-    back = [m for m in list(rec.rankings) if isinstance(m, RankingAlert)
-            and m.state == "recovered"]
-    assert back and back[0].node_out == "node-c"
+    back = poll_until("the recovery on rota.events", lambda: [
+        m for m in list(rec.rankings) if isinstance(m, RankingAlert) and m.state == "recovered"],
+        context=c.logs)
+    assert back[0].node_out == "node-c"
 
     # A stored ranking survives a SIGKILL of the leader: the successor serves the last one
     # computed (every 20 s) before its next computation is due, and keeps its schedule.
