@@ -3,7 +3,9 @@ one process, as in the embedded cluster); other labels take a fixed set of value
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, disable_created_metrics
+
+disable_created_metrics()  # no `_created` series (see coordinator/metrics.py)
 
 RUNS = Counter(
     "rota_worker_runs_total", "Runs executed on this node by outcome", ["node", "outcome"]

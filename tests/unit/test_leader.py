@@ -114,7 +114,8 @@ def test_a_forged_finished_event_for_an_unknown_run_is_dead_lettered_and_not_cou
     assert dead.source == transport.RESULTS and dead.reason == "refused"
     assert "unknown run 'forged-1'" in dead.detail
     # Labels stay bounded: neither the forged service nor the forged node became a series.
-    for metric in (metrics.RUNS, metrics.LATENESS, metrics.DURATION, metrics.DAEMON_EXITS):
+    for metric in (metrics.RUNS, metrics.SERVICE_LATENESS, metrics.SERVICE_DURATION,
+                   metrics.DAEMON_EXITS):
         assert not {label, node} & _label_values(metric), metric
 
 

@@ -21,8 +21,10 @@ def _run(run_id: str, state: RunState, **kw: object) -> Run:
 
 def test_a_run_that_ended_is_counted_once_with_its_lateness_duration_and_wait() -> None:
     before = _value("rota_runs_total", service="Metrics Svc", node="w1", outcome="failed")
-    lateness = _value("rota_run_lateness_seconds_sum", service="Metrics Svc")
-    duration = _value("rota_run_duration_seconds_sum", service="Metrics Svc")
+    lateness = _value("rota_service_lateness_seconds_sum", service="Metrics Svc")
+    duration = _value("rota_service_duration_seconds_sum", service="Metrics Svc")
+    late_all = _value("rota_run_lateness_seconds_count")
+    took_all = _value("rota_run_duration_seconds_sum")
     waits = _value("rota_run_queue_wait_seconds_count")
     ended = _run("r1", RunState.FAILED, dispatched_at=100.5, started_at=100.75,
                  finished_at=103.75)
@@ -30,8 +32,13 @@ def test_a_run_that_ended_is_counted_once_with_its_lateness_duration_and_wait() 
     metrics.count_ended([ended, ended, _run("r2", RunState.RUNNING, started_at=101.0)])
     assert _value("rota_runs_total", service="Metrics Svc", node="w1",
                   outcome="failed") == before + 1
-    assert _value("rota_run_lateness_seconds_sum", service="Metrics Svc") == lateness + 0.75
-    assert _value("rota_run_duration_seconds_sum", service="Metrics Svc") == duration + 3.0
+    assert _value("rota_service_lateness_seconds_sum", service="Metrics Svc") == lateness + 0.75
+    assert _value("rota_service_duration_seconds_sum", service="Metrics Svc") == duration + 3.0
+    assert _value("rota_service_lateness_seconds_count", service="Metrics Svc") >= 1
+    # And in the cluster-wide histograms, which carry no service label.
+    assert _value("rota_run_lateness_seconds_count") == late_all + 1
+    assert _value("rota_run_duration_seconds_sum") == took_all + 3.0
+    assert _value("rota_run_lateness_seconds_bucket", le="1.0") >= 1
     assert _value("rota_run_queue_wait_seconds_count") == waits + 1
 
 
