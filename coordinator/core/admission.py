@@ -29,7 +29,7 @@ class Admission(EngineBase):
         so those fire at their slot, as do later slots of a service with a slot waiting."""
         if svc.run_groups or svc.name in self._deferred:
             return False
-        if not placement.eligible(svc, self.nodes.values()):
+        if not placement.any_eligible(svc, self.nodes.values()):
             return False  # whether a node comes up before the slot is for the slot to tell
         tg = placement.targets(svc, self.nodes.values())
         keys = [(svc.name, t) for t in (tg if tg is not None else [""])]
@@ -175,7 +175,7 @@ class Admission(EngineBase):
         elif run.node not in self.nodes:
             run.node = None
         if run.node is None:
-            if not run.target and placement.eligible(svc, self.nodes.values()):
+            if not run.target and placement.any_eligible(svc, self.nodes.values()):
                 # Every eligible node is at capacity: wait (FIFO) until one frees a slot.
                 if run.run_id not in self._full:
                     self._full.append(run.run_id)

@@ -21,8 +21,20 @@ Rank = Callable[[str], list[str]]
 
 def eligible(service: Service, nodes: Iterable[Node],
              out: Collection[str] = ()) -> list[Node]:
-    return sorted((n for n in nodes if n.allows(service.allowed_roles) and n.id not in out),
-                  key=lambda n: n.id)
+    """The live nodes holding an allowed role and not in `out`, by node id."""
+    roles = service.allowed_roles
+    return sorted((n for n in nodes if n.allows(roles) and n.id not in out),
+                  key=_node_id)
+
+
+def any_eligible(service: Service, nodes: Iterable[Node]) -> bool:
+    """Whether `eligible` would name any node (without building the list)."""
+    roles = service.allowed_roles
+    return any(n.allows(roles) for n in nodes)
+
+
+def _node_id(node: Node) -> str:
+    return node.id
 
 
 def targets(service: Service, nodes: Iterable[Node]) -> list[str] | None:
