@@ -1,10 +1,12 @@
 """Run one utility run on this node: a Python callable or a command line.
 
 A callable `module:function` is imported once per process and called with a run context
-(`ExecContext`) on a thread of its own while the caller's thread watches the clock. At the
-timeout the context's `cancelled()` turns true; a callable that has not returned within a
-short real-time grace after that is reported `timed_out` and its thread is abandoned. Python
-code cannot be killed from outside: utilities that need a hard kill should be command lines.
+(`ExecContext`) on the caller's thread; the executor's timers (`workers/timer.py`, one
+thread for every run's deadline, one for graces) watch the clock meanwhile. At the timeout
+the context's `cancelled()` turns true; a callable that has not returned within a short
+real-time grace after that (or after a cancel) is reported `timed_out` (or cancelled) from the
+timer's side, and its thread is abandoned to it. Python code cannot be killed from outside:
+utilities that need a hard kill should be command lines.
 
 A command line runs in its own process group (a new session) with stdout and stderr merged
 into a bounded output tail; a line `ROTA_METRIC name=value` on its output reports a metric.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import os
 import signal
@@ -28,12 +31,16 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import IO, Literal
 
 from protocol.backoff import Backoff
-from protocol.clock import Clock
+from protocol.clock import Clock, SystemClock
 from protocol.service import Utility
 from workers.threads import ThreadPool
+from workers.timer import Timer
+
+log = logging.getLogger("rota.worker")
 
 Outcome = Literal["succeeded", "failed", "timed_out"]
 
@@ -346,18 +353,26 @@ def _real_wait(clock: Clock, remaining: float) -> float:
 
 
 class _Run:
-    def __init__(self, ctx: ExecContext) -> None:
+    def __init__(self, ctx: ExecContext, on_end: Callable[[RunOutcome], None]) -> None:
         self.ctx = ctx
+        self.on_end = on_end
         self.wake = threading.Event()
         self.cancel_reason: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
+        # A callable's, under the executor's lock:
+        self.is_callable = False
+        self.started = 0.0
+        self.timeout = 0.0
+        self.cause: Literal["timeout", "cancel"] | None = None  # what stopped it first
+        self.ended = False  # its outcome was given to `on_end`
 
 
 class Executor:
-    """Runs utilities for this node; `run` blocks, so callers run it on a thread of theirs.
+    """Runs utilities for this node on the threads of its callers (`start`, or `run` that
+    waits for the outcome).
 
-    `grace` is the real time a callable gets to return after its timeout before it is
-    abandoned; `kill_grace` the real time between SIGTERM and SIGKILL of a command line.
+    `grace` is the real time a callable gets to return after its timeout or a cancel before
+    it is abandoned; `kill_grace` the real time between SIGTERM and SIGKILL of a command line.
     """
 
     def __init__(self, clock: Clock, *, grace: float = 2.0, kill_grace: float = 5.0) -> None:
@@ -367,20 +382,34 @@ class Executor:
         self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
         self.threads = ThreadPool("rota-utility")
-        """The threads callables run on, reused (`workers/threads.py`)."""
+        """Threads for `run` and for the outcomes of abandoned callables (`workers/threads.py`)."""
+        self._deadlines: Timer | None = None  # started with the first callable
+        self._graces: Timer | None = None
 
     def running(self) -> list[str]:
         with self._lock:
             return list(self._runs)
 
+    def close(self) -> None:
+        """Stop the timers (a callable still running is neither timed out nor abandoned)."""
+        with self._lock:
+            timers, self._deadlines, self._graces = (self._deadlines, self._graces), None, None
+        for timer in timers:
+            if timer is not None:
+                timer.stop()
+
     def cancel(self, run_id: str, reason: str = "stop requested") -> bool:
         """Stop a running run early; it ends `failed` with "cancelled: <reason>"."""
         with self._lock:
             run = self._runs.get(run_id)
-        if run is None:
-            return False
-        if run.cancel_reason is None:
-            run.cancel_reason = reason
+            if run is None:
+                return False
+            if run.cancel_reason is None:
+                run.cancel_reason = reason
+            if run.cause is None:
+                run.cause = "cancel"
+                if run.is_callable:
+                    self._timers()[1].at(time.time() + self.grace, run_id)
         run.ctx.stop(f"cancelled: {reason}")
         proc = run.proc
         if proc is not None and proc.returncode is None:
@@ -399,10 +428,42 @@ class Executor:
         params: dict[str, object],
         on_start: Callable[[float], None] | None = None,
     ) -> RunOutcome:
+        """Run a utility on one of the executor's threads and wait for its outcome (`start`)."""
+        outcome: list[RunOutcome] = []
+        given = threading.Event()
+
+        def end(out: RunOutcome) -> None:
+            outcome.append(out)
+            given.set()
+
+        self.threads.submit(partial(
+            self.start, utility, run_id=run_id, service=service, node=node, timeout=timeout,
+            params=params, on_start=on_start, on_end=end))
+        given.wait()
+        return outcome[0]
+
+    def start(
+        self,
+        utility: Utility,
+        *,
+        run_id: str,
+        service: str,
+        node: str,
+        timeout: float,
+        params: dict[str, object],
+        on_end: Callable[[RunOutcome], None],
+        on_start: Callable[[float], None] | None = None,
+    ) -> None:
+        """Run a utility on the calling thread and give its outcome to `on_end`, once.
+
+        Usually `on_end` is called on this thread before `start` returns. A callable still
+        running `grace` seconds after its timeout or a cancel has its outcome given from
+        another thread instead, and `start` returns only when (if ever) the callable does.
+        """
         ctx = ExecContext(
             run_id=run_id, service=service, node=node, clock=self.clock, params=params
         )
-        run = _Run(ctx)
+        run = _Run(ctx, on_end)
         with self._lock:
             self._runs[run_id] = run
         try:
@@ -410,60 +471,117 @@ class Executor:
             if on_start is not None:
                 on_start(started)
             if utility.callable:
-                return self._run_callable(utility.callable, run, started, timeout)
+                self._run_callable(utility.callable, run, started, timeout)
+                return
             if utility.command:
-                return self._run_command(utility.command, run, started, timeout)
-            return self._outcome(run, "failed", started, error="utility has no callable or command")
-        finally:
-            with self._lock:
-                if self._runs.get(run_id) is run:
-                    del self._runs[run_id]
+                out = self._run_command(utility.command, run, started, timeout)
+            else:
+                out = self._outcome(run, "failed", started,
+                                    error="utility has no callable or command")
+        except BaseException:
+            self._forget(run)
+            raise
+        self._end(run, out)
+
+    def _forget(self, run: _Run) -> bool:
+        """Mark `run` ended and drop it; False if it had ended already."""
+        with self._lock:
+            if run.ended:
+                return False
+            run.ended = True
+            if self._runs.get(run.ctx.run_id) is run:
+                del self._runs[run.ctx.run_id]
+            timers = (self._deadlines, self._graces) if run.is_callable else ()
+        for timer in timers:
+            if timer is not None:
+                timer.cancel(run.ctx.run_id)
+        return True
+
+    def _end(self, run: _Run, out: RunOutcome) -> None:
+        if self._forget(run):
+            run.on_end(out)
+
+    def _timers(self) -> tuple[Timer, Timer]:
+        """The deadline and grace timers, started with the first callable. Called with
+        `_lock` held."""
+        if self._deadlines is None or self._graces is None:
+            self._deadlines = Timer(self.clock, self._deadline_passed, "rota-deadlines")
+            self._graces = Timer(SystemClock(), self._grace_over, "rota-graces")
+        return self._deadlines, self._graces
 
     # -- callables -----------------------------------------------------------------------
-    def _run_callable(self, spec: str, run: _Run, started: float, timeout: float) -> RunOutcome:
+    def _run_callable(self, spec: str, run: _Run, started: float, timeout: float) -> None:
         ctx = run.ctx
         try:
             fn = load_callable(spec)
         except Exception as exc:
             ctx.tail.write(format_traceback(exc))
-            return self._outcome(run, "failed", started, error=describe_exception(exc))
-        done = threading.Event()
-        box: dict[str, object] = {}
-
-        def target() -> None:
-            me = threading.current_thread()
-            pool_name, me.name = me.name, f"rota-run:{ctx.run_id}"
-            try:
-                box["value"] = fn(ctx)
-            except BaseException as exc:  # reported as the run's failure
-                box["error"] = exc
-            finally:
-                me.name = pool_name
-                done.set()
-                run.wake.set()
-
-        self.threads.submit(target)
-        ended = self._watch(run, started + timeout, done.is_set)
-        if ended != "done":
-            if ended == "timeout":
-                ctx.stop("timeout")
-            done.wait(self.grace)
-        raised = box.get("error")
-        value = box.get("value")
-        if isinstance(raised, BaseException):
+            self._end(run, self._outcome(run, "failed", started, error=describe_exception(exc)))
+            return
+        with self._lock:
+            run.is_callable, run.started, run.timeout = True, started, timeout
+            deadlines, graces = self._timers()
+            deadlines.at(started + timeout, ctx.run_id)
+            if run.cause == "cancel":  # cancelled before it was known to be a callable
+                graces.at(time.time() + self.grace, ctx.run_id)
+        me = threading.current_thread()
+        pool_name, me.name = me.name, f"rota-run:{ctx.run_id}"
+        value: object = None
+        raised: BaseException | None = None
+        try:
+            value = fn(ctx)
+        except BaseException as exc:  # reported as the run's failure
+            raised = exc
+        finally:
+            me.name = pool_name
+        with self._lock:
+            if run.ended:  # abandoned: its outcome was given already
+                return
+            cause = run.cause
+        if raised is not None:
             ctx.tail.write(format_traceback(raised, skip=1))
         elif isinstance(value, dict):
             self._merge_metrics(ctx, value)
-        if ended == "timeout":
-            error = f"timed out after {timeout:g}s"
-            if not done.is_set():
-                error += f"; still running {self.grace:g}s later, abandoned"
-            return self._outcome(run, "timed_out", started, error=error)
-        if ended == "cancel":
-            return self._outcome(run, "failed", started, error=f"cancelled: {run.cancel_reason}")
-        if isinstance(raised, BaseException):
-            return self._outcome(run, "failed", started, error=describe_exception(raised))
-        return self._outcome(run, "succeeded", started)
+        if cause == "timeout":
+            out = self._outcome(run, "timed_out", started, error=f"timed out after {timeout:g}s")
+        elif cause == "cancel":
+            out = self._outcome(run, "failed", started, error=f"cancelled: {run.cancel_reason}")
+        elif raised is not None:
+            out = self._outcome(run, "failed", started, error=describe_exception(raised))
+        else:
+            out = self._outcome(run, "succeeded", started)
+        self._end(run, out)
+
+    def _deadline_passed(self, run_id: str) -> None:
+        """A callable's timeout came (deadline timer's thread)."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or run.ended or run.cause is not None:
+                return
+            run.cause = "timeout"
+            self._timers()[1].at(time.time() + self.grace, run_id)
+        run.ctx.stop("timeout")
+
+    def _grace_over(self, run_id: str) -> None:
+        """A callable timed out or cancelled has not returned within the grace: give its
+        outcome now and abandon its thread (grace timer's thread)."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or run.ended or not run.is_callable:
+                return
+            cause = run.cause
+        if cause == "timeout":
+            out = self._outcome(run, "timed_out", run.started, error=(
+                f"timed out after {run.timeout:g}s; still running {self.grace:g}s later, "
+                "abandoned"))
+        else:
+            out = self._outcome(run, "failed", run.started,
+                                error=f"cancelled: {run.cancel_reason}")
+        log.warning("run %s of %s abandoned on its thread: %s", run_id, run.ctx.service,
+                    out.error)
+        # Given on a thread of its own: `on_end` may wait (for room in a full outbox), and
+        # this timer keeps every other run's time.
+        self.threads.submit(partial(self._end, run, out))
 
     @staticmethod
     def _merge_metrics(ctx: ExecContext, values: dict[object, object]) -> None:

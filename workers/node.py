@@ -47,6 +47,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -70,9 +71,9 @@ from protocol.service import Utility
 from protocol.transport import RESULTS, Consumer, Delivery, Transport, node_queue
 from workers import metrics
 from workers.daemon import DaemonEvent, DaemonSupervisor
-from workers.executor import Executor
-from workers.hold import StartTimer
+from workers.executor import Executor, RunOutcome
 from workers.threads import ThreadPool
+from workers.timer import Timer
 
 log = logging.getLogger("rota.worker")
 
@@ -86,6 +87,9 @@ REPORT_BATCH = 500
 REPORT_LINGER = 0.005
 """Seconds the reporter waits before sending a `started` report that heads the outbox, so that
 a run ending within it is reported once (its final report replaces the `started` one)."""
+STARTS_FIRST = 0.05
+"""Longest the reporter waits, before publishing, for runs being started to have started: at
+an instant when many runs start, their starts go before the reports of the first ones."""
 
 
 class WorkerNode:
@@ -121,7 +125,7 @@ class WorkerNode:
         self._seen_lock = threading.Lock()
         self._running: dict[str, frozenset[str]] = {}  # run id -> run groups
         self._held: dict[str, RunOrder] = {}  # orders waiting for start_at (under _seen_lock)
-        self._timer: StartTimer | None = None
+        self._timer: Timer | None = None
         self._epoch = 0  # the newest leader epoch seen; only `_raise_epoch` writes it
         self._epoch_lock = threading.Lock()
         self._daemon_epoch = 0
@@ -138,6 +142,8 @@ class WorkerNode:
         self._daemon_groups: dict[str, list[str]] = {}
         self._daemon_since: dict[str, float] = {}  # service -> start of its current interval
         self._outbox = _Outbox(OUTBOX_LIMIT)
+        self._starting = 0  # runs handed to the pool that have not started their utility yet
+        self._starts = threading.Condition()
         self._reporter_thread = threading.Thread(
             target=self._reporter, name=f"report:{node_id}", daemon=True
         )
@@ -145,7 +151,7 @@ class WorkerNode:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> WorkerNode:
         self._reporter_thread.start()
-        self._timer = StartTimer(self.clock, self._start_held, f"hold:{self.node_id}")
+        self._timer = Timer(self.clock, self._start_held, f"hold:{self.node_id}")
         self.coordination.watch_epoch(self._see_epoch)
         # Not every coordination can tell (the in-memory one has no session to lose).
         on_trouble = getattr(self.coordination, "on_session_trouble", None)
@@ -192,6 +198,7 @@ class WorkerNode:
                             held)
         self.daemons.stop_all()
         self._pool.shutdown()
+        self.executor.close()
         try:  # send what is queued, then stop reporting
             self._outbox.put(None, timeout=timeout)
         except queue.Full:
@@ -333,7 +340,6 @@ class WorkerNode:
             self._timer.at(order.start_at, order.run_id)
             # The threads these runs start on, started now rather than at their instant.
             self._pool.reserve(waiting)
-            self.executor.threads.reserve(waiting)
             return
         self._begin(order)
 
@@ -376,9 +382,30 @@ class WorkerNode:
 
     def _begin(self, order: RunOrder) -> None:
         self._running[order.run_id] = frozenset(order.run_groups)
+        with self._starts:
+            self._starting += 1
         self._pool.submit(partial(self._execute, order))
 
+    def _started_one(self) -> None:
+        with self._starts:
+            self._starting -= 1
+            if not self._starting:
+                self._starts.notify_all()
+
     def _execute(self, order: RunOrder) -> None:
+        pending = [True]  # this run still counts in `_starting`
+
+        def begun() -> None:
+            if pending:
+                pending.clear()
+                self._started_one()
+
+        try:
+            self._execute_counted(order, begun)
+        finally:
+            begun()
+
+    def _execute_counted(self, order: RunOrder, begun: Callable[[], None]) -> None:
         # Checked again as the run really starts: with many orders at one instant, the pool
         # may take it some time after it was accepted, and a successor may be known by then.
         with self._seen_lock:
@@ -390,6 +417,7 @@ class WorkerNode:
             callable=order.callable,
             command=tuple(order.command) if order.command else None,
         )
+        task = self._pool.current()
 
         def started(at: float) -> None:
             self._write_journal("start", order, at, seen_epoch=seen)
@@ -397,24 +425,33 @@ class WorkerNode:
                 run_id=order.run_id, service=order.service, node=self.node_id,
                 state="started", at=at, epoch=order.epoch, started_at=at,
             ), foldable=True)
+            begun()
+
+        def ended(out: RunOutcome) -> None:
+            # On this thread, or on another when the utility was abandoned after its timeout.
+            try:
+                self._write_journal("end", order, out.finished_at, out.outcome)
+                metrics.RUNS.labels(self.node_id, out.outcome).inc()
+                self._report_event(
+                    run_id=order.run_id, service=order.service, node=self.node_id,
+                    state=out.outcome, at=out.finished_at, epoch=order.epoch,
+                    started_at=out.started_at, finished_at=out.finished_at,
+                    exit_status=out.exit_status, error=out.error, output_tail=out.output_tail,
+                    metrics=out.metrics, fold=True,
+                )
+            finally:
+                self._running.pop(order.run_id, None)
+                if task is not None:  # an abandoned utility no longer holds up `stop`
+                    task.detach()
 
         try:
-            out = self.executor.run(
+            self.executor.start(
                 utility, run_id=order.run_id, service=order.service, node=self.node_id,
                 timeout=order.timeout, params=dict(order.params), on_start=started,
-            )
-            self._write_journal("end", order, out.finished_at, out.outcome)
-            metrics.RUNS.labels(self.node_id, out.outcome).inc()
-            self._report_event(
-                run_id=order.run_id, service=order.service, node=self.node_id,
-                state=out.outcome, at=out.finished_at, epoch=order.epoch,
-                started_at=out.started_at, finished_at=out.finished_at,
-                exit_status=out.exit_status, error=out.error, output_tail=out.output_tail,
-                metrics=out.metrics, fold=True,
+                on_end=ended,
             )
         except Exception:
             log.exception("run %s of %s crashed the executor", order.run_id, order.service)
-        finally:
             self._running.pop(order.run_id, None)
 
     def _write_journal(
@@ -563,6 +600,8 @@ class WorkerNode:
         while not closing:
             if self._outbox.wait_head() and REPORT_LINGER > 0:
                 time.sleep(REPORT_LINGER)
+            with self._starts:
+                self._starts.wait_for(lambda: not self._starting, STARTS_FIRST)
             item = self._outbox.get()
             items: list[bytes] = []
             while True:

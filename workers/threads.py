@@ -18,23 +18,42 @@ from collections.abc import Callable
 log = logging.getLogger("rota.worker")
 
 
+class Task:
+    """A task submitted to a `ThreadPool`; `detach` stops counting it as running."""
+
+    __slots__ = ("_pool", "counted", "run")
+
+    def __init__(self, pool: ThreadPool, run: Callable[[], object]) -> None:
+        self._pool = pool
+        self.run = run
+        self.counted = True  # under the pool's lock
+
+    def detach(self) -> None:
+        """The task's work is over as far as `shutdown` is concerned, though its thread may
+        still be inside it (a utility abandoned after its timeout). Harmless when repeated or
+        once the task has returned."""
+        self._pool._uncount(self)
+
+
 class ThreadPool:
     def __init__(self, name: str) -> None:
         self._name = name
-        self._tasks: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
         self._idle = 0
         self._busy = 0
         self._started = 0
         self._closed = False
+        self._local = threading.local()
 
     @property
     def threads(self) -> int:
         """Threads started so far (idle, busy, or abandoned by a utility that never returned)."""
         return self._started
 
-    def submit(self, task: Callable[[], object]) -> None:
+    def submit(self, run: Callable[[], object]) -> Task:
+        task = Task(self, run)
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self._name}: the pool is shut down")
@@ -45,6 +64,20 @@ class ThreadPool:
         self._tasks.put(task)
         if spawn:
             self._spawn()
+        return task
+
+    def current(self) -> Task | None:
+        """The task the calling thread is running, if it is one of this pool's."""
+        task: Task | None = getattr(self._local, "task", None)
+        return task
+
+    def _uncount(self, task: Task) -> None:
+        with self._lock:
+            if task.counted:
+                task.counted = False
+                self._busy -= 1
+                if self._busy == 0:
+                    self._done.notify_all()
 
     def reserve(self, idle: int) -> None:
         """Start threads until at least `idle` are idle (each one ready for a task)."""
@@ -76,14 +109,17 @@ class ThreadPool:
             task = self._tasks.get()
             if task is None:
                 return
+            self._local.task = task
             try:
-                task()
+                task.run()
             except BaseException:
                 log.exception("%s: a task failed", self._name)
             with self._lock:
-                self._busy -= 1
-                if self._busy == 0:
-                    self._done.notify_all()
+                if task.counted:
+                    task.counted = False
+                    self._busy -= 1
+                    if self._busy == 0:
+                        self._done.notify_all()
                 if self._closed:
                     return
                 self._idle += 1

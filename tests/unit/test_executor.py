@@ -325,3 +325,53 @@ def test_no_threads_left_after_runs(ex: Executor) -> None:
         ),
         2.0,
     )
+
+
+def test_an_abandoned_callable_gets_its_outcome_from_elsewhere_once(ex: Executor) -> None:
+    """`start` runs the callable on the calling thread; a callable that ignores its timeout
+    has its outcome given from another thread after the grace, and only that one, even when
+    it returns later."""
+    release = threading.Event()
+    outcomes: list[tuple[RunOutcome, str]] = []
+    given = threading.Event()
+
+    def end(out: RunOutcome) -> None:
+        outcomes.append((out, threading.current_thread().name))
+        given.set()
+
+    caller = threading.Thread(target=lambda: ex.start(
+        fn("stubborn"), run_id="a1", service="svc", node="n1", timeout=0.1,
+        params={"release": release}, on_end=end), name="the-caller")
+    t0 = time.monotonic()
+    caller.start()
+    assert given.wait(5)
+    assert 0.4 <= time.monotonic() - t0 < 1.5  # timeout + grace (0.3 s)
+    assert caller.is_alive(), "the caller's thread is still inside the callable"
+    ((out, where),) = outcomes
+    assert out.outcome == "timed_out" and "abandoned" in (out.error or "")
+    assert where != "the-caller"
+    assert ex.running() == []
+    release.set()
+    caller.join(5)
+    assert not caller.is_alive()
+    assert len(outcomes) == 1, "the late return gave no second outcome"
+
+
+def test_a_callable_that_returns_is_ended_on_the_calling_thread(ex: Executor) -> None:
+    outcomes: list[tuple[RunOutcome, str]] = []
+    ex.start(fn("succeed"), run_id="b1", service="svc", node="n1", timeout=30.0, params={},
+             on_end=lambda out: outcomes.append((out, threading.current_thread().name)))
+    ((out, where),) = outcomes
+    assert out.outcome == "succeeded"
+    assert where == threading.current_thread().name
+    assert ex.running() == []
+
+
+def test_a_cancel_before_the_grace_ends_the_callable_cancelled_not_timed_out(
+        ex: Executor) -> None:
+    started = threading.Event()
+    fut = in_background(ex, fn("until_cancelled"), run_id="c2", timeout=0.3, started=started)
+    assert started.wait(5)
+    assert ex.cancel("c2", "run group lost")
+    out = fut.result(5)
+    assert (out.outcome, out.error) == ("failed", "cancelled: run group lost")

@@ -56,3 +56,24 @@ def test_a_task_that_never_returns_does_not_hold_the_process() -> None:
                              for t in threading.enumerate()))
     assert not pool.shutdown(0.05)
     forever.set()
+
+
+def test_a_detached_task_no_longer_holds_up_shutdown_and_its_thread_comes_back() -> None:
+    pool = ThreadPool("t")
+    gate, inside = threading.Event(), threading.Event()
+    seen: list[object] = []
+
+    def stuck() -> None:
+        seen.append(pool.current())
+        inside.set()
+        gate.wait(10)
+
+    task = pool.submit(stuck)
+    assert inside.wait(5)
+    assert seen == [task], "the task knows itself on its thread"
+    assert pool.current() is None, "this thread is not the pool's"
+    assert not pool.shutdown(0.1), "the stuck task still counts"
+    task.detach()
+    task.detach()  # repeated: harmless
+    assert pool.shutdown(0.1), "once detached, shutdown no longer waits for it"
+    gate.set()

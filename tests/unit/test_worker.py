@@ -47,6 +47,13 @@ def until_cancelled(ctx: ExecContext) -> None:
         time.sleep(0.01)
 
 
+_RELEASE = threading.Event()
+
+
+def ignores_its_timeout(ctx: ExecContext) -> None:
+    _RELEASE.wait(10)
+
+
 # -- the node and what it reports ---------------------------------------------------------------
 
 
@@ -413,3 +420,41 @@ def test_orders_go_as_one_batch_per_node_only_to_workers_that_take_batches() -> 
                                       "rota.node.gone"]
     assert messages_of(bodies[0][1], RUN_ORDERS) == [new] * 3
     assert [b for _, b in bodies[1:]] == [encode(old)] * 3
+
+
+def test_a_utility_abandoned_after_its_timeout_ends_its_run_and_does_not_hold_up_stop() -> None:
+    node, reports = _make()
+    node.executor.grace = 0.2
+    node.start()
+    _RELEASE.clear()
+    try:
+        order = _order(node.node_id, "ignores_its_timeout", groups=("g",), timeout=0.2)
+        _send(node, order)
+        ev = reports.finished(order.run_id)
+        assert ev.state == "timed_out" and "abandoned" in (ev.error or ""), ev
+        assert not node._running, "the abandoned run still holds its run groups"
+        t0 = time.monotonic()
+        node.stop(timeout=5)
+        assert time.monotonic() - t0 < 2.0, "stop waited for the abandoned utility"
+    finally:
+        _RELEASE.set()
+
+
+def test_reports_wait_for_starts_in_progress_only_a_bounded_time(
+    worker: tuple[WorkerNode, Reports],
+) -> None:
+    """The reporter lets runs being started start first, but never waits on them for long:
+    a start that never completes (here: counted by hand) delays reports by at most
+    STARTS_FIRST each."""
+    node, reports = worker
+    with node._starts:
+        node._starting += 1
+    try:
+        order = _order(node.node_id, "nan_metric")
+        t0 = time.monotonic()
+        _send(node, order)
+        reports.finished(order.run_id, timeout=5)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        node._started_one()
+    assert node._starting == 0, "every run begun was counted out once it started"

@@ -1,9 +1,10 @@
-"""Orders held until their start instant: one timer thread over a heap of instants.
+"""Keys fired at clock instants: one timer thread over a heap of instants.
 
-An order sent ahead of its slot (`RunOrder.start_at`) waits here, however many there are,
-without a thread of its own; at its instant the timer hands its key to the node, which checks
-the order again and starts it. The timer knows keys and instants only: what is held, and
-whether it still holds, is the node's to decide under its own lock.
+The node holds orders sent ahead of their slot (`RunOrder.start_at`) here until their
+instant, however many there are, without a thread each; the executor keeps the deadlines and
+graces of its running callables here. The timer knows keys and instants only: at an instant it
+hands the key to its owner, who decides under its own lock whether it still matters. A key
+given again replaces its earlier instant; `cancel` forgets it.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ _LONGEST_WAIT = 0.5  # real seconds: the clock is looked at again at least this 
 _SHORTEST_WAIT = 0.005  # real seconds: a clock that converts every span to 0 (ManualClock)
 
 
-class StartTimer:
+class Timer:
     """Calls `fire(key)` at each instant given to `at`, earliest first, on one thread."""
 
     def __init__(self, clock: Clock, fire: Callable[[str], None], name: str) -> None:
         self._clock = clock
         self._fire = fire
         self._heap: list[tuple[float, int, str]] = []
+        self._live: dict[str, int] = {}  # key -> the sequence number of its current entry
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._stopped = False
@@ -37,20 +39,31 @@ class StartTimer:
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._heap)
+            return len(self._live)
 
     def at(self, when: float, key: str) -> None:
         with self._cond:
-            heapq.heappush(self._heap, (when, next(self._seq), key))
-            if self._heap[0][2] == key:
+            seq = next(self._seq)
+            self._live[key] = seq
+            heapq.heappush(self._heap, (when, seq, key))
+            if self._heap[0][1] == seq:
                 self._cond.notify()
+
+    def cancel(self, key: str) -> None:
+        """Forget `key`'s instant (its heap entry is dropped lazily)."""
+        with self._cond:
+            if self._live.pop(key, None) is not None and (
+                    len(self._heap) > 4 * len(self._live) + 64):
+                self._heap = [e for e in self._heap if self._live.get(e[2]) == e[1]]
+                heapq.heapify(self._heap)
 
     def stop(self, timeout: float = 5.0) -> int:
         """Stop firing; how many instants were still to come."""
         with self._cond:
             self._stopped = True
-            left = len(self._heap)
+            left = len(self._live)
             self._heap.clear()
+            self._live.clear()
             self._cond.notify()
         self._thread.join(timeout)
         return left
@@ -59,10 +72,13 @@ class StartTimer:
         while True:
             with self._cond:
                 while not self._stopped:
-                    if not self._heap:
+                    heap = self._heap
+                    while heap and self._live.get(heap[0][2]) != heap[0][1]:
+                        heapq.heappop(heap)  # cancelled or given again
+                    if not heap:
                         self._cond.wait()
                         continue
-                    wait = self._heap[0][0] - self._clock.now()
+                    wait = heap[0][0] - self._clock.now()
                     if wait <= 0:
                         break
                     real = self._clock.to_real(wait)
@@ -72,9 +88,12 @@ class StartTimer:
                 now = self._clock.now()
                 due: list[str] = []
                 while self._heap and self._heap[0][0] <= now:
-                    due.append(heapq.heappop(self._heap)[2])
+                    _, seq, key = heapq.heappop(self._heap)
+                    if self._live.get(key) == seq:
+                        del self._live[key]
+                        due.append(key)
             for key in due:
                 try:
                     self._fire(key)
                 except Exception:
-                    log.exception("starting held order %s failed", key)
+                    log.exception("timer %s: firing %s failed", self._thread.name, key)
