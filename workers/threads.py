@@ -73,11 +73,14 @@ class ThreadPool:
 
     def _uncount(self, task: Task) -> None:
         with self._lock:
-            if task.counted:
-                task.counted = False
-                self._busy -= 1
-                if self._busy == 0:
-                    self._done.notify_all()
+            self._uncount_locked(task)
+
+    def _uncount_locked(self, task: Task) -> None:
+        if task.counted:
+            task.counted = False
+            self._busy -= 1
+            if self._busy == 0:
+                self._done.notify_all()
 
     def reserve(self, idle: int) -> None:
         """Start threads until at least `idle` are idle (each one ready for a task)."""
@@ -115,11 +118,7 @@ class ThreadPool:
             except BaseException:
                 log.exception("%s: a task failed", self._name)
             with self._lock:
-                if task.counted:
-                    task.counted = False
-                    self._busy -= 1
-                    if self._busy == 0:
-                        self._done.notify_all()
+                self._uncount_locked(task)
                 if self._closed:
                     return
                 self._idle += 1
