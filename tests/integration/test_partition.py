@@ -366,11 +366,21 @@ def test_worker_cut_off_from_rabbitmq(  # type: ignore[no-untyped-def]
     wait_until(lambda: c.leader() == "coord-a", 20, "coord-a leads", c)
     assert rec.wait_for(lambda r: r.state == "succeeded" and r.node == victim, 20), c.logs()
     t0 = time.time()
-    time.sleep(4)
+    time.sleep(3)
+    after = time.time()
+    # Cut just after one of its `Everywhere` runs (every 3 s, placement `all`) has reported:
+    # the order for the next one leaves 1.5 s later, during the cut. Cut at any moment, the
+    # node may hold an order sent just before it, whose run cannot report; every later slot of
+    # that service is then skipped for it ("previous run still running"), and with Tick placed
+    # on the node with fewer active runs nothing new might be dispatched to it at all.
+    settled = rec.wait_for(lambda r: r.service == "Everywhere" and r.node == victim
+                           and r.state == "succeeded" and (r.started_at or 0) > after, 10)
+    assert settled is not None, c.logs()
 
     amqp_proxy.blackhole()
     cut_at = time.time()
     seen_before_cut = len(rec.snapshot())
+    assert cut_at - (settled.started_at or 0) < LEAD_TIME, "cut too late to be sure"
     time.sleep(8)
     # Its ZooKeeper session lived on: the leader never took it for dead.
     assert victim in {n for n in zk.get_children("/rota/nodes")}, c.logs()
