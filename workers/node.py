@@ -80,6 +80,8 @@ log = logging.getLogger("rota.worker")
 VERSION = "0.2.0"
 """Announced to the leader; 0.2 takes orders in `RunOrders` batches (`protocol/batches.py`)."""
 SEEN_LIMIT = 100_000
+RESENT_LIMIT = 10_000
+"""Successors' orders kept for runs whose predecessor's order was taken (see `_on_order`)."""
 OUTBOX_LIMIT = 10_000
 """Run events the outbox holds while RabbitMQ is unreachable; reporters wait beyond it."""
 REPORT_BATCH = 500
@@ -121,7 +123,10 @@ class WorkerNode:
         self.executor = Executor(clock)
         self.daemons = DaemonSupervisor(clock, self._daemon_report, node=node_id)
         self._pool = ThreadPool(f"run:{node_id}")
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen: OrderedDict[str, int] = OrderedDict()  # run id -> epoch of its order
+        # A successor's order for a run taken from its predecessor and maybe not started yet:
+        # used if that one turns out superseded (under _seen_lock).
+        self._resent: OrderedDict[str, RunOrder] = OrderedDict()
         self._seen_lock = threading.Lock()
         self._running: dict[str, frozenset[str]] = {}  # run id -> run groups
         self._held: dict[str, RunOrder] = {}  # orders waiting for start_at (under _seen_lock)
@@ -319,10 +324,18 @@ class WorkerNode:
                 else:
                     metrics.DUPLICATES.labels(self.node_id).inc()
                 return
-            if order.run_id in self._seen:
+            taken = self._seen.get(order.run_id)
+            if taken is not None:
+                if order.epoch > taken and order.node == self.node_id:
+                    # Taken from a predecessor, perhaps not started yet: if it turns out
+                    # superseded before it starts, this one is started in its place.
+                    self._resent[order.run_id] = order
+                    if len(self._resent) > RESENT_LIMIT:
+                        self._resent.popitem(last=False)
+                    self._raise_epoch(order.epoch)
                 metrics.DUPLICATES.labels(self.node_id).inc()
                 return
-            self._seen[order.run_id] = None
+            self._seen[order.run_id] = order.epoch
             if len(self._seen) > SEEN_LIMIT:
                 self._seen.popitem(last=False)
         if self._refuse(order, now):
@@ -410,9 +423,13 @@ class WorkerNode:
         # may take it some time after it was accepted, and a successor may be known by then.
         with self._seen_lock:
             seen = self._epoch
-            if self._superseded(order, "order"):
-                self._running.pop(order.run_id, None)
-                return
+            again = self._resent.pop(order.run_id, None)
+            superseded = self._superseded(order, "order")
+        if superseded:
+            self._running.pop(order.run_id, None)
+            if again is not None:  # the successor's order came meanwhile: it is taken now
+                self._on_order(again, self.clock.now())
+            return
         utility = Utility(
             callable=order.callable,
             command=tuple(order.command) if order.command else None,
@@ -441,6 +458,8 @@ class WorkerNode:
                 )
             finally:
                 self._running.pop(order.run_id, None)
+                with self._seen_lock:
+                    self._resent.pop(order.run_id, None)
                 if task is not None:  # an abandoned utility no longer holds up `stop`
                     task.detach()
 

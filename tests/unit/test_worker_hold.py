@@ -239,3 +239,37 @@ def test_an_order_of_a_deposed_leader_is_refused_and_the_successors_order_runs_o
     until(lambda: any(ev.state == "succeeded" for ev in n.events(old.run_id)))
     [start] = n.starts()
     assert (start["epoch"], start["seen_epoch"]) == (2, 2)
+
+
+def test_a_successors_order_arriving_before_the_pool_starts_the_superseded_one_runs_once(
+    n: Node,
+) -> None:
+    """Accepted, then the successor's order for the same run arrives before a thread of the
+    pool takes the predecessor's: that one does not start, the successor's does, once."""
+    real = n.node._pool
+    deferred: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+
+    class Gate:
+        def submit(self, fn: Callable[..., object], *args: object) -> None:
+            deferred.append((fn, args))
+
+    n.node._pool = Gate()  # type: ignore[assignment]
+    order = n.order(start_at=None, epoch=1)
+    try:
+        n.send(order)
+        until(lambda: bool(deferred))
+        n.new_leader(2)
+        again = n.order(start_at=None, epoch=2, run_id=order.run_id, issued_at=T + 1)
+        n.send(again)
+        n.send(order)  # and the predecessor's again: a duplicate
+        time.sleep(0.2)
+    finally:
+        n.node._pool = real
+    for fn, args in deferred:
+        real.submit(fn, *args)
+    until(lambda: any(ev.state == "succeeded" for ev in n.events(order.run_id)))
+    time.sleep(0.2)
+    [start] = n.starts()
+    assert (start["epoch"], start["seen_epoch"]) == (2, 2)
+    assert [(ev.state, ev.epoch) for ev in n.events(order.run_id)
+            if ev.state != "started"] == [("succeeded", 2)]
