@@ -406,7 +406,9 @@ class WorkerNode:
                 self._starts.notify_all()
 
     def _execute(self, order: RunOrder) -> None:
-        pending = [True]  # this run still counts in `_starting`
+        """On a pool thread: check the order again, start its utility (counted out of
+        `_starting` once, when it has started or when this returns, whichever is first)."""
+        pending = [True]
 
         def begun() -> None:
             if pending:
@@ -414,11 +416,11 @@ class WorkerNode:
                 self._started_one()
 
         try:
-            self._execute_counted(order, begun)
+            self._start_utility(order, begun)
         finally:
             begun()
 
-    def _execute_counted(self, order: RunOrder, begun: Callable[[], None]) -> None:
+    def _start_utility(self, order: RunOrder, begun: Callable[[], None]) -> None:
         # Checked again as the run really starts: with many orders at one instant, the pool
         # may take it some time after it was accepted, and a successor may be known by then.
         with self._seen_lock:
