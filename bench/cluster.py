@@ -209,6 +209,7 @@ class Servers:
         self._clean()
         if self.started_here and self.state_dir is not None:
             localservers.stop(self.state_dir)
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 CLUSTER_DIR_PREFIX = "rota-bench-cluster-"
@@ -1371,6 +1372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="shorter windows, fewer rounds")
     p.add_argument("--only", default="", metavar="NAMES",
                    help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the scenarios' files (catalogues, process logs, journals) and "
+                   "print where; by default they are removed at the end")
     p.add_argument("--lead-time", type=float, default=None, metavar="SECONDS",
                    help="the coordinators' --lead-time (default: theirs; 0: orders leave at "
                    "their slot)")
@@ -1424,6 +1428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _stop_cluster(ctx)
         finally:
             servers.close()
+            if args.keep:
+                print(f"files kept in {tmp}", flush=True)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
     print(f"total {time.monotonic() - START:.0f} s", flush=True)
     return 0
 

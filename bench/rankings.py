@@ -30,6 +30,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -167,6 +168,7 @@ def http_bench(url: str | None, seconds: float, clients: int) -> int:
         if proc is not None:
             os.kill(proc.pid, signal.SIGTERM)
             proc.wait(30)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _get_quiet(url: str) -> bool:
