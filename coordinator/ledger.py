@@ -17,6 +17,7 @@ runs of a service, rewritten whole at each finish) is read once and then deleted
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -79,6 +80,9 @@ class Ledger:
         self._newest = float("-inf")
         self._legacy: list[str] = []  # format-1 keys to delete with the next writes
         self._legacy_ended: list[bytes] = []
+        # Ended-run keys are unique per leader term without a random draw per key.
+        self._tag = uuid.uuid4().hex[:8]
+        self._count = itertools.count()
 
     def writes(self, changes: Changes) -> dict[str, bytes | None]:
         out: dict[str, bytes | None] = {}
@@ -111,7 +115,7 @@ class Ledger:
         return out
 
     def _keep(self, entries: list[bytes], size: int, newest: float) -> dict[str, bytes]:
-        key = f"{ENDED}{max(0, int(newest * 1000)):015d}-{uuid.uuid4().hex[:12]}"
+        key = f"{ENDED}{max(0, int(newest * 1000)):015d}-{self._tag}{next(self._count):x}"
         self._add(_Ended(key, newest, entries, size))
         return {key: msgpack.packb(entries)}
 
