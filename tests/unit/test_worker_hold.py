@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -196,11 +197,11 @@ def test_a_held_order_past_its_deadline_at_its_instant_is_refused(n: Node) -> No
     assert n.starts() == []
 
 
-def test_an_order_whose_leader_is_superseded_before_the_pool_starts_it_does_not_start(
-    n: Node,
-) -> None:
-    """Accepted, then a newer leader is seen before a thread of the pool takes the run (many
-    orders at one instant): it does not start, and the successor's order runs once."""
+@contextmanager
+def pool_held(n: Node) -> Iterator[Sequence[object]]:
+    """Runs the node hands to its pool inside the block are held back (the list yielded has
+    one entry per run), and handed to the pool when it ends: as if every thread of the pool
+    were busy meanwhile."""
     real = n.node._pool
     deferred: list[tuple[Callable[..., object], tuple[object, ...]]] = []
 
@@ -210,14 +211,23 @@ def test_an_order_whose_leader_is_superseded_before_the_pool_starts_it_does_not_
 
     n.node._pool = Gate()  # type: ignore[assignment]
     try:
-        order = n.order(start_at=None, epoch=1)
-        n.send(order)
-        until(lambda: bool(deferred))
-        n.new_leader(2)
+        yield deferred
     finally:
         n.node._pool = real
-    for fn, args in deferred:
-        real.submit(fn, *args)
+        for fn, args in deferred:
+            real.submit(fn, *args)
+
+
+def test_an_order_whose_leader_is_superseded_before_the_pool_starts_it_does_not_start(
+    n: Node,
+) -> None:
+    """Accepted, then a newer leader is seen before a thread of the pool takes the run (many
+    orders at one instant): it does not start, and the successor's order runs once."""
+    order = n.order(start_at=None, epoch=1)
+    with pool_held(n) as held_back:
+        n.send(order)
+        until(lambda: bool(held_back))
+        n.new_leader(2)
     time.sleep(0.3)
     assert n.starts() == [] and n.events(order.run_id) == []
     again = n.order(start_at=None, epoch=2, run_id=order.run_id, issued_at=T + 1)
@@ -246,27 +256,15 @@ def test_a_successors_order_arriving_before_the_pool_starts_the_superseded_one_r
 ) -> None:
     """Accepted, then the successor's order for the same run arrives before a thread of the
     pool takes the predecessor's: that one does not start, the successor's does, once."""
-    real = n.node._pool
-    deferred: list[tuple[Callable[..., object], tuple[object, ...]]] = []
-
-    class Gate:
-        def submit(self, fn: Callable[..., object], *args: object) -> None:
-            deferred.append((fn, args))
-
-    n.node._pool = Gate()  # type: ignore[assignment]
     order = n.order(start_at=None, epoch=1)
-    try:
+    with pool_held(n) as held_back:
         n.send(order)
-        until(lambda: bool(deferred))
+        until(lambda: bool(held_back))
         n.new_leader(2)
         again = n.order(start_at=None, epoch=2, run_id=order.run_id, issued_at=T + 1)
         n.send(again)
         n.send(order)  # and the predecessor's again: a duplicate
         time.sleep(0.2)
-    finally:
-        n.node._pool = real
-    for fn, args in deferred:
-        real.submit(fn, *args)
     until(lambda: any(ev.state == "succeeded" for ev in n.events(order.run_id)))
     time.sleep(0.2)
     [start] = n.starts()
