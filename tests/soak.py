@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import signal
 import statistics
 import sys
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     p.add_argument("--every", type=float, default=6.0,
                    help="mean seconds between faults (default 6)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the logs, journals and server files when the soak passes (a "
+                   "failed soak always keeps them)")
     p.add_argument("--no-server-restarts", action="store_true",
                    help="only kill processes; never restart RabbitMQ or ZooKeeper")
     args = p.parse_args(argv)
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {"leader kills": 0, "worker kills": 0, "restarts": 0}
     failovers: list[float] = []
     absent: dict[str, list[tuple[float, float]]] = {}
+    passed = False
     try:
         for node, roles in NODES.items():
             cluster.worker(node, roles)
@@ -155,11 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         for v in report.violations[:30]:
             print("  violation:", v)
-        return 0 if not report.violations else 1
+        passed = not report.violations
+        return 0 if passed else 1
     finally:
         cluster.close()
         rec.stop()
         localservers.stop(work / "servers")
+        if passed and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"soak: logs, journals and server files kept in {work}", flush=True)
 
 
 def _audit(rec, cluster, t0: float, t1: float, absent):  # type: ignore[no-untyped-def]
