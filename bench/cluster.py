@@ -1013,6 +1013,7 @@ def bench_handoff(ctx: Context) -> None:
     cat = write_catalogue(ctx.tmp / "handoff.toml", services)
     with ctx.servers.scenario("handoff") as (url, zk):
         probe = ZkWriteProbe(zk).start()
+        rabbit = RabbitPublishProbe(url).start()
         emb = Embedded(cat, url, zk, ctx.lead_time).start()
         t0 = time.time() + 2.0
         progress("leader up")
@@ -1030,6 +1031,7 @@ def bench_handoff(ctx: Context) -> None:
         finally:
             emb.stop()
             writes = probe.stop()
+            publishes = rabbit.stop()
     gaps = []
     for pair in pairs().values():
         if len(pair) != 2 or any(r.started_at is None or r.finished_at is None for r in pair):
@@ -1037,17 +1039,64 @@ def bench_handoff(ctx: Context) -> None:
         first, second = sorted(pair, key=lambda r: r.started_at or 0.0)
         gaps.append(second.started_at - first.finished_at)  # type: ignore[operator]
     line("holder finished -> waiter started", spread(gaps))
-    # The hand-off turn commits to ZooKeeper before the waiter's order leaves: its tail is
-    # ZooKeeper's (a write waits for the server's fsync of its log).
+    # A hand-off waits for three stores, each behind a flush to disk: the holder's report in
+    # rota.results and the waiter's order in its node's queue (quorum queues deliver a message
+    # once it is in their log), and the turn's ledger commit in between (ZooKeeper answers a
+    # write once its log is synced). Their latencies meanwhile are the baselines.
     line("baseline: one ZooKeeper write meanwhile (kazoo set, 2 kB)", spread(writes))
+    line("baseline: one RabbitMQ publish meanwhile (quorum queue, confirmed)", spread(publishes))
     if gaps:
         g = sorted(gaps)
-        w = sorted(writes)
-        base = (f"ZooKeeper write p50 {ms(quantile(w, 0.5))}, p99 {ms(quantile(w, 0.99))}, "
-                f"max {ms(w[-1])}") if w else ""
+        base = "; ".join(
+            f"{what} p50 {ms(quantile(v, 0.5))}, p99 {ms(quantile(v, 0.99))}, max {ms(v[-1])}"
+            for what, v in (("ZooKeeper write", sorted(writes)),
+                            ("RabbitMQ publish", sorted(publishes))) if v)
         ctx.row("run-group hand-off, holder ends -> waiter starts (embedded)",
                 f"p50 {ms(quantile(g, 0.5))}, p99 {ms(quantile(g, 0.99))}", "p99 ≤ 20 ms",
                 quantile(g, 0.99) <= 0.020, baseline=base)
+
+
+class RabbitPublishProbe:
+    """Times a persistent publish to a quorum queue of its own, confirmed, every 50 ms from
+    its own thread and connection, beside a scenario."""
+
+    QUEUE = "bench.publish-probe"
+
+    def __init__(self, amqp_url: str, every: float = 0.05) -> None:
+        self.params = parameters(amqp_url)
+        self.every = every
+        self.times: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="amqp-publish-probe",
+                                        daemon=True)
+
+    def start(self) -> RabbitPublishProbe:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        conn = pika.BlockingConnection(self.params)
+        try:
+            ch = conn.channel()
+            ch.queue_declare(self.QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+            ch.confirm_delivery()
+            props = pika.BasicProperties(delivery_mode=2)
+            body = b"x" * 256
+            while not self._stop.wait(self.every):
+                began = time.perf_counter()
+                ch.basic_publish("", self.QUEUE, body, props)
+                self.times.append(time.perf_counter() - began)
+            ch.queue_delete(self.QUEUE)
+        except Exception as exc:  # noqa: BLE001 - a probe that fails says so and stops
+            print(f"    RabbitMQ probe stopped: {type(exc).__name__}: {exc}", flush=True)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join(10)
+        return self.times
 
 
 class ZkWriteProbe:
