@@ -1056,84 +1056,102 @@ def bench_handoff(ctx: Context) -> None:
                 quantile(g, 0.99) <= 0.020, baseline=base)
 
 
-class RabbitPublishProbe:
-    """Times a persistent publish to a quorum queue of its own, confirmed, every 50 ms from
-    its own thread and connection, beside a scenario."""
+class LatencyProbe:
+    """Times one store operation every `every` seconds from a thread of its own, beside a
+    scenario; an operation that fails counts nothing. Subclasses open, do and close."""
 
-    QUEUE = "bench.publish-probe"
+    name = "probe"
 
-    def __init__(self, amqp_url: str, every: float = 0.05) -> None:
-        self.params = parameters(amqp_url)
+    def __init__(self, every: float = 0.05) -> None:
         self.every = every
         self.times: list[float] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="amqp-publish-probe",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
-    def start(self) -> RabbitPublishProbe:
+    def start(self) -> LatencyProbe:
+        self._open()
         self._thread.start()
         return self
 
     def _run(self) -> None:
-        conn = pika.BlockingConnection(self.params)
-        try:
-            ch = conn.channel()
-            ch.queue_declare(self.QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-            ch.confirm_delivery()
-            props = pika.BasicProperties(delivery_mode=2)
-            body = b"x" * 256
-            while not self._stop.wait(self.every):
-                began = time.perf_counter()
-                ch.basic_publish("", self.QUEUE, body, props)
-                self.times.append(time.perf_counter() - began)
-            ch.queue_delete(self.QUEUE)
-        except Exception as exc:  # noqa: BLE001 - a probe that fails says so and stops
-            print(f"    RabbitMQ probe stopped: {type(exc).__name__}: {exc}", flush=True)
-        finally:
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def stop(self) -> list[float]:
-        self._stop.set()
-        self._thread.join(10)
-        return self.times
-
-
-class ZkWriteProbe:
-    """Times a ZooKeeper write every 50 ms from its own thread and client, beside a scenario:
-    the latency the leader's commits meet at the same moments."""
-
-    def __init__(self, hosts: str, every: float = 0.05) -> None:
-        self.client = KazooClient(hosts=hosts, timeout=10.0)
-        self.every = every
-        self.times: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="zk-write-probe", daemon=True)
-
-    def start(self) -> ZkWriteProbe:
-        self.client.start(timeout=30)
-        self.client.ensure_path("/bench-write-probe")
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        data = b"x" * 2000
         while not self._stop.wait(self.every):
             began = time.perf_counter()
             try:
-                self.client.set("/bench-write-probe", data)
+                self._once()
             except Exception:  # noqa: BLE001 - a probe that fails counts nothing
                 continue
             self.times.append(time.perf_counter() - began)
 
     def stop(self) -> list[float]:
         self._stop.set()
-        self._thread.join(5)
+        self._thread.join(10)
         with contextlib.suppress(Exception):
-            self.client.delete("/bench-write-probe")
-        self.client.stop()
-        self.client.close()
+            self._close()
         return self.times
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _once(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+class RabbitPublishProbe(LatencyProbe):
+    """A persistent 256 B publish to a quorum queue of its own, confirmed, on a connection of
+    its own (used by the probe's thread only once started)."""
+
+    name = "amqp-publish-probe"
+    QUEUE = "bench.publish-probe"
+
+    def __init__(self, amqp_url: str, every: float = 0.05) -> None:
+        super().__init__(every)
+        self.params = parameters(amqp_url)
+        self.props = pika.BasicProperties(delivery_mode=2)
+
+    def _open(self) -> None:
+        self.conn = pika.BlockingConnection(self.params)
+        self.channel = self.conn.channel()
+        self.channel.queue_declare(self.QUEUE, durable=True,
+                                   arguments={"x-queue-type": "quorum"})
+        self.channel.confirm_delivery()
+
+    def _once(self) -> None:
+        self.channel.basic_publish("", self.QUEUE, b"x" * 256, self.props)
+
+    def _close(self) -> None:
+        try:
+            self.channel.queue_delete(self.QUEUE)
+        finally:
+            self.conn.close()
+
+
+class ZkWriteProbe(LatencyProbe):
+    """A 2 kB ZooKeeper set on a client of its own: the latency the leader's commits meet at
+    the same moments."""
+
+    name = "zk-write-probe"
+    PATH = "/bench-write-probe"
+
+    def __init__(self, hosts: str, every: float = 0.05) -> None:
+        super().__init__(every)
+        self.client = KazooClient(hosts=hosts, timeout=10.0)
+
+    def _open(self) -> None:
+        self.client.start(timeout=30)
+        self.client.ensure_path(self.PATH)
+
+    def _once(self) -> None:
+        self.client.set(self.PATH, b"x" * 2000)
+
+    def _close(self) -> None:
+        try:
+            self.client.delete(self.PATH)
+        finally:
+            self.client.stop()
+            self.client.close()
 
 
 FAILOVER_KILLS = 20
