@@ -786,7 +786,7 @@ def _write_zookeeper_files(servers: Servers) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     paths.zk_cfg.write_text(
         "# Written by ops.localservers on every start.\n"
-        "tickTime=500\n"
+        "tickTime=200\n"
         "minSessionTimeout=1000\n"
         "maxSessionTimeout=60000\n"
         f"dataDir={paths.zk_data}\n"

@@ -76,7 +76,8 @@ def test_zookeeper_configuration_lists_the_ensemble(monkeypatch: pytest.MonkeyPa
     )
     assert cfg["clientPort"] == "24182" and cfg["clientPortAddress"] == "127.0.0.1"
     assert (cfg["tickTime"], cfg["minSessionTimeout"], cfg["maxSessionTimeout"]) == (
-        "500", "1000", "60000")
+        "200", "1000", "60000")
+    assert (cfg["initLimit"], cfg["syncLimit"]) == ("50", "25"), "10 s and 5 s, in ticks"
     assert cfg["4lw.commands.whitelist"] == "ruok,stat,srvr"
     assert cfg["dataDir"] == "/state/zk2/data"
     assert [cfg[f"server.{i}"] for i in (1, 2, 3)] == [
