@@ -141,9 +141,17 @@ class Ledger:
 
     def restore(self, snapshot: dict[str, bytes]) -> State:
         state = State()
+        cursors, last_runs, unpack = state.cursors, state.last_runs, msgpack.unpackb
         for key, value in snapshot.items():
             try:
-                self._restore_one(state, key, value)
+                # Cursors and last-run times, one or two per service, are most of a large
+                # ledger: read here rather than through `_restore_one`.
+                if key.startswith("cursor/"):
+                    cursors[_name(key[7:])] = float(unpack(value))
+                elif key.startswith("lastrun/"):
+                    last_runs[_name(key[8:])] = float(unpack(value))
+                else:
+                    self._restore_one(state, key, value)
             except Exception as exc:
                 raise LedgerError(key, exc) from exc
         self._ended = deque(sorted(self._ended, key=lambda e: e.key))  # oldest first
@@ -161,12 +169,8 @@ class Ledger:
         name = _name(raw)
         if prefix == "run":
             state.runs.append(run_from_message(decode_as(value, LedgerRun)))
-        elif prefix == "cursor":
-            state.cursors[name] = float(msgpack.unpackb(value))
         elif prefix == "override":
             state.overrides[name] = dict(msgpack.unpackb(value))
-        elif prefix == "lastrun":
-            state.last_runs[name] = float(msgpack.unpackb(value))
         elif prefix == "history":  # format 1: read once, deleted by the next writes
             entries = [bytes(e) for e in msgpack.unpackb(value)]
             for entry in entries:

@@ -126,6 +126,16 @@ def test_a_format_1_coordinator_refuses_a_format_2_ledger() -> None:
     assert "upgrade this coordinator" in refused.value.key
 
 
+@pytest.mark.parametrize("key", ["cursor/Tick%20Tock", "lastrun/Tick", "override/Tick"])
+def test_a_value_that_cannot_be_decoded_is_refused_by_its_key(key: str) -> None:
+    good = {"cursor/Tock": msgpack.packb(T), "lastrun/Tock": msgpack.packb(T)}
+    with pytest.raises(LedgerError) as refused:
+        Ledger().restore({**good, key: msgpack.packb("not a number")})
+    assert refused.value.key == key
+    state = Ledger().restore({**good, "cursor/Tick%20Tock": msgpack.packb(T + 1)})
+    assert state.cursors == {"Tock": T, "Tick Tock": T + 1} and state.last_runs == {"Tock": T}
+
+
 def test_bucket_of_is_stable() -> None:
     # Fixed values (CRC-32): the same in every process, whatever PYTHONHASHSEED.
     assert [bucket_of(k, 256) for k in ("cursor/Tick", "run/abc", "")] == [212, 154, 0]
