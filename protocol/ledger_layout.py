@@ -151,6 +151,11 @@ class Layout:
     junk: list[str] = field(default_factory=list)  # znodes to delete (incomplete deltas...)
     legacy: list[str] = field(default_factory=list)  # format-1 znodes to delete
     credit: float = 0.0  # bucket bytes commits have earned and not spent on rewrites
+    # `stale` as last computed, and the buckets whose dirty keys changed since: each commit
+    # looks at the buckets it touched, not at all of them
+    _stale: dict[int, Order] = field(default_factory=dict, init=False, repr=False,
+                                     compare=False)
+    _touched: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.dirty = [{} for _ in range(self.count)]
@@ -189,35 +194,79 @@ class Layout:
         if key in dirty:
             if value == was[key]:
                 del dirty[key], was[key]
+                self._touched.add(index)
                 return
         elif value == old:
             return
         else:
             was[key] = old
         dirty[key] = order
+        self._touched.add(index)
         heapq.heappush(self.heaps[index], (order, key))
 
-    def replay(self, writes: Mapping[str, bytes | None], order: Order) -> None:
-        """`apply` for a delta read back by a successor (which holds its log keys), faster:
-        sizes grow by what is set and never shrink until the bucket is rewritten."""
+    def replay(self, deltas: Iterable[tuple[Mapping[str, bytes | None], Order]],
+               only: set[int] | None = None) -> list[dict[int, int]]:
+        """`apply` for the deltas a successor reads back (it holds their log keys), oldest
+        first, in one pass: each key's bucket is found once, and each bucket's heap is built
+        once at the end from its dirty keys instead of pushed to per write (at 100,000 keys
+        the difference is most of a successor's ledger read). Sizes grow by what is set and
+        never shrink until the bucket is rewritten. With `only`, just those buckets' keys
+        are replayed (log keys are not). Returns how much each delta grew each bucket."""
         buckets, sizes, count, crc = self.buckets, self.sizes, self.count, zlib.crc32
-        track = self._track
-        for key, value in writes.items():
-            if key.startswith(LOG_PREFIX):
-                self.pending_logs.add(key)
+        dirty_of, was_of, logs = self.dirty, self.was, self.logs
+        index_of: dict[str, int] = {}
+        touched: set[int] = set()
+        grown: list[dict[int, int]] = []
+        for writes, order in deltas:
+            grew: dict[int, int] = {}
+            grown.append(grew)
+            for key, value in writes.items():
+                index = index_of.get(key)
+                if index is None:
+                    if key.startswith(LOG_PREFIX):
+                        if only is None:
+                            self.pending_logs.add(key)
+                            if value is None:
+                                logs.pop(key, None)
+                            else:
+                                logs[key] = value
+                        continue
+                    index = index_of[key] = crc(key.encode("utf-8")) % count
+                if only is not None and index not in only:
+                    continue
+                bucket, dirty = buckets[index], dirty_of[index]
+                if key in dirty:
+                    was = was_of[index]
+                    if value == was[key]:
+                        del dirty[key], was[key]
+                    else:
+                        dirty[key] = order
+                elif value != bucket.get(key):
+                    was_of[index][key] = bucket.get(key)
+                    dirty[key] = order
+                touched.add(index)
                 if value is None:
-                    self.logs.pop(key, None)
+                    bucket.pop(key, None)
                 else:
-                    self.logs[key] = value
-                continue
-            index = crc(key.encode("utf-8")) % count
-            bucket = buckets[index]
-            track(index, key, bucket.get(key), value, order)
-            if value is None:
-                bucket.pop(key, None)
-            else:
-                bucket[key] = value
-                sizes[index] += len(key) + len(value) + _ENTRY
+                    bucket[key] = value
+                    size = len(key) + len(value) + _ENTRY
+                    sizes[index] += size
+                    grew[index] = grew.get(index, 0) + size
+        for index in touched:
+            heap = [(order, key) for key, order in dirty_of[index].items()]
+            heapq.heapify(heap)
+            self.heaps[index] = heap
+        self._touched |= touched
+        return grown
+
+    def reset(self, index: int, bucket: dict[str, bytes], size: int) -> None:
+        """Bucket `index` is `bucket` as its znode now holds it, no delta applied."""
+        self.buckets[index] = bucket
+        self.sizes[index] = size
+        self.dirty[index] = {}
+        self.was[index] = {}
+        self.heaps[index] = []
+        self._touched.add(index)
 
     def doubt(self, index: int) -> None:
         """Bucket `index` may not be in ZooKeeper as this term believes: every key is dirty
@@ -225,6 +274,7 @@ class Layout:
         self.dirty[index] = dict.fromkeys(self.buckets[index], (0, 0))
         self.was[index] = dict.fromkeys(self.buckets[index])
         self.heaps[index] = [((0, 0), key) for key in self.buckets[index]]
+        self._touched.add(index)
 
     def oldest(self, index: int) -> Order | None:
         """The oldest last write of bucket `index`'s dirty keys (None: none is dirty)."""
@@ -236,11 +286,14 @@ class Layout:
     @property
     def stale(self) -> dict[int, Order]:
         """Buckets with dirty keys, each with its oldest last write."""
-        out = {}
-        for index in range(self.count):
-            if self.dirty[index] and (order := self.oldest(index)) is not None:
-                out[index] = order
-        return out
+        for index in self._touched:
+            order = self.oldest(index) if self.dirty[index] else None
+            if order is None:
+                self._stale.pop(index, None)
+            else:
+                self._stale[index] = order
+        self._touched.clear()
+        return dict(self._stale)
 
     def grown(self, writes: Mapping[str, bytes | None]) -> dict[int, int]:
         """The size each touched bucket would have after `writes`."""
@@ -297,5 +350,6 @@ class Layout:
             self.dirty[index].clear()
             self.was[index].clear()
             self.heaps[index].clear()
+            self._touched.add(index)
         drop = {d.order for d in gone}
         self.deltas = [d for d in self.deltas if d.order not in drop]

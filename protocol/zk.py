@@ -161,6 +161,8 @@ CLEANUP_PER_COMMIT = 100  # leftover format-1 znodes deleted along with each com
 _OP_OVERHEAD = 64  # per-op bytes besides path and data (header, version, ACL)
 _LOAD_WINDOW = 2_000  # gets in flight while loading the ledger
 FAILED_LEAD_PAUSE = 1.0  # seconds before contending again after `lead` raised
+MIRROR_EVERY = 3.0  # seconds between two refreshes of a follower's ledger mirror
+MIRROR_READ_TIMEOUT = 10.0  # seconds a mirror's read may take
 
 RESOLVE_ATTEMPTS = 5  # sends of an interrupted commit's transaction before its term ends
 READ_ATTEMPTS = 3  # reads retried after a connection loss the term survived
@@ -267,6 +269,7 @@ class ZkTerm:
     def __init__(self, owner: ZkCoordination, epoch: int, session: int | None = None) -> None:
         self.epoch = epoch
         self.session = session  # the ZooKeeper session id that won the term
+        self._owner = owner
         self._client = owner.client
         self._lost = threading.Event()
         # Set while the term is sure: cleared on SUSPENDED, set again once the connection is
@@ -358,10 +361,22 @@ class ZkTerm:
 
     # -- reads --------------------------------------------------------------------------
     def load(self) -> dict[str, bytes]:
-        """The whole ledger. Reads follow this session's epoch bump, so no older state shows."""
+        """The whole ledger. Reads follow this session's epoch bump, so no older state shows.
+        What this coordinator mirrored while it followed is brought up to date and used."""
         with self._commit_lock:
-            self._layout = self._read(self._read_layout, "loading the ledger")
+            self._layout = self._read(self._load_layout, "loading the ledger")
             return self._layout.view()
+
+    def _load_layout(self) -> Layout:
+        try:
+            layout = self._owner._mirrored(_Reads(self._client, self._reply))
+        except (LedgerFormatError, Fenced, *_CONNECTION_ERRORS):
+            raise
+        except Exception:
+            log.exception("term %d: the ledger mirror failed; reading the whole ledger",
+                          self.epoch)
+            layout = None
+        return layout if layout is not None else self._read_layout()
 
     def nodes(self) -> dict[str, bytes]:
         def read() -> dict[str, bytes]:
@@ -443,14 +458,16 @@ class ZkTerm:
         if fmt == 2:
             return self._upgrade(layout, found, journals, deltas)
         layout.junk = [f"{DELTAS}/{n}" for n in junk] + [f"{JOURNAL}/{n}" for n in journals]
+        replayed: list[tuple[dict[str, bytes | None], Order]] = []
         for delta in complete:
             writes: dict[str, bytes | None] = {}
             for name in delta.names:
                 data = found[f"{DELTAS}/{name}"]
                 delta.size += len(data)
                 writes.update(_decode_map(f"{DELTAS}/{name}", data))
-            layout.replay(writes, delta.order)
+            replayed.append((writes, delta.order))
             layout.deltas.append(delta)
+        layout.replay(replayed)
         if layout.pending_logs:
             log.info("term %d: %d log key(s) of a delta left by a deposed leader are written "
                      "with the next commit", self.epoch, len(layout.pending_logs))
@@ -845,6 +862,176 @@ def _complete_journals(names: list[str]) -> list[list[str]]:
     ]
 
 
+class _Reads:
+    """Pipelined reads on one client; `reply` waits for one (a term's stops at its end)."""
+
+    def __init__(self, client: KazooClient, reply: Callable[[Any], Any]) -> None:
+        self.client, self.reply = client, reply
+
+    def children(self, *parents: str) -> list[list[str]]:
+        pending = [self.client.get_children_async(p) for p in parents]
+        return [list(self.reply(r)) for r in pending]
+
+    def versions(self, paths: list[str]) -> dict[str, int | None]:
+        """Each path's last modification (its mzxid); None if it does not exist."""
+        out: dict[str, int | None] = {}
+        for start in range(0, len(paths), _LOAD_WINDOW):
+            batch = paths[start : start + _LOAD_WINDOW]
+            pending = [(p, self.client.exists_async(p)) for p in batch]
+            for path, result in pending:
+                stat = self.reply(result)
+                out[path] = None if stat is None else stat.mzxid
+        return out
+
+    def get_many(self, paths: list[str]) -> dict[str, tuple[bytes, int]]:
+        """The data and mzxid of every path that exists, read in windows of pipelined
+        requests."""
+        out: dict[str, tuple[bytes, int]] = {}
+        for start in range(0, len(paths), _LOAD_WINDOW):
+            batch = paths[start : start + _LOAD_WINDOW]
+            pending = [(p, self.client.get_async(p)) for p in batch]
+            for path, result in pending:
+                try:
+                    data, stat = self.reply(result)
+                except NoNodeError:
+                    continue
+                out[path] = (data or b"", stat.mzxid)
+        return out
+
+
+class LedgerMirror:
+    """A standby coordinator's copy of the ledger, so that it takes over without reading and
+    replaying all of it.
+
+    While it follows, `refresh` runs every few seconds, and once more as it takes over (after
+    its epoch bump, when nothing moves any more). Each refresh reads only what changed since
+    the last: the buckets and log znodes whose last modification (mzxid) moved, and the
+    complete deltas it has not read yet (a delta never changes once complete). Its result is
+    what a full read (`ZkTerm._read_layout`) gives for the same ledger: a rewritten bucket is
+    read again and the deltas still left are replayed on it alone; a deleted delta is only
+    forgotten, since a leader deletes a delta only when no key of a bucket it did not rewrite
+    takes its value from it. Anything else than a plain ledger of this format (none yet, a
+    format marker of another format or bucket count, format-1 keys, format-2 journals, a new
+    delta older than one already read) is left to the full read: `refresh` returns None.
+    """
+
+    def __init__(self) -> None:
+        self.layout: Layout | None = None
+        self.znodes: dict[str, tuple[int, bytes]] = {}  # bucket and log paths -> (mzxid, data)
+        # the deltas replayed, oldest first: each with its writes and how much it grew each
+        # bucket (taken off again when it is deleted)
+        self.applied: list[tuple[Delta, dict[str, bytes | None], dict[int, int]]] = []
+        self.last_read = (0, 0)  # buckets and deltas the last refresh read
+
+    def clear(self) -> None:
+        self.layout, self.znodes, self.applied = None, {}, []
+
+    def refresh(self, reads: _Reads) -> Layout | None:
+        try:
+            layout = self._refresh(reads)
+        except BaseException:
+            self.clear()  # half-updated: start afresh next time
+            raise
+        if layout is None:
+            self.clear()
+        return layout
+
+    def _refresh(self, reads: _Reads) -> Layout | None:
+        names, buckets, logs, deltas, journals = reads.children(LEDGER, BUCKETS, LOG, DELTAS,
+                                                                JOURNAL)
+        marker_name = MARKER.rsplit("/", 1)[1]
+        if names != [marker_name] or journals:
+            return None
+        complete, junk = complete_deltas(deltas)
+        paths = [bucket_path(int(n)) for n in buckets if n.isdigit()]
+        paths += [f"{LOG}/{n}" for n in logs]
+        paths.append(MARKER)
+        layout = self.layout
+        if layout is None:
+            need = paths
+            versions: dict[str, int | None] = {}
+        else:
+            versions = reads.versions(paths)
+            need = [p for p in paths
+                    if versions[p] is None or self.znodes.get(p, (None,))[0] != versions[p]]
+        known = {d.order for d, _, _ in self.applied}
+        newest = self.applied[-1][0].order if self.applied else None
+        fresh = [d for d in complete if d.order not in known]
+        if newest is not None and any(d.order < newest for d in fresh):
+            return None
+        found = reads.get_many(need + [f"{DELTAS}/{n}" for d in fresh for n in d.names])
+        before = set(self.znodes)
+        for path in need:
+            if path in found:
+                data, mzxid = found[path]
+                self.znodes[path] = (mzxid, data)
+        present = set(paths) - {p for p in need if p not in found}
+        self.znodes = {p: v for p, v in self.znodes.items() if p in present}
+        if MARKER not in self.znodes:
+            return None
+        fmt, count = _format_of(self.znodes[MARKER][1])
+        if fmt != LEDGER_FORMAT or (layout is not None and layout.count != count):
+            return None
+        for path in present:
+            if path.startswith(BUCKETS + "/") and int(path.rsplit("/", 1)[1]) >= count:
+                raise LedgerFormatError(f"ledger bucket {path} is beyond the ledger's "
+                                        f"{count} buckets: repair or delete it")
+        if layout is None:
+            layout = Layout.empty(count)
+            changed = set(range(count))
+        else:  # read again, created, or gone (never, unless repaired by hand)
+            moved = {p for p in need if p in found} | (before - present)
+            changed = {int(p.rsplit("/", 1)[1]) for p in moved if p.startswith(BUCKETS + "/")}
+        for index in changed:
+            entry = self.znodes.get(bucket_path(index))
+            if entry is None:
+                layout.reset(index, {}, 1)
+            else:
+                layout.reset(index, _decode_map(bucket_path(index), entry[1]), len(entry[1]))
+        current = {d.order for d in complete}
+        for delta, _, grew in self.applied:
+            if delta.order not in current:  # deleted: what it added to sizes goes too
+                for index, size in grew.items():
+                    if index not in changed:
+                        layout.sizes[index] -= size
+        self.applied = [a for a in self.applied if a[0].order in current]
+        if changed and self.applied:
+            layout.replay([(w, d.order) for d, w, _ in self.applied], only=changed)
+        # Log keys as the znodes hold them, then as the deltas left write them, in order.
+        layout.logs = {LOG_PREFIX + decode_name(p.rsplit("/", 1)[1]): data
+                       for p, (_, data) in self.znodes.items() if p.startswith(LOG + "/")}
+        layout.pending_logs = set()
+        for _, held, _ in self.applied:
+            for key, value in held.items():
+                if key.startswith(LOG_PREFIX):
+                    layout.pending_logs.add(key)
+                    if value is None:
+                        layout.logs.pop(key, None)
+                    else:
+                        layout.logs[key] = value
+        added: list[tuple[Delta, dict[str, bytes | None]]] = []
+        for delta in fresh:
+            if any(f"{DELTAS}/{n}" not in found for n in delta.names):
+                continue  # deleted since listed (only while following): no longer needed
+            writes: dict[str, bytes | None] = {}
+            delta.size = 0
+            for name in delta.names:
+                data, _ = found[f"{DELTAS}/{name}"]
+                delta.size += len(data)
+                writes.update(_decode_map(f"{DELTAS}/{name}", data))
+            added.append((delta, writes))
+        grown = layout.replay([(w, d.order) for d, w in added])
+        self.last_read = (len(changed), len(added))
+        self.applied += [(d, w, g) for (d, w), g in zip(added, grown, strict=True)]
+        layout.deltas = [d for d, _, _ in self.applied]
+        layout.existing = set(present)
+        layout.marker = True
+        layout.legacy = []
+        layout.junk = [f"{DELTAS}/{n}" for n in junk]
+        self.layout = layout
+        return layout
+
+
 def _marker(count: int) -> bytes:
     return msgpack.packb({"format": LEDGER_FORMAT, "buckets": count})
 
@@ -921,6 +1108,8 @@ class ZkCoordination:
         self._session_serial = _Serial("zk-session")
         self._upkeep_serial = _Serial("zk-upkeep")
         self._term_serial = _Serial("zk-term")
+        self._mirror = LedgerMirror()  # of the ledger, while this coordinator follows
+        self._mirror_lock = threading.Lock()
 
         self.client.add_listener(self._on_state)
         self.client.start_async()
@@ -1018,6 +1207,8 @@ class ZkCoordination:
         contends again."""
         ident = identifier or self.identifier
         self._idle.clear()
+        threading.Thread(target=self._follow_ledger, name="zk-ledger-mirror",
+                         daemon=True).start()
         try:
             while not self._stopped.is_set():
                 won = self._acquire(ident)
@@ -1045,6 +1236,34 @@ class ZkCoordination:
                     self._stopped.wait(FAILED_LEAD_PAUSE)
         finally:
             self._idle.set()
+
+    def _follow_ledger(self) -> None:
+        """While this contender follows, keep its mirror of the ledger current (every
+        `MIRROR_EVERY` s); it stops with `contend`."""
+        reads = _Reads(self.client, lambda result: result.get(True, MIRROR_READ_TIMEOUT))
+        while not self._stopped.wait(MIRROR_EVERY) and not self._idle.is_set():
+            if self._term is not None or not self._connected.is_set():
+                continue
+            with self._mirror_lock:
+                if self._term is not None:
+                    continue
+                try:
+                    self._mirror.refresh(reads)
+                except Exception as exc:  # an optimisation only: the next refresh starts over
+                    log.info("the ledger mirror is read again from the start: %s", exc)
+
+    def _mirrored(self, reads: _Reads) -> Layout | None:
+        """The mirror brought up to date and handed to the term that reads it (None: the
+        ledger needs a full read)."""
+        with self._mirror_lock:
+            warm = self._mirror.layout is not None
+            layout = self._mirror.refresh(reads)
+            self._mirror.clear()
+        if layout is not None:
+            buckets, deltas = self._mirror.last_read
+            log.info("ledger %s: %d bucket(s) and %d delta(s) read",
+                     "mirror brought up to date" if warm else "read", buckets, deltas)
+        return layout
 
     def _acquire(self, ident: str) -> tuple[str, int | None] | None:
         """Block until this contender's election znode is the lowest; None once stopped."""

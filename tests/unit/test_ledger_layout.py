@@ -144,6 +144,8 @@ def test_buckets_plus_the_remaining_deltas_are_the_ledger(
         deltas[order] = {k: v for k, v in writes.items() if not k.startswith("log/")}
         layout.deltas.append(Delta(order, [str(seq)]))
         stale = layout.stale
+        assert stale == {i: min(d.values()) for i, d in enumerate(layout.dirty) if d}, \
+            "kept up to date commit by commit, it is what a scan of every bucket finds"
         rewritten = layout.stalest(stale)[:2] if seq in rewrite_at else []
         for index in rewritten:
             stored[index] = msgpack.unpackb(msgpack.packb(layout.buckets[index]))
@@ -153,8 +155,16 @@ def test_buckets_plus_the_remaining_deltas_are_the_ledger(
             del deltas[delta.order]
     successor = Layout.empty(4)
     successor.buckets = [dict(b) for b in stored]
+    successor.replay([(deltas[order], order) for order in sorted(deltas)])
+    # replaying them all at once tracks the same dirty keys as applying them one by one
+    one_by_one = Layout.empty(4)
+    one_by_one.buckets = [dict(b) for b in stored]
     for order in sorted(deltas):
-        successor.replay(deltas[order], order)
+        one_by_one.apply(deltas[order], order)
+    assert successor.dirty == one_by_one.dirty
+    assert successor.was == one_by_one.was
+    assert successor.stale == one_by_one.stale
+    assert successor.buckets == one_by_one.buckets
     expected = {k: v for k, v in layout.view().items() if not k.startswith("log/")}
     assert successor.view() == expected
     # and the successor knows which of its keys are dirty, so it deletes no delta too soon
