@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,7 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -418,8 +419,11 @@ class Procs:
         self.procs.append(proc)
         return proc
 
-    def coordinator(self, name: str, http_port: int | None = None) -> Proc:
-        args = ["coordinator", "--id", name, "--zk", self.zk_hosts, "--amqp", self.amqp_url,
+    def coordinator(self, name: str, http_port: int | None = None, verbose: bool = False
+                    ) -> Proc:
+        """`verbose`: logs at INFO, which include how long each takeover took and where."""
+        args = ["-v"] if verbose else []
+        args += ["coordinator", "--id", name, "--zk", self.zk_hosts, "--amqp", self.amqp_url,
                 "--catalogue", str(self.catalogue), "--session-timeout", "2"]
         if http_port:
             args += ["--http-port", str(http_port)]
@@ -1246,7 +1250,7 @@ def _failover(ctx: Context, label: str, rounds: int, extra: int = 0,
         try:
             for s, journal in zip(nodes, journals, strict=True):
                 procs.worker(s, journal=journal)
-            coords = {name: procs.coordinator(name) for name in ("fo-c0", "fo-c1")}
+            coords = {name: procs.coordinator(name, verbose=True) for name in ("fo-c0", "fo-c1")}
             spawned = 2
             for k in range(rounds):
                 leader, epoch = _zk_leader(observer, timeout=startup)
@@ -1273,11 +1277,15 @@ def _failover(ctx: Context, label: str, rounds: int, extra: int = 0,
                     progress(f"round {k + 1}: no dispatch by a new leader within 30 s")
                     continue
                 results.append(first - killed_at)
-                progress(f"round {k + 1}: leader {leader} (epoch {epoch}) killed; first order "
-                         f"by its successor after {first - killed_at:.2f} s")
+                progress(f"round {k + 1}: leader {leader} (epoch {epoch}) killed at "
+                         f"{_clock(killed_at)}; first order by its successor after "
+                         f"{first - killed_at:.2f} s")
+                time.sleep(0.5)  # the successor logs its takeover after its first turn
+                for taking in _takeovers(coords.values(), epoch):
+                    progress(f"    {taking}")
                 name = f"fo-c{spawned}"
                 spawned += 1
-                coords[name] = procs.coordinator(name)
+                coords[name] = procs.coordinator(name, verbose=True)
             time.sleep(3.0)
             end = time.time()
         finally:
@@ -1295,6 +1303,29 @@ def _failover(ctx: Context, label: str, rounds: int, extra: int = 0,
                 f"{len(results)} kills", f"median {statistics.median(results):.2f} s, max "
                 f"{max(results):.2f} s; {dups} runs started twice", "≤ 3 s",
                 max(results) <= 3.0 and dups == 0)
+
+
+_RESUMED = re.compile(r"^(\S+ \S+) INFO rota\.leader: (epoch (\d+) resumed in .*)$")
+_LEADS = re.compile(r"^(\S+ \S+) INFO rota\.leader: \S+ leads with epoch (\d+)$")
+
+
+def _clock(at: float) -> str:
+    """`at` as the coordinators' logs show times: HH:MM:SS,mmm (local time)."""
+    return time.strftime("%H:%M:%S", time.localtime(at)) + f",{int(at % 1 * 1000):03d}"
+
+
+def _takeovers(coords: Iterable[Proc], after: int) -> list[str]:
+    """What the coordinators logged of taking over after epoch `after`: when each began to
+    lead and how its takeover was spent (`rota -v coordinator` logs both)."""
+    out = []
+    for proc in coords:
+        with contextlib.suppress(OSError):
+            for text in proc.log.read_text(errors="replace").splitlines():
+                if (m := _LEADS.match(text)) and int(m.group(2)) > after:
+                    out.append(f"{proc.name}: leads with epoch {m.group(2)} at {m.group(1)[11:]}")
+                elif (m := _RESUMED.match(text)) and int(m.group(3)) > after:
+                    out.append(f"{proc.name}: {m.group(2)}")
+    return out
 
 
 def _slot_audit(stamped: Sequence[Stamped], journal: list[dict[str, Any]], until: float) -> int:
