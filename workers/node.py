@@ -39,7 +39,6 @@ daemon holding run groups starts.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import queue
@@ -72,6 +71,7 @@ from protocol.transport import RESULTS, Consumer, Delivery, Transport, node_queu
 from workers import metrics
 from workers.daemon import DaemonEvent, DaemonSupervisor
 from workers.executor import Executor, RunOutcome
+from workers.journal import Journal
 from workers.threads import ThreadPool
 from workers.timer import Timer
 
@@ -142,8 +142,7 @@ class WorkerNode:
         self.incarnation: str | None = None  # names this node's current ZooKeeper session
         self._consumer_threads = consumer_threads
         self._served: Consumer | None = None
-        self._journal = open(journal, "a", encoding="utf-8") if journal else None  # noqa: SIM115
-        self._journal_lock = threading.Lock()
+        self._journal = Journal(journal) if journal else None
         self._daemon_groups: dict[str, list[str]] = {}
         self._daemon_since: dict[str, float] = {}  # service -> start of its current interval
         self._outbox = _Outbox(OUTBOX_LIMIT)
@@ -211,9 +210,7 @@ class WorkerNode:
                       self.node_id, self._outbox.qsize())
         self._reporter_thread.join(timeout)
         if self._journal is not None:
-            with self._journal_lock:
-                self._journal.close()
-                self._journal = None
+            self._journal.close()
 
     def kill_session(self) -> None:
         """Leave the cluster as a dead node would (tests and the embedded cluster)."""
@@ -483,16 +480,13 @@ class WorkerNode:
         start names the newest epoch seen when the node decided to start it."""
         if self._journal is None:
             return
-        line = json.dumps({
+        self._journal.write({
             "event": what, "run_id": order.run_id, "service": order.service,
             "node": self.node_id, "slot": order.slot, "epoch": order.epoch,
             "seen_epoch": self._epoch if seen_epoch is None else seen_epoch,
             "at": at, "outcome": outcome,
             "run_groups": order.run_groups, "start_at": order.start_at,
         })
-        with self._journal_lock:
-            self._journal.write(line + "\n")
-            self._journal.flush()
 
     def _on_control(self, c: DaemonControl) -> None:
         with self._control_lock:
@@ -548,15 +542,11 @@ class WorkerNode:
         else:
             since = self._daemon_since.pop(ev.service, None)
         if self._journal is not None:
-            line = json.dumps({
+            self._journal.write({
                 "event": "daemon-" + ev.state, "run_id": f"daemon:{ev.service}@{self.node_id}",
                 "service": ev.service, "node": self.node_id, "at": ev.at,
                 "run_groups": self._daemon_groups.get(ev.service, []),
             })
-            with self._journal_lock:
-                if self._journal is not None:
-                    self._journal.write(line + "\n")
-                    self._journal.flush()
         self._report_event(
             run_id=f"daemon:{ev.service}@{self.node_id}", service=ev.service, node=self.node_id,
             state=ev.state, at=ev.at, epoch=self._daemon_epoch, error=ev.error,
