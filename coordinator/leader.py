@@ -116,6 +116,7 @@ class Coordinator:
         """The run groups of the catalogue they were collected from (for the gauges)."""
         self._gauges_at = float("-inf")  # monotonic time the state gauges were last set
         self._snapshot_at = float("-inf")  # and the snapshot built
+        self._snapshot_stale = False  # a turn changed what readers see since
         self._failed_terms = Backoff(self.options.failed_term_pause, 60.0)
         self._failed_in_a_row = 0
         self.ledger = Ledger()
@@ -378,6 +379,14 @@ class Coordinator:
         except Exception as exc:  # deposed, or the store went away: the last state stands
             log.warning("%s could not store the rankings: %s", self.identifier, exc)
 
+    def _quiet_ahead(self, engine: Engine) -> float:
+        """Real seconds until something is due (at most `idle_wait`, the longest wait)."""
+        rankings = self._rankings
+        nxt = _earliest(engine.next_wakeup(), rankings.next_wakeup() if rankings else None)
+        if nxt is None:
+            return self.options.idle_wait
+        return min(self.options.idle_wait, self.clock.to_real(nxt - self.clock.now()))
+
     def _finish_turn(self, term: Term, engine: Engine, turn: Turn, quiet: bool = False) -> None:
         """Store and publish what the turn decided, then refresh what readers see. A `quiet`
         turn (nothing taken from the inbox, nothing decided) that changed nothing leaves the
@@ -406,13 +415,17 @@ class Coordinator:
             metrics.LEDGER_WRITES.inc(term.ops - ops)
             metrics.LEDGER_BYTES.inc(term.written - written)
         now = time.monotonic()
-        # The snapshot costs O(services): while turns come back to back it is rebuilt at most
-        # every SNAPSHOT_EVERY; a turn that empties the inbox, or answers an operator, always
-        # rebuilds it.
-        if self._snapshot is None or (not quiet and (
-                turn.replies or self._inbox.empty() or now - self._snapshot_at >= SNAPSHOT_EVERY)):
+        # The snapshot costs O(services): while turns come often it is rebuilt at most every
+        # SNAPSHOT_EVERY, and once the leader is about to wait longer than that (nothing in
+        # the inbox, nothing due before); a turn that answers an operator always rebuilds it.
+        # What a turn changed shows within about `idle_wait` at most.
+        self._snapshot_stale |= not quiet
+        if self._snapshot is None or self._snapshot_stale and (
+                turn.replies or now - self._snapshot_at >= SNAPSHOT_EVERY
+                or (self._inbox.empty() and self._quiet_ahead(engine) >= SNAPSHOT_EVERY)):
             self._snapshot = view.snapshot(engine, self.identifier)
             self._snapshot_at = now
+            self._snapshot_stale = False
         for reply, outcome in turn.replies:
             reply.resolve(outcome)
         if now - self._gauges_at >= GAUGES_EVERY:

@@ -575,7 +575,12 @@ class ZkTerm:
             if self._layout is None:
                 self._layout = self._read(self._read_layout, "loading the ledger")
             try:
-                for index, size in self._layout.grown(writes).items():
+                # Each bucket's size after the writes, when the largest could pass the limit
+                # (an entry costs its key, its value and a few bytes of framing).
+                layout = self._layout
+                added = sum(len(k) + len(v) + 16 for k, v in writes.items() if v is not None)
+                near = max(layout.sizes) + added > MAX_VALUE
+                for index, size in (layout.grown(writes) if near else {}).items():
                     if size > MAX_VALUE:
                         raise ValueError(f"ledger bucket {bucket_path(index)} would hold "
                                          f"about {size} bytes, over the {MAX_VALUE}-byte limit")
@@ -644,7 +649,7 @@ class ZkTerm:
         stale = layout.stale
         credit = layout.earn(delta_bytes)
         rewritten: list[int] = []
-        for index in layout.stalest(stale):
+        for index in layout.stalest(stale) if credit > 0 else ():
             if room_ops <= 1 or min(layout.sizes[index], PRESSURE_BUDGET) > credit:
                 break
             data = msgpack.packb(layout.buckets[index])
