@@ -17,7 +17,6 @@ from kazoo.client import KazooClient
 from protocol import ledger_layout, zk
 from protocol.ledger_layout import Layout
 from protocol.zk import LedgerMirror, ZkCoordination, ZkTerm, _Reads
-
 from tests.integration.test_coordination import Backend, Contender
 
 
