@@ -401,22 +401,12 @@ class ZkTerm:
         raise self._fenced(f"connection lost {READ_ATTEMPTS} times while {what}")
 
     def _children(self, *parents: str) -> list[list[str]]:
-        pending = [self._client.get_children_async(p) for p in parents]
-        return [list(self._reply(r)) for r in pending]
+        return _Reads(self._client, self._reply).children(*parents)
 
     def _get_many(self, paths: list[str]) -> dict[str, bytes]:
         """The data of every path that exists, read in windows of pipelined requests."""
-        out: dict[str, bytes] = {}
-        for start in range(0, len(paths), _LOAD_WINDOW):
-            batch = paths[start : start + _LOAD_WINDOW]
-            pending = [(p, self._client.get_async(p)) for p in batch]
-            for path, result in pending:
-                try:
-                    data, _stat = self._reply(result)
-                except NoNodeError:
-                    continue
-                out[path] = data or b""
-        return out
+        found = _Reads(self._client, self._reply).get_many(paths)
+        return {path: data for path, (data, _mzxid) in found.items()}
 
     def _read_layout(self) -> Layout:
         """Read the ledger: buckets, log keys and complete deltas, all in one pipelined batch.
