@@ -13,7 +13,7 @@ import pytest
 from coordinator import metrics
 from coordinator.adapters.events import MemoryEventBus
 from coordinator.leader import Coordinator, LeaderOptions
-from protocol import DeadLetter, RunEvent, decode_as, encode, transport
+from protocol import DeadLetter, NodeAnnouncement, RunEvent, decode_as, encode, transport
 from protocol.catalogue import Catalogue
 from protocol.clock import SystemClock
 from protocol.coordination import MemoryCoordination
@@ -147,3 +147,31 @@ def test_a_catalogue_reloaded_while_following_is_used_when_leading() -> None:
     finally:
         r.coordinator.stop()
         r.thread.join(5)
+
+
+def test_what_a_turn_changed_shows_in_the_snapshot_without_an_operator_asking(
+    running: Callable[[MemoryCoordination], Running],
+) -> None:
+    """The snapshot is rebuilt lazily while turns come often; a change that no operator's
+    request waits for (here a node coming up) still shows within a few turns, and the turns
+    after it, which change nothing, rebuild nothing more."""
+    coordination = MemoryCoordination()
+    r = running(coordination)
+    assert r.coordinator.leading.wait(10)
+    wait_for(lambda: r.coordinator.snapshot() is not None)
+    before = r.coordinator.snapshot()
+    assert before is not None and before.nodes == ()
+    asked = time.monotonic()
+    coordination.handle().announce("n1", encode(NodeAnnouncement(
+        node="n1", roles=["Master"], capacity=4, version="test", started_at=time.time(),
+        incarnation="s1")))
+
+    def shows_it() -> bool:
+        snap = r.coordinator.snapshot()
+        return snap is not None and [n.id for n in snap.nodes] == ["n1"]
+
+    wait_for(shows_it, timeout=2.0)
+    shown = r.coordinator.snapshot()
+    assert time.monotonic() - asked < 1.0, "shown within SNAPSHOT_EVERY and an idle wait"
+    time.sleep(0.3)  # idle turns change nothing
+    assert r.coordinator.snapshot() is shown
