@@ -32,6 +32,16 @@ def client(zk_hosts: str) -> Iterator[KazooClient]:
 
 
 @pytest.fixture
+def backend(zk_hosts: str) -> Iterator[Backend]:
+    """Coordinations on the test's chroot, each closed (its session ended) at the end."""
+    made = Backend("zk", zk_hosts)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
 def small_compaction(monkeypatch: pytest.MonkeyPatch) -> None:
     """Compaction at kilobytes instead of megabytes, so that a few hundred commits rewrite
     buckets and delete deltas many times over."""
@@ -77,9 +87,9 @@ def _writes(rng: random.Random) -> dict[str, bytes | None]:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_the_mirror_is_what_a_full_read_gives_whatever_the_leader_did_meanwhile(
-        zk_hosts: str, client: KazooClient, small_compaction: None, seed: int) -> None:
+        backend: Backend, client: KazooClient, small_compaction: None, seed: int) -> None:
     rng = random.Random(seed)
-    racer = Contender(Backend("zk", zk_hosts).new("leader"), "leader")
+    racer = Contender(backend.new("leader"), "leader")
     term, done = racer.next_term()
     assert isinstance(term, ZkTerm)
     term.max_bytes = 6_000  # a commit of many keys is a delta in several parts
@@ -123,15 +133,16 @@ def test_the_mirror_leaves_a_ledger_it_does_not_handle_to_the_full_read(
 
 
 def test_a_standby_takes_over_from_its_mirror(
-        zk_hosts: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        backend: Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(zk, "MIRROR_EVERY", 0.2)
-    leader = Contender(Backend("zk", zk_hosts).new("leader"), "leader")
+    leader = Contender(backend.new("leader"), "leader")
     term, done = leader.next_term()
     term.load()
     expected: dict[str, bytes] = {f"cursor/svc-{i}": b"%d" % i for i in range(3_000)}
     term.commit(dict(expected))
-    standby_coordination = ZkCoordination(zk_hosts, identifier="standby")
+    standby_coordination = backend.new("standby")
+    assert isinstance(standby_coordination, ZkCoordination)
     standby = Contender(standby_coordination, "standby")
     for i in range(20):  # the standby refreshes its mirror meanwhile
         change = {f"cursor/svc-{i}": b"moved %d" % i, f"run/r{i}": b"active"}
