@@ -1233,10 +1233,15 @@ class ZkCoordination:
             self._idle.set()
 
     def _follow_ledger(self) -> None:
-        """While this contender follows, keep its mirror of the ledger current (every
-        `MIRROR_EVERY` s); it stops with `contend`."""
+        """While this contender follows, keep its mirror of the ledger current: read at
+        once (a standby that has just joined may have to take over soon), then every
+        `MIRROR_EVERY` s; it stops with `contend`."""
         reads = _Reads(self.client, lambda result: result.get(True, MIRROR_READ_TIMEOUT))
-        while not self._stopped.wait(MIRROR_EVERY) and not self._idle.is_set():
+        first = True
+        while first or not self._stopped.wait(MIRROR_EVERY):
+            first = False
+            if self._idle.is_set() or self._stopped.is_set():
+                return
             if self._term is not None or not self._connected.is_set():
                 continue
             with self._mirror_lock:
