@@ -1237,20 +1237,15 @@ class ZkCoordination:
         once (a standby that has just joined may have to take over soon), then every
         `MIRROR_EVERY` s; it stops with `contend`."""
         reads = _Reads(self.client, lambda result: result.get(True, MIRROR_READ_TIMEOUT))
-        first = True
-        while first or not self._stopped.wait(MIRROR_EVERY):
-            first = False
-            if self._idle.is_set() or self._stopped.is_set():
-                return
-            if self._term is not None or not self._connected.is_set():
-                continue
-            with self._mirror_lock:
-                if self._term is not None:
-                    continue
-                try:
-                    self._mirror.refresh(reads)
-                except Exception as exc:  # an optimisation only: the next refresh starts over
-                    log.info("the ledger mirror is read again from the start: %s", exc)
+        while not (self._stopped.is_set() or self._idle.is_set()):
+            if self._term is None and self._connected.is_set():
+                with self._mirror_lock:
+                    try:
+                        if self._term is None:
+                            self._mirror.refresh(reads)
+                    except Exception as exc:  # an optimisation only: the next one starts over
+                        log.info("the ledger mirror is read again from the start: %s", exc)
+            self._stopped.wait(MIRROR_EVERY)
 
     def _mirrored(self, reads: _Reads) -> Layout | None:
         """The mirror brought up to date and handed to the term that reads it (None: the
