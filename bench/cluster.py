@@ -808,6 +808,47 @@ def _lateness(entries: list[dict[str, Any]], lo: float, hi: float) -> list[float
             if e.get("event") == "start" and e.get("slot") is not None and lo <= e["slot"] < hi]
 
 
+def by_position(entries: list[dict[str, Any]], lo: float, hi: float) -> dict[int, list[float]]:
+    """Start lateness by a start's position among its node's starts of the same slot (0: the
+    node's first start of that instant), for the slots with lo <= slot < hi. A node starts
+    the runs of one instant one after another (their threads take turns at the interpreter
+    lock), so the lateness of the k-th start is about k times the cost of a start."""
+    batches: dict[tuple[str, float], list[float]] = {}
+    for e in entries:
+        if e.get("event") == "start" and e.get("slot") is not None and lo <= e["slot"] < hi:
+            batches.setdefault((e["node"], e["slot"]), []).append(e["at"] - e["slot"])
+    out: dict[int, list[float]] = {}
+    for late in batches.values():
+        for k, value in enumerate(sorted(late)):
+            out.setdefault(k, []).append(value)
+    return out
+
+
+def slow_instants(entries: list[dict[str, Any]], lo: float, hi: float,
+                  limit: float) -> tuple[int, int]:
+    """How many of the slots with lo <= slot < hi had a start later than `limit`, of how
+    many slots."""
+    worst: dict[float, float] = {}
+    for e in entries:
+        if e.get("event") == "start" and e.get("slot") is not None and lo <= e["slot"] < hi:
+            worst[e["slot"]] = max(worst.get(e["slot"], 0.0), e["at"] - e["slot"])
+    return sum(1 for v in worst.values() if v > limit), len(worst)
+
+
+def _positions_line(entries: list[dict[str, Any]], lo: float, hi: float) -> None:
+    """Where a spread's lateness comes from: by position in a node's batch, and per slot."""
+    pos = by_position(entries, lo, hi)
+    if not pos:
+        return
+    last = max(k for k, v in pos.items() if len(v) >= max(1, len(pos[0]) // 2))
+    picks = sorted({0, last // 2, last})
+    line("  by position in a node's starts of one slot (p50 / p90)", ", ".join(
+        f"#{k + 1} {ms(quantile(sorted(pos[k]), 0.5))} / {ms(quantile(sorted(pos[k]), 0.9))}"
+        for k in picks))
+    slow, total = slow_instants(entries, lo, hi, 0.010)
+    line("  slots with a start more than 10 ms late", f"{slow} of {total}")
+
+
 def _states(recs: Sequence[RunRecord]) -> str:
     counts: dict[str, int] = {}
     for r in recs:
@@ -888,6 +929,7 @@ def bench_spread(ctx: Context) -> None:
     late = _lateness(entries, t0, t1)
     expected = int(window) * (n // 10)
     line("slot -> utility start on the worker", spread(late))
+    _positions_line(entries, t0, t1)
     line("slots in the window: started / due", f"{len(late):,} / {expected:,}")
     v = sorted(late)
     if v and len(v) >= expected:
