@@ -802,10 +802,15 @@ def _raw_path(ctx: Context, n: int) -> str:
     return "" if ctx.on_cluster else ctx.raw_path(n)
 
 
+def _starts_in(entries: list[dict[str, Any]], lo: float, hi: float) -> list[dict[str, Any]]:
+    """The journaled starts of scheduled runs whose slot is in lo <= slot < hi."""
+    return [e for e in entries
+            if e.get("event") == "start" and e.get("slot") is not None and lo <= e["slot"] < hi]
+
+
 def _lateness(entries: list[dict[str, Any]], lo: float, hi: float) -> list[float]:
     """Slot -> utility start on the worker, for every journaled start with lo <= slot < hi."""
-    return [e["at"] - e["slot"] for e in entries
-            if e.get("event") == "start" and e.get("slot") is not None and lo <= e["slot"] < hi]
+    return [e["at"] - e["slot"] for e in _starts_in(entries, lo, hi)]
 
 
 def by_position(entries: list[dict[str, Any]], lo: float, hi: float) -> dict[int, list[float]]:
@@ -814,9 +819,8 @@ def by_position(entries: list[dict[str, Any]], lo: float, hi: float) -> dict[int
     the runs of one instant one after another (their threads take turns at the interpreter
     lock), so the lateness of the k-th start is about k times the cost of a start."""
     batches: dict[tuple[str, float], list[float]] = {}
-    for e in entries:
-        if e.get("event") == "start" and e.get("slot") is not None and lo <= e["slot"] < hi:
-            batches.setdefault((e["node"], e["slot"]), []).append(e["at"] - e["slot"])
+    for e in _starts_in(entries, lo, hi):
+        batches.setdefault((e["node"], e["slot"]), []).append(e["at"] - e["slot"])
     out: dict[int, list[float]] = {}
     for late in batches.values():
         for k, value in enumerate(sorted(late)):
@@ -829,14 +833,14 @@ def slow_instants(entries: list[dict[str, Any]], lo: float, hi: float,
     """How many of the slots with lo <= slot < hi had a start later than `limit`, of how
     many slots."""
     worst: dict[float, float] = {}
-    for e in entries:
-        if e.get("event") == "start" and e.get("slot") is not None and lo <= e["slot"] < hi:
-            worst[e["slot"]] = max(worst.get(e["slot"], 0.0), e["at"] - e["slot"])
+    for e in _starts_in(entries, lo, hi):
+        worst[e["slot"]] = max(worst.get(e["slot"], 0.0), e["at"] - e["slot"])
     return sum(1 for v in worst.values() if v > limit), len(worst)
 
 
 def _positions_line(entries: list[dict[str, Any]], lo: float, hi: float) -> None:
-    """Where a spread's lateness comes from: by position in a node's batch, and per slot."""
+    """Where a spread's lateness comes from: by position in a node's batch (the first, the
+    last that at least half of the batches reach, and the one halfway), and per slot."""
     pos = by_position(entries, lo, hi)
     if not pos:
         return
